@@ -1,0 +1,65 @@
+"""The `vlajax` command: `convert` (HF <-> vlajax checkpoints) and `demo` (the policy on the built-in task).
+
+Training (`vlajax train`) and evaluation (`vlajax eval`) join here as they land.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+
+def _convert(args) -> int:
+    from vlajax.model import load_pretrained
+    from vlajax.model.pretrained import MARKER
+
+    src = Path(args.src)
+    to = args.to or ("hf" if (src / MARKER).exists() else "vlajax")
+    policy = load_pretrained(src, dtype=args.dtype)
+    if to == "vlajax":
+        policy.save(args.dst)
+    else:
+        policy.export_hf(args.dst, dtype=args.export_dtype)
+    n = sum(x.size for x in __import__("jax").tree.leaves(policy.params()))
+    print(f"converted {src} -> {args.dst} ({to}); {n:,} parameters used by the model"
+          + (f", {len(policy.unused)} unused tensors kept" if policy.unused else ""))
+    return 0
+
+
+def _demo(args) -> int:
+    from vlajax.demo import run_demo
+
+    return run_demo(episodes=args.episodes, num_envs=args.num_envs, seed=args.seed)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="vlajax", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    c = sub.add_parser("convert", help="convert a Hugging Face OpenVLA-OFT directory to a vlajax checkpoint or back")
+    c.add_argument("src", help="HF directory (config.json + safetensors) or vlajax policy checkpoint")
+    c.add_argument("dst", help="output directory")
+    c.add_argument("--to", choices=["vlajax", "hf"], default=None,
+                   help="target format (default: the other one than src)")
+    c.add_argument("--dtype", default="float32", help="parameter dtype held in memory/saved by vlajax")
+    c.add_argument("--export-dtype", default=None,
+                   help="dtype of exported HF tensors (default: each tensor's original dtype)")
+    c.set_defaults(fn=_convert)
+
+    d = sub.add_parser("demo", help="run the small preset policy (untrained) on the built-in tabletop task")
+    d.add_argument("--episodes", type=int, default=2)
+    d.add_argument("--num-envs", type=int, default=2)
+    d.add_argument("--seed", type=int, default=0)
+    d.set_defaults(fn=_demo)
+
+    args = parser.parse_args(argv)
+    try:
+        return args.fn(args)
+    except (FileNotFoundError, ValueError, KeyError) as e:
+        print(f"vlajax {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

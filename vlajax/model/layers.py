@@ -1,0 +1,105 @@
+"""Building blocks shared by the vision towers and the LLM.
+
+Parameters are stored in float32 (or the dtype asked for at load time) and cast to the compute
+dtype at use, so the learner keeps fp32 master weights while the forward runs in bf16. Every
+parameter carries `logical_axes` metadata (names from `vlajax.distributed.sharding`) so that one
+rules table decides how it is sharded.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+Array = jax.Array
+
+
+def param(rngs: nnx.Rngs | None, shape, axes, *, init="normal", scale=0.02, dtype=jnp.float32) -> nnx.Param:
+    if init == "zeros":
+        value = jnp.zeros(shape, dtype)
+    elif init == "ones":
+        value = jnp.ones(shape, dtype)
+    else:
+        value = (scale * jax.random.normal(rngs.params(), shape)).astype(dtype)
+    return nnx.Param(value, logical_axes=tuple(axes))
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel (+ bias), kernel stored (in, out) like Flax (torch stores (out, in)).
+
+    LoRA: `enable_lora(rank, alpha)` adds `lora_a` (in, r) and `lora_b` (r, out) as
+    `nnx.LoRAParam`, initialised so that the layer's output is unchanged (b = 0)."""
+
+    def __init__(self, din: int, dout: int, *, bias: bool, axes: tuple, rngs: nnx.Rngs, dtype=jnp.float32):
+        self.kernel = param(rngs, (din, dout), axes, dtype=dtype)
+        self.bias = param(rngs, (dout,), (axes[-1],), init="zeros", dtype=dtype) if bias else None
+        self.lora_a = None
+        self.lora_b = None
+        self.lora_scale = 0.0
+
+    def enable_lora(self, rank: int, alpha: float, rngs: nnx.Rngs) -> None:
+        din, dout = self.kernel[...].shape
+        a = jax.random.normal(rngs.params(), (din, rank), jnp.float32) / jnp.sqrt(din)
+        self.lora_a = nnx.LoRAParam(a, logical_axes=(self.kernel.logical_axes[0], "lora"))
+        self.lora_b = nnx.LoRAParam(jnp.zeros((rank, dout), jnp.float32), logical_axes=("lora", self.kernel.logical_axes[1]))
+        self.lora_scale = float(alpha) / rank
+
+    def merge_lora(self) -> None:
+        if self.lora_a is None:
+            return
+        k = self.kernel[...]
+        delta = (self.lora_a[...] @ self.lora_b[...]) * self.lora_scale
+        self.kernel.set_value((k.astype(jnp.float32) + delta).astype(k.dtype))
+        self.lora_a = self.lora_b = None
+        self.lora_scale = 0.0
+
+    def __call__(self, x: Array, dtype=None, out_dtype=None) -> Array:
+        dtype = dtype or x.dtype
+        x = x.astype(dtype)
+        y = jnp.matmul(x, self.kernel[...].astype(dtype), preferred_element_type=out_dtype)
+        if self.lora_a is not None:
+            lo = (x @ self.lora_a[...].astype(dtype)) @ self.lora_b[...].astype(dtype)
+            y = y + (lo * self.lora_scale).astype(y.dtype)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(y.dtype)
+        return y
+
+
+class LayerNorm(nnx.Module):
+    """LayerNorm computed in fp32 (as torch autocast does), result in the input dtype."""
+
+    def __init__(self, dim: int, eps: float, axis_name: str, dtype=jnp.float32):
+        self.scale = nnx.Param(jnp.ones((dim,), dtype), logical_axes=(axis_name,))
+        self.bias = nnx.Param(jnp.zeros((dim,), dtype), logical_axes=(axis_name,))
+        self.eps = eps
+
+    def __call__(self, x: Array) -> Array:
+        x32 = x.astype(jnp.float32)
+        mean = x32.mean(-1, keepdims=True)
+        var = jnp.square(x32 - mean).mean(-1, keepdims=True)
+        y = (x32 - mean) * jax.lax.rsqrt(var + self.eps)
+        y = y * self.scale[...].astype(jnp.float32) + self.bias[...].astype(jnp.float32)
+        return y.astype(x.dtype)
+
+
+class RMSNorm(nnx.Module):
+    """Llama RMSNorm: normalise in fp32, cast back to the input dtype, then scale (HF order)."""
+
+    def __init__(self, dim: int, eps: float, dtype=jnp.float32):
+        self.weight = nnx.Param(jnp.ones((dim,), dtype), logical_axes=("norm",))
+        self.eps = eps
+
+    def __call__(self, x: Array) -> Array:
+        x32 = x.astype(jnp.float32)
+        y = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), -1, keepdims=True) + self.eps)
+        return y.astype(x.dtype) * self.weight[...].astype(x.dtype)
+
+
+def attention(q: Array, k: Array, v: Array, kv_lengths: Array | None = None) -> Array:
+    """Non-causal fused attention. q, k, v: (B, T, H, Dh); kv_lengths: (B,) int32 valid keys per row
+    (right padding), or None for no mask. Uses cuDNN flash attention on GPU in bf16/fp16."""
+    impl = None
+    if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+        impl = "cudnn"
+    return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=kv_lengths, implementation=impl)

@@ -1,0 +1,84 @@
+"""The two timm ViT towers of the Prismatic "dinosiglip" backbone, as OpenVLA uses them.
+
+DINOv2 ViT-L/14 (class token + 4 registers, LayerScale) and SigLIP SO400M/14 (no prefix tokens):
+pre-LN blocks, fused qkv with bias, exact GELU, LayerNorm eps 1e-6. The feature is the output of
+block depth-2 with prefix tokens dropped and no final norm, so only depth-1 blocks are built.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from vlajax.model.config import ViTConfig
+from vlajax.model.layers import LayerNorm, Linear, attention, param
+
+
+class ViTBlock(nnx.Module):
+    def __init__(self, cfg: ViTConfig, rngs: nnx.Rngs):
+        d = cfg.width
+        self.num_heads = cfg.num_heads
+        self.norm1 = LayerNorm(d, cfg.ln_eps, "vit_embed")
+        self.qkv = Linear(d, 3 * d, bias=True, axes=("vit_embed", "vit_qkv"), rngs=rngs)
+        self.proj = Linear(d, d, bias=True, axes=("vit_qkv", "vit_embed"), rngs=rngs)
+        self.norm2 = LayerNorm(d, cfg.ln_eps, "vit_embed")
+        self.fc1 = Linear(d, cfg.mlp_dim, bias=True, axes=("vit_embed", "vit_mlp"), rngs=rngs)
+        self.fc2 = Linear(cfg.mlp_dim, d, bias=True, axes=("vit_mlp", "vit_embed"), rngs=rngs)
+        if cfg.layer_scale:
+            self.ls1 = param(rngs, (d,), ("vit_embed",), init="ones")
+            self.ls2 = param(rngs, (d,), ("vit_embed",), init="ones")
+        else:
+            self.ls1 = self.ls2 = None
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        b, n, d = x.shape
+        h = self.norm1(x)
+        qkv = self.qkv(h).reshape(b, n, 3, self.num_heads, d // self.num_heads)
+        a = attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]).reshape(b, n, d)
+        a = self.proj(a)
+        if self.ls1 is not None:
+            a = a * self.ls1[...].astype(a.dtype)
+        x = x + a
+        m = self.fc2(jax.nn.gelu(self.fc1(self.norm2(x)), approximate=False))
+        if self.ls2 is not None:
+            m = m * self.ls2[...].astype(m.dtype)
+        return x + m
+
+
+class ViT(nnx.Module):
+    """pixels (B, 3, H, W) normalised float -> patch features (B, num_patches, width)."""
+
+    def __init__(self, cfg: ViTConfig, rngs: nnx.Rngs):
+        self.cfg = cfg
+        p, d = cfg.patch_size, cfg.width
+        # Conv2d(3, d, k=p, s=p) as a (kh, kw, in, out) kernel applied to non-overlapping patches.
+        self.patch_kernel = param(rngs, (p, p, 3, d), ("patch", "patch", "patch", "vit_embed"))
+        self.patch_bias = param(rngs, (d,), ("vit_embed",), init="zeros")
+        self.pos_embed = param(rngs, (1, cfg.num_patches, d), (None, None, "vit_embed"))
+        self.cls_token = param(rngs, (1, 1, d), (None, None, "vit_embed")) if cfg.class_token else None
+        self.reg_token = (
+            param(rngs, (1, cfg.num_registers, d), (None, None, "vit_embed")) if cfg.num_registers else None
+        )
+        self.blocks = nnx.List([ViTBlock(cfg, rngs) for _ in range(cfg.num_used_blocks)])
+
+    def __call__(self, pixels: jax.Array, dtype=jnp.bfloat16) -> jax.Array:
+        cfg = self.cfg
+        b, c, h, w = pixels.shape
+        p = cfg.patch_size
+        gh, gw = h // p, w // p
+        x = pixels.astype(dtype).reshape(b, c, gh, p, gw, p)
+        x = jnp.einsum("bciujv,uvcd->bijd", x, self.patch_kernel[...].astype(dtype))
+        x = x.reshape(b, gh * gw, cfg.width) + self.patch_bias[...].astype(dtype)
+        # DINOv2 (no_embed_class) and SigLIP both add pos_embed to the patches only.
+        x = x + self.pos_embed[...].astype(dtype)
+        prefix = []
+        if self.cls_token is not None:
+            prefix.append(jnp.broadcast_to(self.cls_token[...].astype(dtype), (b, 1, cfg.width)))
+        if self.reg_token is not None:
+            prefix.append(jnp.broadcast_to(self.reg_token[...].astype(dtype), (b, cfg.num_registers, cfg.width)))
+        if prefix:
+            x = jnp.concatenate(prefix + [x], axis=1)
+        for blk in self.blocks:
+            x = blk(x)
+        return x[:, cfg.num_prefix_tokens:]
