@@ -149,8 +149,8 @@ class EnvOutput:
 
     images: camera name -> (H, W, 3) uint8; proprio: (D,) float32.
     success: the task predicate held at some sub-step; steps: env steps executed by this call.
-    failed: the episode ended without success and cannot go on (e.g. a wrapped Gymnasium env
-        terminated); the vector env then reports it as truncated.
+    stopped: the simulator ended the episode without success and cannot go on (e.g. a wrapped
+        Gymnasium env terminated); the vector env then reports it as truncated.
     substep_images: camera name -> (steps, H, W, 3) uint8, one frame per executed sub-step, when
         `chunk_step(..., render_every_substep=True)` was asked and the env supports it.
     """
@@ -160,7 +160,7 @@ class EnvOutput:
     instruction: str
     success: bool = False
     steps: int = 0
-    failed: bool = False
+    stopped: bool = False
     substep_images: dict[str, np.ndarray] | None = None
 
 

@@ -71,7 +71,10 @@ class Policy:
     def __init__(self, model: OpenVLAOFT, *, tokenizer=None, dataset_statistics: dict | None = None,
                  hf_config: dict | None = None, hf_dtypes: dict | None = None, hf_weight_map: dict | None = None,
                  unused: dict | None = None, compute_dtype=jnp.bfloat16, asset_dir: str | None = None):
-        self.model = model
+        # The split (graphdef, state) is the source of truth: collecting nnx.state of the 7B model
+        # costs ~50 ms of Python per call, which would dominate small-batch rollout decoding.
+        self.graphdef, self.state = nnx.split(model)
+        self._cfg = model.cfg
         self.tokenizer = tokenizer
         self.dataset_statistics = dataset_statistics or {}
         self.hf_config = hf_config
@@ -83,13 +86,28 @@ class Policy:
         self._jitted = {}
 
     @property
+    def model(self) -> OpenVLAOFT:
+        """A module view of the current state (shares its arrays). After mutating it (e.g. adding
+        LoRA), hand it back with `set_model`."""
+        return nnx.merge(self.graphdef, self.state)
+
+    def set_model(self, model: OpenVLAOFT) -> None:
+        self.graphdef, self.state = nnx.split(model)
+        self._cfg = model.cfg
+        self._jitted = {}
+
+    def set_state(self, state: nnx.State) -> None:
+        """Install new parameters of the same structure (e.g. after a learner update)."""
+        self.state = state
+
+    @property
     def cfg(self) -> OFTConfig:
-        return self.model.cfg
+        return self._cfg
 
     # -- inference -------------------------------------------------------------------------
     def _fn(self, name):
         if name not in self._jitted:
-            graphdef, _ = nnx.split(self.model)
+            graphdef = self.graphdef
             dtype = self.compute_dtype
 
             def logits(state, pixel_values, input_ids, attention_mask, proprio):
@@ -101,7 +119,7 @@ class Policy:
 
     def action_logits(self, pixel_values, input_ids, attention_mask, proprio=None) -> jax.Array:
         """(B, 56, 256) float32; column j is token 31744 + j. See OpenVLAOFT.action_logits."""
-        return self._fn("logits")(nnx.state(self.model), pixel_values, input_ids, attention_mask, proprio)
+        return self._fn("logits")(self.state, pixel_values, input_ids, attention_mask, proprio)
 
     def sample(self, rng, pixel_values, input_ids, attention_mask, proprio=None, temperature: float = 1.6):
         """Sampled (or greedy at temperature 0) columns (B, 56) with their log-probs at `temperature`."""
@@ -121,7 +139,7 @@ class Policy:
 
     # -- persistence -----------------------------------------------------------------------
     def params(self) -> dict:
-        return nnx.to_pure_dict(nnx.state(self.model, nnx.Param))
+        return nnx.to_pure_dict(nnx.filter_state(self.state, nnx.Param))
 
     def save(self, path: str | os.PathLike) -> None:
         """Write a vlajax policy checkpoint (orbax params + assets)."""
@@ -152,7 +170,7 @@ class Policy:
         (path / MARKER).write_text(json.dumps(meta, indent=2))
 
     def model_has_lora(self) -> bool:
-        return any(True for _ in jax.tree.leaves(nnx.state(self.model, nnx.LoRAParam)))
+        return any(True for _ in jax.tree.leaves(nnx.filter_state(self.state, nnx.LoRAParam)))
 
     def export_hf(self, path: str | os.PathLike, dtype: str | None = None) -> None:
         """Write a Hugging Face OpenVLA-OFT directory loadable by the original PyTorch code: the same

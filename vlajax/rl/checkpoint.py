@@ -1,0 +1,301 @@
+"""Orbax checkpointing: params apart from the train state, async, keep-last-N, reshardable.
+
+Layout of `<directory>/<step>/` (one orbax CheckpointManager, `ocp.args.Composite`):
+  params/       StandardSave   the policy weights (what inference/eval loads alone)
+  train_state/  StandardSave   opt_state, step, rng, ... (any pytree of arrays)
+  data_state/   JsonSave       sampler position, group-id counter, ... (JSON)
+  config/       JsonSave       run config / metadata (JSON)
+
+Atomicity: orbax writes `<step>.orbax-checkpoint-tmp-*` and renames it to `<step>` once
+every item is on disk, so a crash mid-save leaves the last finished step as
+`latest_step()`; leftover tmp dirs are ignored (and deleted when the manager opens).
+
+Restoring onto another device count/mesh: pass targets whose leaves give the wanted
+placement (jax.Array, jax.ShapeDtypeStruct with .sharding, or a bare Sharding — shapes
+and dtypes then come from the checkpoint). With no target every array is restored fully
+replicated on the local devices. nnx.State inputs are saved as pure dicts and restored
+into a copy of the target State. Typed PRNG keys are saved as their raw key data.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import orbax.checkpoint as ocp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, Sharding
+
+__all__ = ["CheckpointManager", "CheckpointMismatchError", "Restored"]
+
+_ARRAY_ITEMS = ("params", "train_state")
+_JSON_ITEMS = ("data_state", "config")
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint's tree structure or shapes differ from the restore target."""
+
+
+@dataclasses.dataclass
+class Restored:
+    step: int
+    params: Any = None
+    train_state: Any = None
+    data_state: dict | None = None
+    config: dict | None = None
+
+
+def _is_var(x) -> bool:
+    from flax import nnx
+
+    return isinstance(x, nnx.Variable)
+
+
+def _is_state(x) -> bool:
+    from flax import nnx
+
+    return isinstance(x, nnx.State)
+
+
+def _is_key(x) -> bool:
+    dt = getattr(x, "dtype", None)
+    return dt is not None and jnp.issubdtype(dt, jax.dtypes.prng_key)
+
+
+def _path_str(path) -> str:
+    parts = []
+    for k in path:
+        for attr in ("key", "idx", "name"):
+            if hasattr(k, attr):
+                parts.append(str(getattr(k, attr)))
+                break
+        else:
+            parts.append(str(k))
+    return "/".join(parts)
+
+
+def _to_saveable(tree: Any) -> Any:
+    if _is_state(tree):
+        from flax import nnx
+
+        tree = nnx.to_pure_dict(tree)
+    tree = jax.tree.map(lambda v: v.get_value() if _is_var(v) else v, tree, is_leaf=_is_var)
+
+    def leaf(x):
+        if _is_key(x):
+            return jax.random.key_data(x)
+        if isinstance(x, (int, float, bool, np.number)):
+            return np.asarray(x)
+        return x
+
+    return jax.tree.map(leaf, tree)
+
+
+def _item_meta(meta: Any, item: str) -> Any:
+    try:
+        return meta[item]
+    except (KeyError, TypeError):
+        return None
+
+
+def _replicated() -> NamedSharding:
+    return NamedSharding(Mesh(np.array(jax.devices()), ("all",)), P())
+
+
+class CheckpointManager:
+    """Thin wrapper over `ocp.CheckpointManager` for RL training state.
+
+    Args:
+      directory: root directory (created if missing).
+      save_interval_steps: `save` writes only when step % K == 0 (unless force=True);
+        the first save into an empty directory is always written (orbax policy).
+      max_to_keep: keep the last N finished checkpoints.
+      keep_period: additionally keep every checkpoint whose step % keep_period == 0.
+      async_save: write in a background thread (`wait_until_finished` to block).
+    """
+
+    def __init__(
+        self,
+        directory: str,
+        *,
+        save_interval_steps: int = 1,
+        max_to_keep: int | None = 3,
+        keep_period: int | None = None,
+        async_save: bool = True,
+    ):
+        self.directory = str(directory)
+        options = ocp.CheckpointManagerOptions(
+            save_interval_steps=save_interval_steps,
+            max_to_keep=max_to_keep,
+            keep_period=keep_period,
+            enable_async_checkpointing=async_save,
+            cleanup_tmp_directories=True,
+            create=True,
+        )
+        handlers = {k: ocp.StandardCheckpointHandler() for k in _ARRAY_ITEMS}
+        handlers.update({k: ocp.JsonCheckpointHandler() for k in _JSON_ITEMS})
+        self._mngr = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
+
+    # -- saving ---------------------------------------------------------------------------
+    def save(
+        self,
+        step: int,
+        params: Any,
+        train_state: Any = None,
+        *,
+        data_state: dict | None = None,
+        config: dict | None = None,
+        force: bool = False,
+    ) -> bool:
+        """Start saving `step` (async); returns False when skipped by the save interval."""
+        args = dict(
+            params=ocp.args.StandardSave(_to_saveable(params)),
+            data_state=ocp.args.JsonSave(dict(data_state or {})),
+            config=ocp.args.JsonSave(dict(config or {})),
+        )
+        if train_state is not None and jax.tree.leaves(train_state):  # orbax rejects empty items
+            args["train_state"] = ocp.args.StandardSave(_to_saveable(train_state))
+        return self._mngr.save(step, args=ocp.args.Composite(**args), force=force)
+
+    def wait_until_finished(self) -> None:
+        self._mngr.wait_until_finished()
+
+    def latest_step(self) -> int | None:
+        return self._mngr.latest_step()
+
+    def all_steps(self) -> list[int]:
+        return sorted(self._mngr.all_steps())
+
+    def close(self) -> None:
+        self._mngr.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    # -- restoring ------------------------------------------------------------------------
+    def restore(
+        self,
+        step: int | None = None,
+        *,
+        params: Any = None,
+        train_state: Any = None,
+        restore_params: bool = True,
+        restore_train_state: bool = True,
+    ) -> Restored:
+        """Restore `step` (default: latest) onto the placement given by the targets.
+
+        `params` / `train_state`: restore targets (see module docstring), None = replicated.
+        Raises FileNotFoundError if there is no such checkpoint and CheckpointMismatchError
+        naming the first differing keys/shapes if a target does not fit the checkpoint.
+        """
+        self._mngr.wait_until_finished()
+        if step is None:
+            step = self.latest_step()
+            if step is None:
+                raise FileNotFoundError(f"no finished checkpoint in {self.directory}")
+        elif step not in self._mngr.all_steps():
+            raise FileNotFoundError(
+                f"no checkpoint for step {step} in {self.directory}; have {self.all_steps()}"
+            )
+        meta = self._mngr.item_metadata(step)
+        wanted = {"params": (restore_params, params), "train_state": (restore_train_state, train_state)}
+        args, post = {}, {}
+        for item, (on, target) in wanted.items():
+            if on and _item_meta(meta, item) is None:
+                if target is not None:
+                    raise CheckpointMismatchError(
+                        f"checkpoint {self.directory} step {step} has no {item!r} item")
+                continue
+            if on:
+                abstract, post[item] = self._abstract_target(step, item, _item_meta(meta, item), target)
+                args[item] = ocp.args.StandardRestore(abstract)
+        for item in _JSON_ITEMS:
+            args[item] = ocp.args.JsonRestore()
+        out = self._mngr.restore(step, args=ocp.args.Composite(**args))
+        res = Restored(step=step, data_state=out["data_state"], config=out["config"])
+        for item, fix in post.items():
+            setattr(res, item, fix(out[item]))
+        return res
+
+    def _abstract_target(self, step: int, item: str, meta: Any, target: Any):
+        """(abstract tree for orbax, function mapping the restored tree to the output)."""
+        meta = getattr(meta, "tree", meta)
+        saved = {_path_str(p): m for p, m in jax.tree_util.tree_flatten_with_path(meta)[0]}
+        state_target = target if _is_state(target) else None
+        if target is None:  # replicated, shapes/dtypes from the checkpoint
+            target = jax.tree.map(lambda m: _replicated(), meta)
+        if state_target is not None:
+            from flax import nnx
+
+            tgt = nnx.to_pure_dict(target)
+        else:
+            tgt = target
+        tgt = jax.tree.map(lambda v: v.get_value() if _is_var(v) else v, tgt, is_leaf=_is_var)
+        tgt = jax.tree.map(
+            lambda x: np.asarray(x) if isinstance(x, (int, float, bool, np.number)) else x, tgt)
+        is_shard = lambda x: isinstance(x, Sharding)  # noqa: E731
+        flat = {_path_str(p): x for p, x in
+                jax.tree_util.tree_flatten_with_path(tgt, is_leaf=is_shard)[0]}
+        self._check(step, item, saved, flat)
+
+        impls = {k: (jax.random.key_impl(x) if isinstance(x, jax.Array) else x.dtype._impl)
+                 for k, x in flat.items() if _is_key(x)}
+
+        def abstract(path, x):
+            m = saved[_path_str(path)]
+            if isinstance(x, Sharding):
+                return jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=x)
+            if _is_key(x):  # stored as raw key data, re-wrapped in `finish`
+                return jax.ShapeDtypeStruct(tuple(m.shape), m.dtype, sharding=_replicated())
+            sharding = getattr(x, "sharding", None)
+            if not isinstance(sharding, Sharding):
+                sharding = _replicated()
+            return jax.ShapeDtypeStruct(tuple(x.shape), x.dtype, sharding=sharding)
+
+        abs_tree = jax.tree_util.tree_map_with_path(abstract, tgt, is_leaf=is_shard)
+
+        def finish(restored):
+            if impls:
+                restored = jax.tree_util.tree_map_with_path(
+                    lambda p, a: jax.random.wrap_key_data(a, impl=impls[_path_str(p)])
+                    if _path_str(p) in impls else a, restored)
+            if state_target is not None:
+                from flax import nnx
+
+                copy = jax.tree.map(lambda x: x, state_target)
+                nnx.replace_by_pure_dict(copy, restored)
+                return copy
+            return restored
+
+        return abs_tree, finish
+
+    def _check(self, step: int, item: str, saved: dict, target: dict) -> None:
+        missing = sorted(set(target) - set(saved))
+        extra = sorted(set(saved) - set(target))
+        problems = []
+        if missing:
+            problems.append(f"in the target but not in the checkpoint: {missing[:8]}")
+        if extra:
+            problems.append(f"in the checkpoint but not in the target: {extra[:8]}")
+        for k in sorted(set(saved) & set(target)):
+            x = target[k]
+            if isinstance(x, Sharding):
+                continue
+            shape = tuple(x.shape)
+            if _is_key(x):
+                shape = tuple(jax.eval_shape(jax.random.key_data,
+                                             jax.ShapeDtypeStruct(x.shape, x.dtype)).shape)
+            if tuple(saved[k].shape) != shape:
+                problems.append(f"shape of {k!r}: checkpoint {tuple(saved[k].shape)} vs target {shape}")
+                if len(problems) > 8:
+                    break
+        if problems:
+            raise CheckpointMismatchError(
+                f"checkpoint {self.directory} step {step}, item {item!r} does not match the "
+                "restore target (another model/state?): " + "; ".join(problems)
+            )

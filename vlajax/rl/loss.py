@@ -1,0 +1,183 @@
+"""PPO clipped policy loss (verl semantics) and per-token log-prob/entropy, jit-friendly.
+
+Shapes (one row = one policy call = one action chunk, T = 56 tokens for LIBERO):
+  logp, old_logp, mask, entropy, ref_logp: (B, T); advantages: (B,) or (B, T).
+All Python-level checks are on static shapes/hyper-parameters, so every function here can
+be called inside `jax.jit`.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+__all__ = ["ppo_clip_loss", "token_logprobs_and_entropy", "kl_penalty", "masked_mean"]
+
+_KL_TYPES = ("k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl")
+
+
+def masked_mean(x: jax.Array, mask: jax.Array, denom: jax.Array | float | None = None) -> jax.Array:
+    """sum(x*mask) / max(sum(mask), 1): 0 (not NaN) for an all-masked input.
+
+    `jnp.where` (not a product) keeps NaN/inf in masked positions out of the value and
+    the gradient.
+    """
+    mask = mask.astype(jnp.float32)
+    total = jnp.sum(jnp.where(mask > 0, x * mask, 0.0))
+    if denom is None:
+        denom = jnp.sum(mask)
+    return total / jnp.maximum(denom, 1.0)
+
+
+def kl_penalty(logp: jax.Array, ref_logp: jax.Array, kl_type: str = "low_var_kl") -> jax.Array:
+    """Per-token KL(pi || pi_ref) estimate from samples of pi (verl's `kl_penalty`).
+
+    k1/"kl": logp - ref; "abs": |logp - ref|; k2/"mse": 0.5 (logp - ref)^2;
+    k3/"low_var_kl": exp(ref - logp) - (ref - logp) - 1, clipped to [-10, 10] as verl.
+    """
+    if kl_type in ("k1", "kl"):
+        return logp - ref_logp
+    if kl_type == "abs":
+        return jnp.abs(logp - ref_logp)
+    if kl_type in ("k2", "mse"):
+        return 0.5 * jnp.square(logp - ref_logp)
+    if kl_type in ("k3", "low_var_kl"):
+        d = jnp.clip(ref_logp - logp, -20.0, 20.0)
+        return jnp.clip(jnp.exp(d) - d - 1.0, -10.0, 10.0)
+    raise ValueError(f"unknown kl_type {kl_type!r}; known: {_KL_TYPES}")
+
+
+def ppo_clip_loss(
+    logp: jax.Array,
+    old_logp: jax.Array,
+    advantages: jax.Array,
+    mask: jax.Array,
+    *,
+    clip_low: float = 0.2,
+    clip_high: float = 0.28,
+    dual_clip_c: float | None = 3.0,
+    log_ratio_clip: float = 20.0,
+    entropy: jax.Array | None = None,
+    entropy_coef: float = 0.0,
+    ref_logp: jax.Array | None = None,
+    kl_coef: float = 0.0,
+    kl_type: str = "low_var_kl",
+    num_tokens: jax.Array | float | None = None,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Token-level PPO-clip loss with clip-higher and dual-clip (verl `compute_policy_loss`).
+
+      ratio = exp(clip(logp - old_logp, -20, 20))
+      pg    = max(-A*ratio, -A*clip(ratio, 1-clip_low, 1+clip_high))
+      pg    = min(pg, -A*dual_clip_c)            where A < 0 (dual clip; None disables it,
+                                                  as in SimpleVLA-RL)
+      loss  = mean_valid(pg) - entropy_coef*mean_valid(entropy) + kl_coef*mean_valid(kl)
+
+    mean_valid = sum(x*mask) / max(sum(mask), 1) ("token-mean"; an all-masked micro-batch
+    gives loss 0 and zero, finite gradients). Pass `num_tokens` (e.g. the valid-token count
+    of the whole mini-batch) to divide by that instead, so that summing micro-batch losses
+    under gradient accumulation gives the mini-batch token mean.
+
+    Metrics (all token means over valid tokens, stop-gradient):
+      pg_loss, clipfrac (verl `pg_clipfrac`: the clipped term is the max, gradient cut),
+      clipfrac_high (A>0 and ratio>1+clip_high), clipfrac_low (A<0 and ratio<1-clip_low),
+      dual_clipfrac (A<0 and -A*c < clipped pg, i.e. verl's `pg_clipfrac_lower`),
+      approx_kl_k1 = mean(old_logp - logp) (verl `ppo_kl`),
+      approx_kl_k3 = mean(ratio - 1 - log ratio) (non-negative, low variance),
+      ratio_mean, entropy (if given), kl_loss (if ref_logp given), valid_tokens.
+    """
+    if not 0.0 <= clip_low < 1.0 or clip_high < 0.0:
+        raise ValueError(f"need 0 <= clip_low < 1 and clip_high >= 0, got {clip_low}, {clip_high}")
+    if dual_clip_c is not None and dual_clip_c <= 1.0:
+        raise ValueError(f"dual_clip_c must be > 1 (verl asserts this), got {dual_clip_c}")
+    if logp.shape != old_logp.shape or logp.shape != mask.shape:
+        raise ValueError(
+            f"logp {logp.shape}, old_logp {old_logp.shape} and mask {mask.shape} must match"
+        )
+    if advantages.ndim == 1:
+        advantages = advantages[:, None]
+    advantages = jnp.broadcast_to(advantages, logp.shape)
+
+    valid = mask.astype(bool)
+    maskf = valid.astype(jnp.float32)
+    logp = logp.astype(jnp.float32)
+    # Sanitize masked positions first: garbage there (padding rows) must not reach exp().
+    adv = jnp.where(valid, advantages.astype(jnp.float32), 0.0)
+    log_ratio = jnp.where(valid, logp - old_logp.astype(jnp.float32), 0.0)
+    log_ratio = jnp.clip(log_ratio, -log_ratio_clip, log_ratio_clip)
+    ratio = jnp.exp(log_ratio)
+
+    pg1 = -adv * ratio
+    pg2 = -adv * jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    pg_clipped = jnp.maximum(pg1, pg2)
+    if dual_clip_c is not None:
+        pg3 = -adv * dual_clip_c
+        pg = jnp.where(adv < 0, jnp.minimum(pg_clipped, pg3), pg_clipped)
+        dual_active = (adv < 0) & (pg_clipped > pg3)
+    else:
+        pg = pg_clipped
+        dual_active = jnp.zeros_like(valid)
+
+    mean = lambda x: masked_mean(x, maskf, num_tokens)  # noqa: E731
+    pg_loss = mean(pg)
+    loss = pg_loss
+
+    f = lambda b: masked_mean(b.astype(jnp.float32), maskf)  # noqa: E731
+    sg = jax.lax.stop_gradient
+    metrics: dict[str, jax.Array] = {
+        "pg_loss": sg(pg_loss),
+        "clipfrac": f(sg(pg2 > pg1)),
+        "clipfrac_high": f(sg((adv > 0) & (ratio > 1.0 + clip_high))),
+        "clipfrac_low": f(sg((adv < 0) & (ratio < 1.0 - clip_low))),
+        "dual_clipfrac": f(sg(dual_active)),
+        "approx_kl_k1": sg(masked_mean(-log_ratio, maskf)),
+        "approx_kl_k3": sg(masked_mean(ratio - 1.0 - log_ratio, maskf)),
+        "ratio_mean": sg(masked_mean(ratio, maskf)),
+        "valid_tokens": jnp.sum(maskf),
+    }
+    if entropy is not None:
+        ent = mean(jnp.where(valid, entropy.astype(jnp.float32), 0.0))
+        metrics["entropy"] = sg(masked_mean(jnp.where(valid, entropy, 0.0), maskf))
+        if entropy_coef:
+            loss = loss - entropy_coef * ent
+    elif entropy_coef:
+        raise ValueError("entropy_coef != 0 needs the per-token `entropy`")
+    if ref_logp is not None:
+        safe_ref = jnp.where(valid, ref_logp.astype(jnp.float32), logp)
+        kl = mean(jnp.where(valid, kl_penalty(logp, safe_ref, kl_type), 0.0))
+        metrics["kl_loss"] = sg(kl)
+        if kl_coef:
+            loss = loss + kl_coef * kl
+    elif kl_coef:
+        raise ValueError("kl_coef != 0 needs `ref_logp`")
+    metrics["loss"] = sg(loss)
+    return loss, metrics
+
+
+def token_logprobs_and_entropy(
+    action_logits: jax.Array, tokens: jax.Array, temperature: float = 1.0
+) -> tuple[jax.Array, jax.Array]:
+    """Log-prob of the sampled tokens and entropy of the 256-way action distribution.
+
+    Args:
+      action_logits: (B, T, V) logits already sliced to the action bins (V = 256; the
+        reference slices `logits[..., 31744:32000]` of the Llama vocab, i.e. `[-320:-64]`).
+      tokens: (B, T) int in [0, V) (vocab id - 31744). Out-of-range ids cannot be checked
+        under jit; jnp.take_along_axis clamps them.
+      temperature: the sampling temperature (1.6 in SimpleVLA-RL); the same one must be
+        used for rollout, old-log-prob and update.
+
+    Returns:
+      logp (B, T) float32 = log_softmax(logits / T)[token];
+      entropy (B, T) float32 = -sum p log p of softmax(logits / T).
+    """
+    if isinstance(temperature, (int, float)) and temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if action_logits.shape[:-1] != tokens.shape:
+        raise ValueError(
+            f"action_logits {action_logits.shape} and tokens {tokens.shape} disagree on (B, T)"
+        )
+    z = action_logits.astype(jnp.float32) / temperature
+    logprobs = jax.nn.log_softmax(z, axis=-1)
+    logp = jnp.take_along_axis(logprobs, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    entropy = -jnp.sum(jnp.exp(logprobs) * logprobs, axis=-1)
+    return logp, entropy
