@@ -182,11 +182,12 @@ def test_errors_name_the_key(overrides, key, fragment):
     assert f"'{key}'" in str(info.value) and fragment in str(info.value), str(info.value)
 
 
-def test_isaac_needs_one_state_per_stage():
-    with pytest.raises(ConfigError) as info:
-        load_config("libero_grpo", ["env.train.simulator_type=isaac", "env.train.num_envs=16"])
-    assert info.value.key == "env.train.num_envs" and "rollout.n=8" in str(info.value)
-    assert load_config("libero_grpo", ["env.train.simulator_type=isaac"]).env.train.simulator_type == "isaac"
+def test_isaac_suites_are_checked():
+    with pytest.raises(ConfigError, match="not an Isaac suite") as e:
+        load_config("libero_grpo", ["env.train.simulator_type=isaac"])  # libero_10 is not an Isaac suite
+    assert e.value.key == "env.train.task_suite_name"
+    cfg = load_config("libero_grpo", ["env.train.simulator_type=isaac", "env.train.task_suite_name=isaac_stack"])
+    assert cfg.env.train.simulator_type == "isaac"
 
 
 def test_malformed_overrides_and_files(tmp_path):

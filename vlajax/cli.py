@@ -33,6 +33,21 @@ def _demo(args) -> int:
     return run_demo(episodes=args.episodes, num_envs=args.num_envs, seed=args.seed)
 
 
+def _train(args) -> int:
+    from vlajax.config import load_config
+    from vlajax.train import train
+
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config:  # `vlajax train key=value ...`: no config named
+        config, overrides = None, [config] + overrides
+    cfg = load_config(config, overrides)
+    res = train(cfg)
+    fe = res.final_eval or {}
+    print(f"run directory: {res.run_dir} ({res.steps} steps); final greedy success rate "
+          f"{fe.get('success_rate', float('nan')):.2f}; learning curve: {res.run_dir / 'learning_curve.png'}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vlajax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -47,6 +62,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="dtype of exported HF tensors (default: each tensor's original dtype)")
     c.set_defaults(fn=_convert)
 
+    t = sub.add_parser("train", help="GRPO training run from a config (default: the embedded demo)")
+    t.add_argument("config", nargs="?", default=None,
+                   help="YAML file or packaged config name (demo, libero_grpo, libero_grpo_disagg); default demo")
+    t.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. trainer.total_training_steps=10")
+    t.set_defaults(fn=_train)
+
     d = sub.add_parser("demo", help="run the small preset policy (untrained) on the built-in tabletop task")
     d.add_argument("--episodes", type=int, default=2)
     d.add_argument("--num-envs", type=int, default=2)
@@ -56,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.fn(args)
-    except (FileNotFoundError, ValueError, KeyError) as e:
+    except (FileNotFoundError, ValueError, KeyError, ConnectionError) as e:
         print(f"vlajax {args.command}: error: {e}", file=sys.stderr)
         return 2
 

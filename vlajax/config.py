@@ -87,7 +87,7 @@ class DataConfig:
     # (SimpleVLA-RL loops without a bound); when hit, the step trains on what it has.
     max_sampling_rounds: int = 8
     # vlajax: kept groups beyond a full batch go to the next step (SimpleVLA-RL drops them).
-    keep_excess_groups: bool = True
+    keep_excess_groups: bool = False
     shuffle: bool = True
     # vlajax: init states per task used for validation; None = env.train.num_trials_per_task
     # (SimpleVLA-RL validates on the training pairs).
@@ -302,9 +302,10 @@ class RunConfig:
 
     @property
     def num_sim_workers(self) -> int:
-        """Simulator workers in the cluster: per node x (simulator nodes if disaggregated, else nodes)."""
+        """Simulator workers in the cluster: per node x (simulator nodes if disaggregated, else nodes).
+        One worker per env GPU; n_env_gpus_per_node = 0 means one CPU-only worker per node."""
         nodes = self.env.disagg_sim.nnodes if self.env.disagg_sim.enable else self.trainer.nnodes
-        return self.trainer.n_env_gpus_per_node * nodes
+        return max(1, self.trainer.n_env_gpus_per_node) * nodes
 
     @property
     def num_rollout_workers(self) -> int:
@@ -693,6 +694,11 @@ def validate(cfg: RunConfig) -> RunConfig:
     if e.simulator_type == "tabletop":
         _check(e.task_suite_name in TABLETOP_SUITES, key,
                f"{e.task_suite_name!r} is not a tabletop suite ({', '.join(TABLETOP_SUITES)})")
+    elif e.simulator_type == "isaac":
+        from vlajax.envs.isaac import ISAAC_SUITES  # no Isaac import
+
+        _check(e.task_suite_name in ISAAC_SUITES, key,
+               f"{e.task_suite_name!r} is not an Isaac suite ({', '.join(ISAAC_SUITES)})")
     else:
         from vlajax.envs.libero import SUITES  # no simulator import
 
@@ -724,8 +730,10 @@ def validate(cfg: RunConfig) -> RunConfig:
 
     # cluster
     _positive(t.nnodes, "trainer.nnodes")
-    _positive(t.n_env_gpus_per_node, "trainer.n_env_gpus_per_node")
-    _positive(t.n_rollout_gpus_per_node, "trainer.n_rollout_gpus_per_node")
+    _check(t.n_env_gpus_per_node >= 0, "trainer.n_env_gpus_per_node",
+           f"must be >= 0 (0 = CPU-only simulators), got {t.n_env_gpus_per_node}")
+    _check(t.n_rollout_gpus_per_node >= 0, "trainer.n_rollout_gpus_per_node",
+           f"must be >= 0 (0 = train on CPU), got {t.n_rollout_gpus_per_node}")
     for k in ("data", "fsdp"):
         v = getattr(t.mesh, k)
         _check(v == -1 or v >= 1, f"trainer.mesh.{k}", f"must be >= 1 or -1 (infer), got {v}")
@@ -738,12 +746,8 @@ def validate(cfg: RunConfig) -> RunConfig:
            f"trajectories cannot be split across env.rollout.pipeline_stage_num={env.rollout.pipeline_stage_num} "
            f"stages x {cfg.num_sim_workers} simulator workers (trainer.n_env_gpus_per_node="
            f"{t.n_env_gpus_per_node} x {'env.disagg_sim.nnodes' if env.disagg_sim.enable else 'trainer.nnodes'}="
-           f"{cfg.num_sim_workers // t.n_env_gpus_per_node}) x env.train.num_envs={e.num_envs} = {round_size} "
+           f"{cfg.num_sim_workers // max(1, t.n_env_gpus_per_node)}) x env.train.num_envs={e.num_envs} = {round_size} "
            "envs per rollout round: it must be a multiple of that")
-    if e.simulator_type == "isaac":
-        _check(e.num_envs == r.n, "env.train.num_envs",
-               f"Isaac runs one initial state per stage: num_envs must equal actor_rollout_ref.rollout.n={r.n}, "
-               f"got {e.num_envs}")
     mini = a.ppo_mini_batch_size
     _positive(mini, p + "ppo_mini_batch_size")
     _check(n_traj % mini == 0, p + "ppo_mini_batch_size",

@@ -5,45 +5,37 @@ per layer by XLA); the batch is split over both axes.
 
 Logical axis vocabulary
 -----------------------
-Parameters carry one logical name per dimension in their flax NNX metadata, e.g.
-``nnx.Param(w, out_sharding=("embed", "mlp"))`` or
-``nnx.Linear(..., kernel_metadata={"out_sharding": ("embed", "heads")})`` (flax 0.12
-stores it as the Variable's ``out_sharding`` metadata; optimizer states created by
-``nnx.Optimizer`` inherit it). Kernels are in Flax (in, out) layout. Use ``None`` for a
-dimension that is never sharded (e.g. a leading singleton).
+Parameters carry one logical name per dimension in their flax NNX metadata. The policy
+(`vlajax.model`) stores it as ``nnx.Param(w, logical_axes=("embed", "mlp"))``; Variables
+annotated the flax way (``out_sharding=...``, or the older ``sharding_names=...``) are
+read too. Optimizer states built by ``optax`` over such Variables, or by ``nnx.Optimizer``,
+inherit it. Kernels are in Flax (in, out) layout. ``None`` = a dim that is never sharded.
 
-LLM (Llama-2-7B)
-  ``vocab``     vocabulary rows (32064): embed_tokens (vocab, embed), lm_head (embed, vocab)
-  ``embed``     residual width (4096): input dim of q/k/v/gate/up, output dim of o/down,
-                projector fc2/fc3 and proprio projector outputs
-  ``heads``     attention width, num_heads*head_dim (4096) of 2-D q/k/v (embed, heads) and
-                o (heads, embed); for 3-D kernels (embed, heads, head_dim) the heads dim
-  ``kv_heads``  the same for k/v when they have fewer heads (GQA)
-  ``head_dim``  per-head dim of 3-D attention kernels
-  ``mlp``       MLP hidden (11008): gate/up (embed, mlp), down (mlp, embed)
-Vision (DINOv2 ViT-L/14 and SigLIP So400m, fused)
-  ``vit_embed`` ViT width (1024 / 1152): q/k/v/fc1 input, proj/fc2 output, patch-embed
-                output, pos_embed/cls/reg last dim; also the projector fc1 input (2176)
-  ``vit_heads`` ViT attention width (q/k/v output, proj input; 3*D for a fused qkv)
-  ``vit_mlp``   ViT MLP hidden (4096 / 4304)
-  ``conv``      patch-embed kernel (kh, kw, in_channels) dims: (conv, conv, conv, vit_embed)
-  ``vit_seq``   token dim of pos_embed (256) / register tokens (4)
-Projector
-  ``proj_mlp``  projector hidden dims: fc1 (vit_embed, proj_mlp), fc2 (proj_mlp, embed),
-                fc3 (proj_mlp, embed); proprio projector fc2 also (proj_mlp, embed)
-  ``proprio``   proprio input dim (8 / 14): proprio fc1 (proprio, embed)
-Any model
-  ``norm``      1-D scales/biases of RMSNorm/LayerNorm and LayerScale vectors
-  ``bias``      biases of linear layers (small; replicated)
-  ``layers``    stacked-layer dim of scanned/vmapped blocks
-  ``lora``      LoRA rank dim: lora_a (in_name, lora), lora_b (lora, out_name)
-Activations (for `with_logical_constraint`)
-  ``batch`` -> ("data", "fsdp"); ``seq``, ``act_embed``, ``act_heads``, ``act_mlp``,
-  ``act_vocab`` -> replicated.
+Names used by the OpenVLA-OFT policy (vlajax/model):
+  ``embed``      LLM residual width (4096): input dim of q/k/v/gate/up, output dim of o/down,
+                 embed_tokens (vocab, embed), lm_head (embed, vocab), projector fc2/fc3 and
+                 proprio projector rows                                   -> "fsdp"
+  ``vit_embed``  ViT width (1024 / 1152) and the fused vision width 2176 (projector fc1
+                 input); patch-embed output, pos_embed, cls/reg tokens, LayerScale, ViT
+                 LayerNorm scales                                          -> "fsdp"
+  ``qkv``        LLM attention width: q/k/v output, o input
+  ``mlp``        MLP hidden: LLM gate/up/down (11008), projector hidden (8704)
+  ``vocab``      vocabulary (32064)
+  ``vit_qkv``    ViT fused qkv output (3*D) and proj input (D)
+  ``vit_mlp``    ViT MLP hidden (4096 / 4304)
+  ``patch``      patch-embed kernel (kh, kw, in_channels) dims
+  ``embed_out``  second residual-width dim of the square projector fc3 / proprio fc2
+  ``norm``       1-D RMSNorm scales
+  ``lora``       LoRA rank: lora_a (in_name, lora), lora_b (lora, out_name)
+Also accepted (generic models, tests): ``heads``, ``kv_heads``, ``head_dim``, ``vit_heads``,
+``conv``, ``vit_seq``, ``proj_mlp``, ``proprio``, ``bias``, ``layers``.
+Activations (for `with_logical_constraint`): ``batch`` -> ("data", "fsdp"); ``seq``,
+``act_embed``, ``act_heads``, ``act_mlp``, ``act_vocab`` -> replicated.
 
-Create annotated Variables with ``eager_sharding=False`` (or inside
-``nnx.use_eager_sharding(False)``): flax's default eager sharding would resolve the
-logical names against a mesh at construction. Placement then comes from here::
+``logical_axes`` is plain metadata that flax never acts on. Variables annotated with
+flax's ``out_sharding`` need ``eager_sharding=False`` (or ``nnx.use_eager_sharding(False)``):
+flax's default eager sharding would resolve those names against a mesh at construction.
+Placement then comes from here::
 
     with nnx.use_eager_sharding(False):
         abstract = jax.eval_shape(create_state)            # create_state -> nnx.State
@@ -83,6 +75,10 @@ LOGICAL_AXIS_RULES: tuple[tuple[str, MeshAxes], ...] = (
     ("embed", FSDP_AXIS),
     ("vit_embed", FSDP_AXIS),
     ("vocab", None),
+    ("qkv", None),
+    ("vit_qkv", None),
+    ("patch", None),
+    ("embed_out", None),
     ("heads", None),
     ("kv_heads", None),
     ("head_dim", None),
@@ -193,6 +189,18 @@ def fsdp_fallback_spec(shape: Sequence[int], mesh: Mesh, min_size_mbytes: float 
     return P()
 
 
+_METADATA_KEYS = ("logical_axes", "out_sharding", "sharding_names")
+
+
+def _logical_names(metadata: dict):
+    """The per-dim logical names of a Variable, under any of the keys in use."""
+    for key in _METADATA_KEYS:
+        names = metadata.get(key)
+        if names:
+            return names
+    return None
+
+
 def state_shardings(
     tree: Any,
     mesh: Mesh,
@@ -202,7 +210,8 @@ def state_shardings(
 ) -> Any:
     """NamedSharding tree matching `tree` (an nnx.State / pytree of Variables or arrays).
 
-    A Variable with ``out_sharding`` metadata is resolved through `rules`; any other leaf
+    A Variable with ``logical_axes`` (the policy's key) or ``out_sharding`` /
+    ``sharding_names`` (flax's keys) metadata is resolved through `rules`; any other leaf
     (unannotated Variable, raw array, ShapeDtypeStruct) falls back to `fsdp_fallback_spec`.
     Variables are kept as Variables holding the NamedSharding (like
     ``nnx.get_named_sharding``), so the result has the input's pytree structure and can
@@ -215,7 +224,7 @@ def state_shardings(
         is_var = isinstance(x, nnx.Variable)
         value = x.get_value() if is_var else x
         shape = tuple(getattr(value, "shape", ()))
-        names = x.get_metadata().get("out_sharding") if is_var else None
+        names = _logical_names(x.get_metadata()) if is_var else None
         if names:
             if isinstance(names, NamedSharding):
                 names = names.spec

@@ -25,6 +25,28 @@ def param(rngs: nnx.Rngs | None, shape, axes, *, init="normal", scale=0.02, dtyp
     return nnx.Param(value, logical_axes=tuple(axes))
 
 
+REMAT_POLICIES = {
+    # recompute everything inside the block in the backward pass: only the block input is saved
+    "full": None,
+    # also keep matmul outputs (no batch dims: the Linear layers), recompute the rest (norms,
+    # activations, attention): ~2.7 MB/token more for the 7B LLM, no second matmul pass
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def maybe_remat(fn, remat):
+    """Wrap a per-block `fn(block, x)` in `nnx.remat` (activation checkpointing).
+
+    remat: False/None/"none" = off; True or "full" = save only block inputs; "dots" = also save
+    the outputs of the Linear layers (see REMAT_POLICIES)."""
+    if remat in (False, None, "none"):
+        return fn
+    name = "full" if remat is True else remat
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"unknown remat policy {remat!r}; choose False, True or one of {sorted(REMAT_POLICIES)}")
+    return nnx.remat(fn, policy=REMAT_POLICIES[name])
+
+
 class Linear(nnx.Module):
     """y = x @ kernel (+ bias), kernel stored (in, out) like Flax (torch stores (out, in)).
 
@@ -41,8 +63,10 @@ class Linear(nnx.Module):
     def enable_lora(self, rank: int, alpha: float, rngs: nnx.Rngs) -> None:
         din, dout = self.kernel[...].shape
         a = jax.random.normal(rngs.params(), (din, rank), jnp.float32) / jnp.sqrt(din)
-        self.lora_a = nnx.LoRAParam(a, logical_axes=(self.kernel.logical_axes[0], "lora"))
-        self.lora_b = nnx.LoRAParam(jnp.zeros((rank, dout), jnp.float32), logical_axes=("lora", self.kernel.logical_axes[1]))
+        # nnx.data: the attributes were created as static None; flax >= 0.12 needs the switch to data explicit
+        self.lora_a = nnx.data(nnx.LoRAParam(a, logical_axes=(self.kernel.logical_axes[0], "lora")))
+        self.lora_b = nnx.data(nnx.LoRAParam(jnp.zeros((rank, dout), jnp.float32),
+                                             logical_axes=("lora", self.kernel.logical_axes[1])))
         self.lora_scale = float(alpha) / rank
 
     def merge_lora(self) -> None:
@@ -96,10 +120,29 @@ class RMSNorm(nnx.Module):
         return y.astype(x.dtype) * self.weight[...].astype(x.dtype)
 
 
-def attention(q: Array, k: Array, v: Array, kv_lengths: Array | None = None) -> Array:
+def attention(q: Array, k: Array, v: Array, kv_lengths: Array | None = None, implementation: str | None = None) -> Array:
     """Non-causal fused attention. q, k, v: (B, T, H, Dh); kv_lengths: (B,) int32 valid keys per row
     (right padding), or None for no mask. Uses cuDNN flash attention on GPU in bf16/fp16."""
-    impl = None
-    if jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
+    impl = implementation
+    if impl is None and jax.default_backend() == "gpu" and q.dtype in (jnp.bfloat16, jnp.float16):
         impl = "cudnn"
+    if impl == "cudnn" and (q.shape[1] % 2 or k.shape[1] % 2):
+        # jax's cuDNN path rejects odd sequence lengths when differentiated (the learner's update:
+        # 261 ViT tokens, ~347 LLM tokens); pad to even with one masked key / discarded query.
+        return attention_even(q, k, v, kv_lengths, impl)
     return jax.nn.dot_product_attention(q, k, v, key_value_seq_lengths=kv_lengths, implementation=impl)
+
+
+def attention_even(q: Array, k: Array, v: Array, kv_lengths: Array | None, implementation: str | None) -> Array:
+    """`attention` on sequences padded to even length: the padded keys are masked out through
+    `kv_lengths`, the padded query rows dropped, so the result (and its gradient) is unchanged."""
+    t, s = q.shape[1], k.shape[1]
+    if kv_lengths is None:
+        kv_lengths = jnp.full((k.shape[0],), s, jnp.int32)
+
+    def pad(x):
+        return jnp.pad(x, ((0, 0), (0, x.shape[1] % 2), (0, 0), (0, 0)))
+
+    out = jax.nn.dot_product_attention(pad(q), pad(k), pad(v), key_value_seq_lengths=kv_lengths,
+                                       implementation=implementation)
+    return out[:, :t]

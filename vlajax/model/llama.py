@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vlajax.model.config import LlamaConfig
-from vlajax.model.layers import Linear, RMSNorm, attention, param
+from vlajax.model.layers import Linear, RMSNorm, attention, maybe_remat, param
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
@@ -72,15 +72,15 @@ class Llama(nnx.Module):
     def embed(self, ids: jax.Array, dtype) -> jax.Array:
         return jnp.take(self.embed_tokens[...], ids, axis=0).astype(dtype)
 
-    def hidden_states(self, x: jax.Array, lengths: jax.Array | None, remat: bool = False) -> jax.Array:
-        """x: (B, T, D) input embeddings -> (B, T, D) last-layer states before the final norm."""
+    def hidden_states(self, x: jax.Array, lengths: jax.Array | None, remat: bool | str = False) -> jax.Array:
+        """x: (B, T, D) input embeddings -> (B, T, D) last-layer states before the final norm.
+        remat: per-block activation checkpointing (`layers.maybe_remat`)."""
         positions = jnp.arange(x.shape[1], dtype=jnp.int32)
 
         def run(block, x):
             return block(x, positions, lengths)
 
-        if remat:
-            run = nnx.remat(run)
+        run = maybe_remat(run, remat)
         for block in self.layers:
             x = run(block, x)
         return x

@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vlajax.model.config import ViTConfig
-from vlajax.model.layers import LayerNorm, Linear, attention, param
+from vlajax.model.layers import LayerNorm, Linear, attention, maybe_remat, param
 
 
 class ViTBlock(nnx.Module):
@@ -61,6 +61,7 @@ class ViT(nnx.Module):
             param(rngs, (1, cfg.num_registers, d), (None, None, "vit_embed")) if cfg.num_registers else None
         )
         self.blocks = nnx.List([ViTBlock(cfg, rngs) for _ in range(cfg.num_used_blocks)])
+        self.remat = False  # set by the learner (vlajax.rl.learner.set_remat): checkpoint each block
 
     def __call__(self, pixels: jax.Array, dtype=jnp.bfloat16) -> jax.Array:
         cfg = self.cfg
@@ -79,6 +80,7 @@ class ViT(nnx.Module):
             prefix.append(jnp.broadcast_to(self.reg_token[...].astype(dtype), (b, cfg.num_registers, cfg.width)))
         if prefix:
             x = jnp.concatenate(prefix + [x], axis=1)
+        run = maybe_remat(lambda blk, x: blk(x), self.remat)
         for blk in self.blocks:
-            x = blk(x)
+            x = run(blk, x)
         return x[:, cfg.num_prefix_tokens:]

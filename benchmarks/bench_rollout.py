@@ -1,0 +1,241 @@
+"""Pipelined vs serial rollout with real simulators in Ray actors and a small OpenVLA-OFT policy.
+
+    python benchmarks/bench_rollout.py [--env tabletop|libero] [--workers 1] [--stages 2] [--envs 1]
+        [--max-steps 64] [--image-size 128] [--render-every-substep] [--policy-image 56]
+        [--rounds 3] [--pin]
+
+One run measures, on the same requests and the same sampling key (so all loops produce the same
+trajectories, which is checked):
+  serial     RolloutConfig(pipelined=False): every unit steps, then one decode for all, repeat
+  pipelined  the default loop
+  sim        bound 1: the pipelined loop replaying the recorded actions with no decode at all
+             (wall time of the simulation alone, Ray round trips included)
+  decode     bound 2: every policy call of the rollout decoded back to back, per (worker, stage)
+             unit and call, with no simulator running (host gather + device + un-normalise)
+and prints pipelined / max(sim, decode) and the sim actors' busy fraction during the pipelined
+run (time an env call ran / wall time, mean over actors), for each loop's best round (on a shared
+machine other load only ever adds time) and for the medians; the loops take turns round by round.
+Every decode bucket is compiled before timing. Resets are excluded: each timed rollout
+starts after `start_reset` + `reset_ready` (in training they overlap the learner's update).
+
+--pin: this process (the JAX decode, one XLA thread) on CPU 0, the sim actors and their env
+processes on the other CPUs, so simulation and decode do not compete for a core (on 2 cores:
+one each). Without it, all share all cores.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+# Before JAX is imported: one XLA CPU thread when pinned (set here so it precedes `import jax`).
+if "--pin" in sys.argv:
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_cpu_multi_thread_eigen=false"
+                               " intra_op_parallelism_threads=1").strip()
+os.environ.setdefault("LP_NUM_THREADS", "1")
+
+import functools  # noqa: E402
+import statistics  # noqa: E402
+import time  # noqa: E402
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from vlajax.distributed.ray_sim import PlacementOptions, SimPool, init_ray  # noqa: E402
+from vlajax.model import Policy, build_model, preset  # noqa: E402
+from vlajax.model.pretrained import abstract_params  # noqa: E402
+from vlajax.model.tokenizer import load_tokenizer  # noqa: E402
+from vlajax.rl.policy_step import DecodeInputs, DecodeOutputs, PolicyDecoder  # noqa: E402
+from vlajax.rl.rollout import RolloutConfig, RolloutEngine  # noqa: E402
+
+
+class ReplayDecoder:
+    """Returns the actions a previous rollout sent, instantly: the simulation-only bound."""
+
+    def __init__(self, batch, like):
+        self.batch = batch
+        self.chunk_len, self.action_dim = like.chunk_len, like.action_dim
+        self.num_tokens, self.num_images = like.num_tokens, like.num_images
+
+    def encode_prompts(self, instructions):
+        return np.zeros((len(instructions), 1), np.int32), np.ones((len(instructions), 1), np.int32)
+
+    def dispatch(self, x: DecodeInputs, *, temperature, key):
+        tr = self.batch.trajectories
+        return DecodeOutputs(tr.actions_tokens[x.rows, x.calls], tr.old_logp[x.rows, x.calls],
+                             self.batch.actions[x.rows, x.calls])
+
+    def fetch(self, handle):
+        return handle
+
+
+def random_policy(image_size: int) -> Policy:
+    """The small preset with host-drawn random weights (no JAX init compile)."""
+    cfg = preset("small", image_size=image_size)
+    _, shapes = abstract_params(cfg)
+    rng = np.random.default_rng(0)
+
+    def init(path, s):
+        name = jax.tree_util.keystr(path)
+        if "norm" in name and name.endswith(("['scale']", "['weight']")):
+            return np.ones(s.shape, s.dtype)
+        if name.endswith("bias']"):
+            return np.zeros(s.shape, s.dtype)
+        return rng.normal(0.0, 0.05, s.shape).astype(s.dtype)
+
+    return Policy(build_model(cfg, jax.tree_util.tree_map_with_path(init, shapes)), tokenizer=load_tokenizer("tiny"),
+                  compute_dtype=jnp.float32)
+
+
+def decode_bound(dec: PolicyDecoder, batch, pool: SimPool, temperature: float, key) -> float:
+    """Seconds to run every policy call of `batch` back to back, one decode per unit and call."""
+    tr = batch.trajectories
+    e, s = pool.num_envs, pool.num_stages
+    t0 = time.perf_counter()
+    for unit in range(pool.num_workers * s):
+        rows = np.arange(unit * e, (unit + 1) * e)
+        for c in range(tr.chunk_valid.shape[1]):
+            r = rows[tr.chunk_valid[rows, c]]
+            if len(r) == 0:
+                break
+            x = DecodeInputs(images=batch.images[r, c], input_ids=batch.prompt_ids[r], attention_mask=batch.prompt_mask[r],
+                             proprio=batch.proprio[r, c], rows=r.astype(np.int32),
+                             calls=np.full(len(r), c, np.int32))
+            dec.fetch(dec.dispatch(x, temperature=temperature, key=key))
+    return time.perf_counter() - t0
+
+
+def _pin_process(pid: int, cpus: set[int]) -> None:
+    """All threads of `pid` (sched_setaffinity on a pid pins only its main thread)."""
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except ProcessLookupError:
+            pass
+
+
+def pin(pool: SimPool) -> None:
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise SystemExit("--pin needs at least 2 CPUs")
+    _pin_process(os.getpid(), {cpus[0]})  # threads created later (JAX) inherit this
+    for info in pool.infos:
+        for pid in [info["pid"], *info["env_pids"]]:
+            _pin_process(pid, set(cpus[1:]))
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--env", choices=("tabletop", "libero"), default="tabletop")
+    p.add_argument("--suite", default="libero_spatial")
+    p.add_argument("--assets", default=None, help="LIBERO assets (else $VLAJAX_LIBERO_ASSETS)")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--stages", type=int, default=2)
+    p.add_argument("--envs", type=int, default=1, help="envs per stage per worker")
+    p.add_argument("--max-steps", type=int, default=64)
+    p.add_argument("--image-size", type=int, default=128, help="camera resolution")
+    p.add_argument("--render-every-substep", action="store_true", help="render all 8 sub-steps of a chunk")
+    p.add_argument("--policy-image", type=int, default=56, help="policy input resolution (small preset)")
+    p.add_argument("--temperature", type=float, default=1.6)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--pin", action="store_true")
+    args = p.parse_args(argv)
+
+    n_cpus = len(os.sched_getaffinity(0))
+    session = init_ray(num_cpus=n_cpus, log_to_driver=False)
+    if args.env == "tabletop":
+        from vlajax.envs.tabletop import make_tabletop_vector_env
+
+        env_fn = functools.partial(make_tabletop_vector_env, image_size=args.image_size,
+                                   max_episode_steps=args.max_steps)
+        n_tasks, flip, gripper = 3, False, None
+    else:
+        from vlajax.envs.libero import make_libero_vector_env
+
+        env_fn = functools.partial(make_libero_vector_env, args.suite, assets_dir=args.assets,
+                                   image_size=args.image_size, max_episode_steps=args.max_steps)
+        n_tasks, flip, gripper = 10, True, "libero"
+    placement = PlacementOptions(env_workers_per_node=args.workers, env_cpus_per_worker=n_cpus / args.workers)
+    pool = SimPool(env_fn, num_envs=args.envs, num_stages=args.stages, placement=placement,
+                   render_every_substep=args.render_every_substep)
+    try:
+        if args.pin:
+            pin(pool)
+        policy = random_policy(args.policy_image)
+        dec = PolicyDecoder(policy, prompt_len=48, flip=flip, gripper=gripper, capacity=pool.capacity)
+        dec.warmup((args.image_size, args.image_size), proprio_dim=8, temperatures=(args.temperature,))
+        load0 = f"{os.getloadavg()[0]:.2f}"
+        n = pool.capacity
+        tasks, states = np.arange(n) % n_tasks, np.arange(n) // n_tasks
+        key = jax.random.key(0)
+        cfg = RolloutConfig(temperature=args.temperature)
+        serial_eng = RolloutEngine(pool, dec, dataclass_replace(cfg, pipelined=False))
+        pipe_eng = RolloutEngine(pool, dec, cfg)
+        pipe_eng.rollout(tasks, states, key=key)  # warm-up (first resets build the scenes)
+
+        def run(eng):
+            """One rollout, timed from its first step: the resets are issued and finished before
+            (in training they overlap the learner's update via start_reset)."""
+            eng.start_reset(tasks, states)
+            eng.reset_ready()
+            return eng.rollout(key=key)
+
+        rows = {k: [] for k in ("serial", "pipelined", "sim", "decode", "busy", "busy_s", "sim_busy_s")}
+        ref = None
+        for _ in range(args.rounds):
+            a = run(serial_eng)
+            b = run(pipe_eng)
+            for other in (a,) + ((ref,) if ref is not None else ()):
+                if not (np.array_equal(other.trajectories.actions_tokens, b.trajectories.actions_tokens)
+                        and np.array_equal(other.trajectories.finish_step, b.trajectories.finish_step)):
+                    print("WARNING: serial and pipelined trajectories differ")
+            ref = b
+            sim_eng = RolloutEngine(pool, ReplayDecoder(b, dec), cfg)
+            c = run(sim_eng)
+            assert np.array_equal(c.trajectories.finish_step, b.trajectories.finish_step)
+            rows["serial"].append(a.stats.wall_s)
+            rows["pipelined"].append(b.stats.wall_s)
+            rows["sim"].append(c.stats.wall_s)
+            rows["sim_busy_s"].append(float(np.mean(c.stats.sim_busy_s)))
+            rows["decode"].append(decode_bound(dec, b, pool, args.temperature, key))
+            rows["busy"].append(b.stats.sim_busy_fraction)
+            rows["busy_s"].append(float(np.mean(b.stats.sim_busy_s)))
+        tr = ref.trajectories
+        print(f"env={args.env} workers={args.workers} stages={args.stages} envs/stage={args.envs} "
+              f"({n} trajectories) camera={args.image_size}px render_every_substep={args.render_every_substep} "
+              f"max_steps={args.max_steps} policy=small@{args.policy_image}px pin={args.pin} cpus={n_cpus}")
+        # Calls a stage made after the other stages of its actor had no running env left: there is
+        # nothing to overlap them with (early-finished envs leave the batch).
+        calls = tr.chunk_valid.sum(1).reshape(args.workers, args.stages, args.envs).max(-1)
+        alone = int((calls.max(1) - np.sort(calls, 1)[:, -2]).sum()) if args.stages > 1 else int(calls.sum())
+        print(f"stage calls with no other stage of the actor left to overlap: {alone} of {int(calls.sum())}")
+        print(f"policy calls per rollout: {int(tr.chunk_valid.sum())}, env steps: {int(tr.finish_step.sum())}, "
+              f"successes: {int(tr.success.sum())}, decode calls (pipelined): {ref.stats.decode_calls}; "
+              f"load average before/after: {load0} / {os.getloadavg()[0]:.2f}")
+        # Each loop's best round (other load on a shared machine only ever adds time), and medians.
+        for name, agg in (("best", min), ("median", statistics.median)):
+            m = {k: agg(v) for k, v in rows.items()}
+            m["busy"] = max(rows["busy"]) if name == "best" else m["busy"]
+            bound = max(m["sim"], m["decode"])
+            which = "sim" if m["sim"] >= m["decode"] else "decode"
+            print(f"{name} of {args.rounds} rounds (s/rollout): serial {m['serial']:.3f} | pipelined "
+                  f"{m['pipelined']:.3f} ({m['serial'] / m['pipelined']:.2f}x serial) | sim bound {m['sim']:.3f} "
+                  f"(actors busy {m['sim_busy_s']:.3f}) | decode bound {m['decode']:.3f}")
+            print(f"  pipelined / max(sim, decode) = {m['pipelined'] / bound:.3f} ({which}-bound); "
+                  f"sim busy fraction (pipelined) = {m['busy']:.3f} (busy {m['busy_s']:.3f} s)")
+        print("per round:", {k: [round(x, 3) for x in v] for k, v in rows.items()})
+    finally:
+        pool.close()
+        session.shutdown()
+
+
+def dataclass_replace(obj, **kw):
+    import dataclasses
+
+    return dataclasses.replace(obj, **kw)
+
+
+if __name__ == "__main__":
+    main()

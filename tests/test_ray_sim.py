@@ -1,0 +1,155 @@
+"""Sim actors on a real multi-node Ray cluster on one machine (`ray.cluster_utils.Cluster`): a head
+node carrying `train_rollout` (where this test process, the trainer, runs) and two nodes carrying
+`sim`. Disaggregated placement, trajectory <-> group mapping with 2 workers x 2 stages, a sim actor
+killed mid-rollout, missing-resource errors, placement timeouts, clean close."""
+
+from __future__ import annotations
+
+import functools
+import os
+import shutil
+import tempfile
+import time
+
+import numpy as np
+import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+from tests.test_rollout import IMAGE, DirectedDecoder, _wait_gone, check_against_replay
+from vlajax.distributed.ray_sim import (
+    PlacementError,
+    PlacementOptions,
+    SimPool,
+    check_cluster_resources,
+    init_ray,
+)
+from vlajax.envs.tabletop import make_tabletop_vector_env
+from vlajax.rl.rollout import RolloutConfig, RolloutEngine
+
+LIMIT = 64  # long enough that the slow directed policy succeeds in some episodes, not all
+DISAGG = PlacementOptions(disagg_sim_enable=True, disagg_sim_nnodes=2, trainer_nnodes=1)
+ENV_FN = functools.partial(make_tabletop_vector_env, image_size=IMAGE, max_episode_steps=LIMIT)
+
+# 2 workers x 2 stages x 2 envs; rows 2k and 2k+1 share a stage. Distinct (task, state) per row
+# except one GRPO group of two rows on different workers.
+TASKS = np.array([0, 1, 2, 0, 1, 2, 0, 2])
+STATES = np.array([11, 12, 13, 14, 15, 16, 17, 11])
+GROUPS = np.array([100, 101, 102, 103, 104, 105, 106, 107])
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    tmp = tempfile.mkdtemp(prefix="vjr_", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    old = os.environ.get("RAY_TMPDIR")
+    os.environ["RAY_TMPDIR"] = tmp  # Cluster writes its address file under $RAY_TMPDIR/ray
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"train_rollout": 1},
+                                                      "include_dashboard": False})
+    sim_nodes = [c.add_node(num_cpus=1, resources={"sim": 1}) for _ in range(2)]
+    session = init_ray(c.address)
+    c.wait_for_nodes()
+    yield {"cluster": c, "session": session, "sim_node_ids": {n.node_id for n in sim_nodes},
+           "head_node_id": c.head_node.node_id}
+    session.shutdown()
+    c.shutdown()
+    if old is None:
+        os.environ.pop("RAY_TMPDIR", None)
+    else:
+        os.environ["RAY_TMPDIR"] = old
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def pool(cluster):
+    p = SimPool(ENV_FN, num_envs=2, num_stages=2, placement=DISAGG)
+    yield p
+    p.close()
+
+
+def test_trainer_runs_on_the_train_rollout_node(cluster):
+    assert ray.get_runtime_context().get_node_id() == cluster["head_node_id"]
+    assert not cluster["session"].started and cluster["session"].connected
+
+
+def test_sim_actors_land_only_on_sim_nodes(cluster, pool):
+    nodes = pool.node_ids()
+    assert len(nodes) == 2 and set(nodes) == cluster["sim_node_ids"]  # one per sim node
+    assert cluster["head_node_id"] not in nodes
+    assert pool.capacity == 8
+
+
+def test_trajectories_map_to_their_groups_2_workers_x_2_stages(pool):
+    eng = RolloutEngine(pool, DirectedDecoder(TASKS, STATES), RolloutConfig())
+    events = []
+    b = eng.rollout(TASKS, STATES, GROUPS, on_step=events.append)
+    check_against_replay(b, TASKS, STATES, GROUPS, limit=LIMIT)
+    tr = b.trajectories
+    assert tr.success.any() and not tr.success.all()  # some envs left the batch early
+    assert b.stats.decoded_rows == tr.chunk_valid.sum()
+    # each unit (worker, stage) saw only its own rows
+    for e in events:
+        assert set(e.rows.tolist()) <= set(range(4 * e.worker + 2 * e.stage, 4 * e.worker + 2 * e.stage + 2))
+    assert {(e.worker, e.stage) for e in events} == {(w, s) for w in range(2) for s in range(2)}
+
+
+def test_killing_a_sim_actor_mid_rollout_loses_nothing(cluster, pool):
+    eng = RolloutEngine(pool, DirectedDecoder(TASKS, STATES), RolloutConfig())
+    killed = []
+
+    def kill_worker_1(e):
+        if not killed and e.kind == "step" and e.worker == 1:  # after its first chunk: all envs still running
+            killed.append(pool.infos[1]["pid"])
+            ray.kill(pool.actors[1])
+
+    b = eng.rollout(TASKS, STATES, GROUPS, on_step=kill_worker_1)
+    assert killed and b.stats.restarts == 1 and pool.restarts >= 1
+    check_against_replay(b, TASKS, STATES, GROUPS, limit=LIMIT)  # nothing lost, duplicated or mixed up
+    info = pool.infos[1]
+    assert info["pid"] != killed[0] and info["node_id"] in cluster["sim_node_ids"]
+    # the restarted pool keeps working
+    again = eng.rollout(TASKS, STATES, GROUPS)
+    np.testing.assert_array_equal(again.images, b.images)
+    assert again.stats.restarts == 0
+
+
+def test_missing_resources_are_named(cluster):
+    cases = [
+        (PlacementOptions(disagg_sim_enable=True, disagg_sim_nnodes=3),
+         r"missing resource 'sim': env.disagg_sim.nnodes=3.* asks for 3 sim node\(s\) carrying .* the cluster has 2"),
+        (PlacementOptions(disagg_sim_enable=True, disagg_sim_nnodes=2, n_env_gpus_per_node=1),
+         r"missing resource 'GPU' on sim nodes: .*trainer.n_env_gpus_per_node=1"),
+        (PlacementOptions(disagg_sim_enable=True, disagg_sim_nnodes=2, n_rollout_gpus_per_node=2),
+         r"missing resource 'GPU' on train_rollout nodes: trainer.nnodes=1, trainer.n_rollout_gpus_per_node=2"),
+        (PlacementOptions(disagg_sim_enable=True, disagg_sim_nnodes=2, trainer_nnodes=2),
+         r"missing resource 'train_rollout': .*asks for 2 train_rollout node\(s\)"),
+        (PlacementOptions(disagg_sim_enable=True, disagg_sim_nnodes=2, env_workers_per_node=2),
+         r"missing resource 'CPU' on sim nodes"),
+    ]
+    for opts, pattern in cases:
+        with pytest.raises(PlacementError, match=pattern):
+            SimPool(ENV_FN, num_envs=1, placement=opts)
+    # the pure check agrees with a hand-made node list
+    nodes = [{"NodeID": "a" * 20, "Alive": True, "Resources": {"CPU": 4.0, "sim": 1.0}}]
+    assert check_cluster_resources(nodes, PlacementOptions(disagg_sim_enable=True)) != []  # no train_rollout node
+    nodes.append({"NodeID": "b" * 20, "Alive": True, "Resources": {"CPU": 1.0, "train_rollout": 1.0}})
+    assert check_cluster_resources(nodes, PlacementOptions(disagg_sim_enable=True)) == []
+
+
+def test_resources_in_use_time_out_instead_of_hanging(pool):
+    """The module's pool holds each sim node's only CPU: a second pool cannot be placed."""
+    t0 = time.monotonic()
+    opts = PlacementOptions(disagg_sim_enable=True, disagg_sim_nnodes=2, placement_timeout_s=3.0)
+    with pytest.raises(PlacementError, match="was not placed within 3 s"):
+        SimPool(ENV_FN, num_envs=1, placement=opts)
+    assert time.monotonic() - t0 < 30
+
+
+def test_close_kills_only_this_pools_processes(cluster, pool):
+    """Last test of the module: closes the shared pool."""
+    pids = [i["pid"] for i in pool.infos] + [p for i in pool.infos for p in i["env_pids"]]
+    assert len(pids) == 2 + 2 * 2 * 2
+    pool.close()
+    assert _wait_gone(pids) == []
+    assert ray.is_initialized() and len([n for n in ray.nodes() if n["Alive"]]) == 3  # the cluster lives on
+    assert ray.util.placement_group_table() == {} or all(
+        v["state"] == "REMOVED" for v in ray.util.placement_group_table().values())

@@ -1,0 +1,390 @@
+"""The rollout engine on an embedded local Ray with real tabletop simulators (colocated placement):
+trajectory layout, log-probs recomputable from the stored inputs, serial == pipelined, greedy
+evaluation, start_reset, simulator faults (hung step, crashed env process), bad requests, clean
+shutdown. The policy is the real (tiny, randomly initialised) OpenVLA-OFT model; a scripted
+directed policy behind the same Decoder interface gives deterministic, early-finishing episodes.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import socket
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import ray
+
+from vlajax.distributed.ray_sim import PlacementError, PlacementOptions, RayConnectError, SimPool, init_ray
+from vlajax.envs import SubprocVectorEnv
+from vlajax.envs.tabletop import TabletopEnv, directed_actions, make_tabletop_vector_env, target_xy
+from vlajax.model import Policy, build_model, preset
+from vlajax.model.pretrained import abstract_params
+from vlajax.model.actions import token_logprobs
+from vlajax.model.preprocess import preprocess_images
+from vlajax.model.tokenizer import load_tokenizer
+from vlajax.rl.policy_step import DecodeInputs, DecodeOutputs, PolicyDecoder
+from vlajax.rl.rollout import RolloutConfig, RolloutEngine, RolloutError
+
+K = 8  # actions per policy call
+LIMIT = 32  # episode limit (env steps): 4 policy calls
+IMAGE = 64
+CAM = "agentview"
+SPEED = 0.2  # directed policy speed: no episode can succeed within the first chunk
+HANG_STATE, CRASH_STATE, SLOW_STATE = 901, 902, 903
+
+
+# ---- a scripted policy and an in-process replay ------------------------------------------------
+class DirectedDecoder:
+    """`Decoder` that moves each gripper straight to its target block at SPEED x full speed.
+    Its tokens record (row, call) of every policy call, so tests can see where each call landed."""
+
+    chunk_len, action_dim, num_tokens, num_images = K, 7, K * 7, 1
+
+    def __init__(self, task_ids, state_ids, seed: int = 0, speed: float = SPEED):
+        self.task, self.state = np.asarray(task_ids), np.asarray(state_ids)
+        self.seed, self.speed = seed, speed
+
+    def encode_prompts(self, instructions):
+        ids = np.array([[sum(map(ord, s)) % 30000, len(s)] for s in instructions], np.int32)
+        return ids, np.ones_like(ids)
+
+    def dispatch(self, x: DecodeInputs, *, temperature, key):
+        acts = np.stack([directed_actions(p[:2], target_xy(self.task[r], self.state[r], self.seed), K)
+                         for p, r in zip(x.proprio, x.rows)])
+        acts[..., :6] *= self.speed
+        tok = np.zeros((len(x), self.num_tokens), np.int32)
+        tok[:, 0], tok[:, 1] = x.rows, x.calls
+        return DecodeOutputs(tok, np.zeros(tok.shape, np.float32), acts.astype(np.float32))
+
+    def fetch(self, handle):
+        return handle
+
+
+def replay(task: int, state: int, seed: int = 0, limit: int = LIMIT, speed: float = SPEED):
+    """The directed episode of (task, state) in one in-process env: the frame fed to each policy
+    call, env steps executed, success."""
+    env = TabletopEnv(IMAGE, max_episode_steps=limit)
+    out = env.reset(task, state, seed)
+    frames, steps, success = [], 0, False
+    while steps < limit:
+        frames.append(out.images[CAM])
+        a = directed_actions(out.proprio[:2], target_xy(task, state, seed), K)
+        a[:, :6] *= speed
+        out = env.chunk_step(a[: limit - steps])
+        steps += out.steps
+        if out.success:
+            success = True
+            break
+    env.close()
+    return frames, steps, success
+
+
+def check_against_replay(batch, task_ids, state_ids, group_ids, seed=0, limit=LIMIT):
+    """Every trajectory row holds exactly its own (task, state, group) episode."""
+    tr = batch.trajectories
+    np.testing.assert_array_equal(tr.group_id, group_ids)
+    np.testing.assert_array_equal(tr.task_id, task_ids)
+    np.testing.assert_array_equal(batch.state_id, state_ids)
+    for n, (t, s) in enumerate(zip(task_ids, state_ids)):
+        frames, steps, success = replay(int(t), int(s), seed, limit)
+        assert tr.finish_step[n] == steps and tr.success[n] == success, f"row {n}"
+        assert tr.chunk_valid[n].sum() == len(frames) and tr.chunk_valid[n, : len(frames)].all()
+        for c, f in enumerate(frames):
+            np.testing.assert_array_equal(batch.images[n, c, 0], f, err_msg=f"row {n} call {c}")
+            assert tuple(tr.actions_tokens[n, c, :2]) == (n, c)
+
+
+# ---- fixtures ------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def session():
+    s = init_ray(num_cpus=2)
+    yield s
+    s.shutdown()
+
+
+@pytest.fixture(scope="module")
+def pool(session):
+    """2 workers x 2 stages x 1 env, colocated on the local node."""
+    p = SimPool(functools.partial(make_tabletop_vector_env, image_size=IMAGE, max_episode_steps=LIMIT),
+                num_envs=1, num_stages=2, placement=PlacementOptions(env_workers_per_node=2, env_cpus_per_worker=0.5))
+    yield p
+    p.close()
+
+
+def random_policy(image_size: int = 56, seed: int = 0) -> Policy:
+    """The small OpenVLA-OFT with random weights drawn on the host (building it with JAX's own
+    initialisers compiles every init op: ~35 s on 2 cores)."""
+    cfg = preset("small", image_size=image_size)
+    _, shapes = abstract_params(cfg)
+    rng = np.random.default_rng(seed)
+
+    def init(path, s):
+        name = jax.tree_util.keystr(path)
+        if "norm" in name and name.endswith(("['scale']", "['weight']")):
+            return np.ones(s.shape, s.dtype)
+        if name.endswith("bias']"):
+            return np.zeros(s.shape, s.dtype)
+        return rng.normal(0.0, 0.05, s.shape).astype(s.dtype)
+
+    params = jax.tree_util.tree_map_with_path(init, shapes)
+    return Policy(build_model(cfg, params), tokenizer=load_tokenizer("tiny"), compute_dtype=jnp.float32)
+
+
+def logits_of(policy, images, ids, mask, preprocess):
+    """Policy logits for stored policy inputs, in batches of 4 (one compiled shape)."""
+    out = []
+    for i in range(0, len(images), 4):
+        sl = slice(i, i + 4)
+        im, pi, pm = images[sl], ids[sl], mask[sl]
+        n = len(im)
+        pad = lambda x: np.concatenate([x, np.repeat(x[:1], 4 - n, 0)])  # noqa: E731
+        px = preprocess_images(jnp.asarray(pad(im)), **preprocess)
+        out.append(np.asarray(policy.action_logits(px, pad(pi), pad(pm)))[:n])
+    return np.concatenate(out)
+
+
+@pytest.fixture(scope="module")
+def policy():
+    return random_policy()
+
+
+@pytest.fixture(scope="module")
+def engine(pool, policy):
+    dec = PolicyDecoder(policy, prompt_len=24, flip=False, buckets=(4,))
+    return RolloutEngine(pool, dec, RolloutConfig(temperature=1.6))
+
+
+TASKS = np.array([0, 1, 2, 0])
+STATES = np.array([3, 4, 5, 3])
+GROUPS = np.array([7, 8, 9, 7])
+
+
+# ---- policy decode -------------------------------------------------------------------------------
+def test_decode_samples_do_not_depend_on_batch_mates(policy):
+    dec = PolicyDecoder(policy, prompt_len=24, flip=False, buckets=(4,))
+    rng = np.random.default_rng(0)
+    ids, mask = dec.encode_prompts(["move the gripper to the red block"] * 4)
+    x = DecodeInputs(images=rng.integers(0, 256, (4, 1, IMAGE, IMAGE, 3), dtype=np.uint8), input_ids=ids,
+                     attention_mask=mask, proprio=np.zeros((4, 8), np.float32),
+                     rows=np.array([10, 11, 12, 13], np.int32), calls=np.array([0, 1, 2, 3], np.int32))
+    key = jax.random.key(5)
+    full = dec.fetch(dec.dispatch(x, temperature=1.6, key=key))
+    sub = DecodeInputs(**{f: getattr(x, f)[2:3] for f in ("images", "input_ids", "attention_mask", "proprio",
+                                                           "rows", "calls")})
+    one = dec.fetch(dec.dispatch(sub, temperature=1.6, key=key))  # padded to the bucket of 4
+    np.testing.assert_array_equal(one.tokens[0], full.tokens[2])
+    np.testing.assert_allclose(one.logp[0], full.logp[2], atol=1e-5)
+    assert full.tokens.shape == (4, 56) and full.actions.shape == (4, K, 7)
+    assert len({tuple(t) for t in full.tokens}) == 4  # different rows draw differently
+
+    logits = logits_of(policy, x.images, ids, mask, dec.preprocess)
+    want, _ = token_logprobs(jnp.asarray(logits), jnp.asarray(full.tokens), 1.6)
+    np.testing.assert_allclose(full.logp, want, atol=1e-5)
+
+
+# ---- rollouts with the policy --------------------------------------------------------------------
+def test_policy_rollout_layout_and_logprobs(engine, policy):
+    b = engine.rollout(TASKS, STATES, GROUPS)
+    tr = b.trajectories
+    n, c = 4, LIMIT // K
+    assert tr.actions_tokens.shape == (n, c, 56) and tr.old_logp.shape == (n, c, 56)
+    assert b.images.shape == (n, c, 1, IMAGE, IMAGE, 3) and b.images.dtype == np.uint8
+    assert b.actions.shape == (n, c, K, 7) and b.proprio.shape == (n, c, 8)
+    np.testing.assert_array_equal(tr.group_id, GROUPS)
+    np.testing.assert_array_equal(tr.task_id, TASKS)
+    np.testing.assert_array_equal(b.state_id, STATES)
+    # calls are contiguous from 0 and cover exactly the executed env steps
+    nv = tr.chunk_valid.sum(1)
+    np.testing.assert_array_equal(tr.chunk_valid, np.arange(c)[None] < nv[:, None])
+    assert ((nv - 1) * K < tr.finish_step).all() and (tr.finish_step <= nv * K).all()
+    assert b.stats.decoded_rows == tr.chunk_valid.sum()  # no decode for finished envs
+    assert b.stats.env_calls == tr.chunk_valid.sum()  # one env per unit: one step call per policy call
+    # the first observation is a fresh reset of the row's own (task, state)
+    for i in range(n):
+        np.testing.assert_array_equal(b.images[i, 0, 0], TabletopEnv(IMAGE).reset(TASKS[i], STATES[i], 0).images[CAM])
+    # prompts are the instructions' prompt ids
+    ids, mask = policy.tokenizer.encode(b.instructions, pad_to=24)
+    np.testing.assert_array_equal(b.prompt_ids, ids)
+    np.testing.assert_array_equal(b.prompt_mask, mask)
+    # old log-probs are recomputable from what the batch stores
+    vi, vc = np.nonzero(tr.chunk_valid)
+    logits = logits_of(policy, b.images[vi, vc], b.prompt_ids[vi], b.prompt_mask[vi], b.preprocess)
+    logp, _ = token_logprobs(jnp.asarray(logits), jnp.asarray(tr.actions_tokens[vi, vc]), b.temperature)
+    np.testing.assert_allclose(np.asarray(logp), tr.old_logp[vi, vc], atol=1e-4)
+    np.testing.assert_allclose(b.actions[vi, vc], policy.tokens_to_actions(tr.actions_tokens[vi, vc], None, "libero"))
+    assert (tr.old_logp[~tr.chunk_valid] == 0).all() and (b.images[~tr.chunk_valid] == 0).all()
+    assert b.stats.restarts == 0 and len(b.stats.sim_busy_s) == 2
+
+
+def test_serial_loop_draws_the_same_trajectories(pool, engine):
+    key = jax.random.key(123)
+    a = engine.rollout(TASKS, STATES, GROUPS, key=key)
+    b = RolloutEngine(pool, engine.decoder, RolloutConfig(pipelined=False)).rollout(TASKS, STATES, GROUPS, key=key)
+    ta, tb = a.trajectories, b.trajectories
+    np.testing.assert_array_equal(ta.actions_tokens, tb.actions_tokens)
+    np.testing.assert_array_equal(ta.chunk_valid, tb.chunk_valid)
+    np.testing.assert_array_equal(ta.finish_step, tb.finish_step)
+    np.testing.assert_array_equal(a.images, b.images)
+    np.testing.assert_allclose(ta.old_logp, tb.old_logp, atol=1e-5)
+    # serial: every decode waits for every unit, so there is one decode per round of env results
+    assert b.stats.decode_calls == tb.chunk_valid.any(0).sum()
+
+
+def test_greedy_evaluation_uses_the_same_loop(engine, policy):
+    e1 = engine.evaluate(TASKS, STATES, GROUPS)
+    e2 = engine.evaluate(TASKS, STATES, GROUPS)
+    assert e1.temperature == 0.0
+    np.testing.assert_array_equal(e1.trajectories.actions_tokens, e2.trajectories.actions_tokens)
+    logits = logits_of(policy, e1.images[:, 0], e1.prompt_ids, e1.prompt_mask, e1.preprocess)
+    np.testing.assert_array_equal(np.argmax(logits, -1), e1.trajectories.actions_tokens[:, 0])
+    logp, _ = token_logprobs(jnp.asarray(logits), jnp.asarray(e1.trajectories.actions_tokens[:, 0]), 1.0)
+    np.testing.assert_allclose(np.asarray(logp), e1.trajectories.old_logp[:, 0], atol=1e-4)
+
+
+def test_start_reset_is_consumed_by_the_next_rollout(engine):
+    engine.start_reset(TASKS, STATES[::-1], GROUPS, seed=3)
+    with pytest.raises(RolloutError, match="twice"):
+        engine.start_reset(TASKS, STATES, GROUPS)
+    with pytest.raises(RolloutError, match="pass no ids"):
+        engine.rollout(TASKS, STATES)
+    b = engine.rollout()
+    np.testing.assert_array_equal(b.state_id, STATES[::-1])
+    for i in range(4):
+        want = TabletopEnv(IMAGE).reset(TASKS[i], STATES[::-1][i], 3).images[CAM]
+        np.testing.assert_array_equal(b.images[i, 0, 0], want)
+    with pytest.raises(RolloutError, match="needs task_ids"):
+        engine.rollout()
+
+
+def test_bad_requests_are_named(engine):
+    with pytest.raises(RolloutError, match="exactly workers x stages x envs = 2 x 2 x 1 = 4"):
+        engine.rollout([0, 1], [0, 1])
+    with pytest.raises(RolloutError, match="row 2: task id 7 out of range"):
+        engine.rollout([0, 0, 7, 0], [0, 0, 0, 0])
+    with pytest.raises(RolloutError, match=r"row 1 \(task reach_green\): state id 5000 out of range"):
+        engine.rollout([0, 1, 0, 0], [0, 5000, 0, 0])
+
+
+# ---- faults --------------------------------------------------------------------------------------
+class FaultOnceTabletop(TabletopEnv):
+    """The tabletop task whose first chunk at HANG_STATE hangs and at CRASH_STATE kills the env
+    process, once per marker directory (a restarted simulator then runs normally); every chunk at
+    SLOW_STATE takes 0.4 s longer."""
+
+    def __init__(self, marker_dir: str, **kw):
+        super().__init__(**kw)
+        self.marker_dir = Path(marker_dir)
+        self._state = -1
+
+    def reset(self, task_id, state_id, seed):
+        self._state = state_id
+        return super().reset(task_id, state_id, seed)
+
+    def chunk_step(self, actions, render_every_substep=False):
+        if self._state == SLOW_STATE:
+            time.sleep(0.4)
+        marker = self.marker_dir / str(self._state)
+        if self._state in (HANG_STATE, CRASH_STATE) and not marker.exists():
+            marker.touch()
+            if self._state == HANG_STATE:
+                time.sleep(600)
+            os._exit(3)
+        return super().chunk_step(actions, render_every_substep)
+
+
+def make_fault_once(index: int, marker_dir: str) -> FaultOnceTabletop:
+    return FaultOnceTabletop(marker_dir, image_size=IMAGE, max_episode_steps=LIMIT)
+
+
+def fault_once_vector_env(num_envs: int, *, name: str, marker_dir: str) -> SubprocVectorEnv:
+    return SubprocVectorEnv(functools.partial(make_fault_once, marker_dir=marker_dir), num_envs, name=name,
+                            max_episode_steps=LIMIT)
+
+
+@pytest.fixture(scope="module")
+def fault_pool(session, tmp_path_factory):
+    marker_dir = tmp_path_factory.mktemp("fault_markers")
+    p = SimPool(functools.partial(fault_once_vector_env, marker_dir=str(marker_dir)), num_envs=1, num_stages=2,
+                placement=PlacementOptions(env_workers_per_node=2, env_cpus_per_worker=0.5))
+    p.marker_dir = marker_dir
+    yield p
+    p.close()
+
+
+def test_hung_step_and_crashed_env_process_rerun_their_episodes(fault_pool, caplog):
+    pool = fault_pool
+    tasks, states, groups = np.array([0, 1, 2, 1]), np.array([HANG_STATE, 4, CRASH_STATE, 6]), np.arange(4) + 50
+    old_pids = [i["pid"] for i in pool.infos]
+    eng = RolloutEngine(pool, DirectedDecoder(tasks, states), RolloutConfig(step_timeout_s=4.0))
+    b = eng.rollout(tasks, states, groups)
+    assert b.stats.restarts == 2 and eng.total_restarts == 2
+    assert "sim worker 0: step of stage 0 exceeded 4 s" in caplog.text
+    assert "sim worker 1: a simulator process failed (sim worker 1 stage 0" in caplog.text
+    assert sorted(p.name for p in pool.marker_dir.iterdir()) == [str(HANG_STATE), str(CRASH_STATE)]
+    check_against_replay(b, tasks, states, groups)
+    assert b.stats.decoded_rows > b.trajectories.chunk_valid.sum()  # the aborted episodes' calls
+    assert all(i["pid"] not in old_pids for i in pool.infos)
+
+
+def test_no_barrier_a_slow_simulator_does_not_hold_back_the_others(fault_pool):
+    """Row 0 (worker 0, stage 0) simulates 0.4 s per chunk; worker 1's stages finish their whole
+    episodes while it is still on its first chunks (a per-step barrier would lock them together)."""
+    tasks, states = np.array([0, 1, 2, 1]), np.array([SLOW_STATE, 4, 5, 6])
+    events = []
+    b = RolloutEngine(fault_pool, DirectedDecoder(tasks, states)).rollout(tasks, states, on_step=events.append)
+    steps = [(e.worker, e.stage, int(e.calls[0])) for e in events if e.kind == "step"]
+    last_fast = max(i for i, (w, _, _) in enumerate(steps) if w == 1)
+    slow_calls_by_then = [c for (w, s, c) in steps[: last_fast + 1] if (w, s) == (0, 0)]
+    assert b.trajectories.chunk_valid[2:].all()  # worker 1 ran all its calls...
+    assert max(slow_calls_by_then, default=0) <= 2  # ...while the slow env was at most 2 chunks in
+    check_against_replay(b, tasks, states, np.asarray(b.trajectories.group_id))
+
+
+# ---- start-up errors and shutdown ----------------------------------------------------------------
+def test_unreachable_address_fails_fast():
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with pytest.raises(RayConnectError, match=f"cannot reach the Ray cluster at 127.0.0.1:{port}"):
+        init_ray(f"127.0.0.1:{port}", connect_timeout_s=2.0)
+    with pytest.raises(RayConnectError, match="host:port"):
+        init_ray("no-port-here")
+
+
+def test_missing_gpu_is_named(session):
+    env_fn = functools.partial(make_tabletop_vector_env, image_size=IMAGE)
+    with pytest.raises(PlacementError, match=r"missing resource 'GPU' on trainer \(colocated"):
+        SimPool(env_fn, num_envs=1, placement=PlacementOptions(n_env_gpus_per_node=1))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _wait_gone(pids, timeout_s=20.0):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.2)
+    return [p for p in pids if _alive(p)]
+
+
+def test_close_and_shutdown_leave_no_processes(session, pool):
+    """Last test of the module: it closes the shared pool and stops the embedded Ray."""
+    pids = [i["pid"] for i in pool.infos] + [p for i in pool.infos for p in i["env_pids"]]
+    assert pids and all(_alive(p) for p in pids)
+    pool.close()
+    assert _wait_gone(pids) == []
+    node = ray._private.worker._global_node  # noqa: SLF001 - the processes of the Ray we started
+    ray_pids = [p.process.pid for procs in node.all_processes.values() for p in procs]
+    assert session.started and ray_pids
+    session.shutdown()
+    assert not ray.is_initialized()
+    assert _wait_gone(ray_pids) == []

@@ -1,0 +1,535 @@
+"""The GRPO/PPO learner: train state, one jitted, sharded update per mini-batch, checkpoints.
+
+One `Learner.update(batch)` = one optimizer step over a mini-batch of M samples (one sample = one
+policy call with its 56 action tokens, `vlajax.rl.samples`):
+
+* the mini-batch is cut into K = M / (micro_batch_size * devices) micro-batches inside the jit
+  (a `lax.scan`; sample i goes to micro-batch i % K, so every micro-batch is spread evenly over
+  the devices without moving data); gradients are summed in fp32;
+* loss = PPO-clip (`vlajax.rl.loss.ppo_clip_loss`) on the log-probs of the sampled tokens at the
+  rollout temperature over the 256 action bins, token-mean over the valid tokens of the whole
+  mini-batch (each micro-batch divides by the mini-batch's token count, so the sum of the
+  micro-batch losses is the mini-batch mean); entropy bonus and KL are off by default;
+* clip by global norm (1.0), AdamW (lr 5e-6 constant, betas 0.9/0.999, eps 1e-8, weight decay
+  0.01 on every parameter, as torch AdamW in the reference); the learning rate lives in the
+  train state (`set_lr`: schedules without recompiling);
+* a step whose loss or gradient norm is not finite leaves parameters and optimizer state exactly
+  as they were (`jnp.where` on every leaf), and is counted (`skipped`, `skipped_total`);
+* fp32 master weights, bf16 compute (every layer casts its parameters at use), rematerialised
+  transformer blocks (LLM and both ViT towers), the train state donated to the step.
+
+Sharding: parameters, gradients and optimizer state follow the logical-axis rules of
+`vlajax.distributed.sharding` (FSDP over the "fsdp" mesh axis); the batch is split over
+("data", "fsdp"). The same code runs on 1 CPU, N fake CPU devices, one GPU or several; for
+several hosts call `vlajax.distributed.sharding.maybe_initialize_distributed()` before anything
+touches jax, and pass each process's slice of the batch.
+
+Batch (a dict; numpy or jax arrays, M = mini-batch size, a multiple of `batch_multiple`):
+  images         uint8 (M, H, W, 3) or (M, n_img, H, W, 3): raw frames, preprocessed inside the
+                 step (`vlajax.model.preprocess.preprocess_images`; 150 KB per frame to move
+                 instead of 1.2 MB of float pixels), or
+  pixel_values   float32 (M, 6*n_img, S, S) already preprocessed;
+  input_ids      int32 (M, P) right-padded prompts; attention_mask (M, P)
+  proprio        float32 (M, D), only for policies with a proprio projector
+  tokens         int32 (M, 56) sampled action bins (0..255)
+  old_logp       float32 (M, 56) their log-probs under the rollout policy, same temperature
+  advantages     float32 (M,) or (M, 56)
+  mask           float32 (M, 56) 1 = valid token. Padding samples (`samples.pad_samples`) have
+                 mask 0: they add nothing (their pixels are zeroed, NaN there cannot leak).
+  ref_logp       float32 (M, 56), only with kl_coef > 0
+
+Memory plan (OpenVLA-OFT 7B: 7.50e9 parameters in the model, 6.74e9 of them in the LLM)
+------------------------------------------------------------------------------------------
+Full-parameter training, per parameter:
+  fp32 master weights 4 B + fp32 gradients 4 B (the accumulator carried over micro-batches; with
+  one micro-batch the gradient itself) + AdamW mu and nu 4 + 4 B = 16 B/param
+  -> 7.50e9 x 16 B = 120.0 GB (111.7 GiB).
+  bf16 compute copies: each layer casts its weights to bf16 where they are used (2 B/param of
+  that layer, transient, recomputed in the backward pass under remat). If XLA hoists the casts
+  out of the micro-batch loop, a whole bf16 copy stays live: +2 B/param = 15.0 GB.
+  Activations with remat (per sample of ~350 LLM tokens: 1 BOS + 256 patches + ~34 prompt + 56
+  + 1): the input of each of the 32 LLM blocks, 350 x 4096 x 2 B = 2.9 MB per block -> 92 MB,
+  plus the inputs of the 23 + 26 ViT blocks (~261 tokens x ~1100 x 2 B -> 28 MB), plus one
+  block's recomputed working set (~50 MB): ~0.17 GB/sample, i.e. ~1.4 GB for a micro-batch of 8.
+  remat="dots" also keeps the Linear outputs: +2.7 MB/token in the LLM (~0.95 GB/sample).
+  => one H200 (141 GB; 143,771 MiB = 150.8 GB on the lent machines) holds it: 120.0 GB + 15.0 GB
+  if the bf16 copy is hoisted + ~2-5 GB activations and workspace. One 80 GB H100 does not; on N
+  GPUs FSDP divides the 16 B/param by N.
+LoRA (rank 32 on q/k/v/o/gate/up/down of the 32 LLM layers: 80M adapter params):
+  adapters 16 B/param -> 1.3 GB; the frozen base is cast once to bf16 (`frozen_dtype`) and held
+  only as that: 2 B/param -> 15.0 GB; no gradient or optimizer state for it; nothing before the
+  LLM is trainable, so the vision towers and projector get no backward pass at all.
+  Activations as above (the LLM part) -> ~17 GB + activations: fits one 80 GB H100 with
+  micro-batches of 16+.
+`benchmarks/bench_update.py` reports the measured peak (`peak_bytes_in_use`) next to this plan.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx, traverse_util
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from vlajax.distributed.sharding import BATCH_AXES, make_mesh, shard_batch, state_shardings
+from vlajax.model.preprocess import preprocess_images
+from vlajax.rl.checkpoint import CheckpointManager, Restored
+from vlajax.rl.lora import LoraConfig, apply_lora, has_lora, trainable_filter
+from vlajax.rl.loss import masked_mean, ppo_clip_loss, token_logprobs_and_entropy
+
+__all__ = ["LearnerConfig", "TrainState", "Learner", "make_optimizer", "set_remat", "BATCH_KEYS"]
+
+BATCH_KEYS = ("images", "pixel_values", "input_ids", "attention_mask", "proprio", "tokens", "old_logp",
+              "advantages", "mask", "ref_logp")
+_REQUIRED = ("input_ids", "attention_mask", "tokens", "old_logp", "advantages", "mask")
+# ppo_clip_loss metrics divided by the mini-batch token count (summed over micro-batches); the
+# others are micro-batch token means (weighted by the micro-batch's share of valid tokens).
+_SUMMED = ("loss", "pg_loss", "kl_loss", "valid_tokens")
+
+
+@dataclasses.dataclass(frozen=True)
+class LearnerConfig:
+    """Hyper-parameters of the update (defaults: SimpleVLA-RL / verl LIBERO recipe).
+
+    micro_batch_size: samples per device per micro-batch (verl's ppo_micro_batch_size_per_gpu).
+    remat: False, True (= "full") or "dots" (`vlajax.model.layers.REMAT_POLICIES`).
+    lora: None = full-parameter training; a LoraConfig adds adapters and trains only them, the rest
+      held in `frozen_dtype`. A policy that already has adapters is trained as LoRA either way.
+    image_flip / image_center_crop: `preprocess_images` options for uint8 `images` batches (must
+      match what the rollout fed the policy).
+    """
+
+    lr: float = 5e-6
+    b1: float = 0.9
+    b2: float = 0.999
+    eps: float = 1e-8
+    weight_decay: float = 0.01
+    grad_clip: float = 1.0
+    micro_batch_size: int = 2
+    temperature: float = 1.6
+    clip_low: float = 0.2
+    clip_high: float = 0.28
+    dual_clip_c: float | None = 3.0
+    entropy_coef: float = 0.0
+    kl_coef: float = 0.0
+    kl_type: str = "low_var_kl"
+    remat: bool | str = True
+    compute_dtype: str = "bfloat16"
+    lora: LoraConfig | None = None
+    frozen_dtype: str = "bfloat16"
+    image_flip: bool = True
+    image_center_crop: bool = True
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.micro_batch_size < 1:
+            raise ValueError(f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise ValueError(f"grad_clip must be > 0 or None, got {self.grad_clip}")
+
+    def static(self) -> "LearnerConfig":
+        """The fields the compiled step depends on (lr is a traced value; seeds are used at init)."""
+        lora = None if self.lora is None else dataclasses.replace(self.lora, seed=0)
+        return dataclasses.replace(self, lr=0.0, seed=0, lora=lora)
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TrainState:
+    """What the jitted step reads and donates. params: the trained parameters (pure dict, fp32);
+    lr: f32 scalar; step: int32 number of updates run (skipped ones included); skipped: int32."""
+
+    params: Any
+    opt_state: Any
+    lr: jax.Array
+    step: jax.Array
+    skipped: jax.Array
+
+
+def make_optimizer(cfg: LearnerConfig) -> optax.GradientTransformation:
+    """clip(global norm) -> Adam moments -> + weight_decay * param; the step applies -lr (as
+    optax.adamw's last stage does) so that lr stays a runtime value."""
+    parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip else []
+    parts += [optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)]
+    if cfg.weight_decay:
+        parts += [optax.add_decayed_weights(cfg.weight_decay)]
+    return optax.chain(*parts)
+
+
+def set_remat(model: nnx.Module, remat: bool | str) -> None:
+    """Set the `remat` attribute of every submodule that has one (the policy: LLM blocks; the ViTs)."""
+    for _, m in nnx.iter_modules(model):
+        if hasattr(m, "remat"):
+            m.remat = remat
+
+
+# -- pure-dict helpers --------------------------------------------------------------------------
+def _flat(d) -> dict:
+    return traverse_util.flatten_dict(d) if d else {}
+
+
+def _merge_dicts(a, b) -> dict:
+    return traverse_util.unflatten_dict({**_flat(a), **_flat(b)})
+
+
+def _split_like(full, like) -> tuple[dict, dict]:
+    """Split `full` into (the keys of `like`, the rest)."""
+    f, keys = _flat(full), set(_flat(like))
+    a = {k: v for k, v in f.items() if k in keys}
+    b = {k: v for k, v in f.items() if k not in keys}
+    return (traverse_util.unflatten_dict(a) if a else {}), (traverse_util.unflatten_dict(b) if b else {})
+
+
+def _param_shardings(graphdef, params, frozen, mesh) -> tuple[dict, dict]:
+    """NamedSharding pure dicts for (params, frozen) from the model's logical_axes metadata."""
+    model = nnx.merge(graphdef, params, frozen)
+    lora = has_lora(model)
+    _, t, f = nnx.split(model, trainable_filter(lora), ...)
+    return (nnx.to_pure_dict(state_shardings(t, mesh)), nnx.to_pure_dict(state_shardings(f, mesh)))
+
+
+def _opt_shardings(tx, opt_state, param_sh, mesh):
+    repl = NamedSharding(mesh, P())
+    return optax.tree_map_params(tx, lambda _, s: s, opt_state, param_sh, transform_non_params=lambda _: repl)
+
+
+def _constrain(tree, shardings):
+    return jax.tree.map(jax.lax.with_sharding_constraint, tree, shardings)
+
+
+# -- the jitted step ------------------------------------------------------------------------------
+def _n_devices(mesh: Mesh) -> int:
+    return int(np.prod([mesh.shape[a] for a in BATCH_AXES]))
+
+
+def _micro_split(batch: dict, k: int, mesh: Mesh) -> dict:
+    """(M, ...) -> (K, M/K, ...), micro-batch j = samples j, j+K, j+2K, ...: the (M/K) dim keeps the
+    input's contiguous split over the devices, so no data moves."""
+    sh = NamedSharding(mesh, P(None, BATCH_AXES))
+
+    def one(x):
+        x = x.reshape((x.shape[0] // k, k) + x.shape[1:]).swapaxes(0, 1)
+        return jax.lax.with_sharding_constraint(x, sh)
+
+    return jax.tree.map(one, batch)
+
+
+def _micro_merge(x: jax.Array) -> jax.Array:
+    """Inverse of `_micro_split` for one (K, M/K, ...) array."""
+    x = x.swapaxes(0, 1)
+    return x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
+
+
+def _forward_logp(params, frozen, mb, *, graphdef, cfg: LearnerConfig):
+    """(logp, entropy), each (B, 56) f32, of `mb["tokens"]` at the rollout temperature."""
+    model = nnx.merge(graphdef, params, frozen)
+    mcfg = model.cfg
+    if "images" in mb:
+        pv = preprocess_images(mb["images"], flip=cfg.image_flip, center_crop=cfg.image_center_crop,
+                               resize_to=mcfg.image_size)
+    else:
+        pv = mb["pixel_values"].astype(jnp.float32)
+    # Samples without a valid token (padding) get zero pixels: NaN/inf there would reach the
+    # parameter gradients through 0 * NaN even though their loss weight is 0.
+    row_valid = jnp.any(mb["mask"] > 0, axis=-1)
+    pv = jnp.where(row_valid.reshape((-1,) + (1,) * (pv.ndim - 1)), pv, 0.0)
+    proprio = mb.get("proprio")
+    if proprio is not None:
+        proprio = jnp.where(row_valid[:, None], proprio, 0.0)
+    logits = model.action_logits(pv, mb["input_ids"], mb["attention_mask"], proprio,
+                                 dtype=jnp.dtype(cfg.compute_dtype))
+    return token_logprobs_and_entropy(logits, mb["tokens"], cfg.temperature)
+
+
+def _micro_loss(params, frozen, mb, num_tokens, *, graphdef, cfg: LearnerConfig):
+    logp, ent = _forward_logp(params, frozen, mb, graphdef=graphdef, cfg=cfg)
+    return ppo_clip_loss(
+        logp, mb["old_logp"], mb["advantages"], mb["mask"], clip_low=cfg.clip_low, clip_high=cfg.clip_high,
+        dual_clip_c=cfg.dual_clip_c, entropy=ent, entropy_coef=cfg.entropy_coef, ref_logp=mb.get("ref_logp"),
+        kl_coef=cfg.kl_coef, kl_type=cfg.kl_type, num_tokens=num_tokens)
+
+
+def _grads_and_metrics(params, frozen, batch, *, graphdef, cfg: LearnerConfig, mesh: Mesh):
+    """Sum of micro-batch gradients (= gradient of the mini-batch token-mean loss) and metrics."""
+    m = batch["mask"].shape[0]
+    k = m // (cfg.micro_batch_size * _n_devices(mesh))
+    num_tokens = jnp.sum(batch["mask"] > 0).astype(jnp.float32)
+    param_sh, _ = _param_shardings(graphdef, params, frozen, mesh)
+    grad_fn = jax.value_and_grad(functools.partial(_micro_loss, graphdef=graphdef, cfg=cfg), has_aux=True)
+    if k == 1:
+        (_, metrics), grads = grad_fn(params, frozen, batch, num_tokens)
+        grads = _constrain(grads, param_sh)
+        stacked = jax.tree.map(lambda x: x[None], metrics)
+    else:
+        def body(acc, mb):
+            (_, met), g = grad_fn(params, frozen, mb, num_tokens)
+            return _constrain(jax.tree.map(jnp.add, acc, g), param_sh), met
+
+        acc0 = _constrain(jax.tree.map(jnp.zeros_like, params), param_sh)
+        grads, stacked = jax.lax.scan(body, acc0, _micro_split(batch, k, mesh))
+    ntok = stacked["valid_tokens"]
+    w = ntok / jnp.maximum(jnp.sum(ntok), 1.0)
+    metrics = {name: (jnp.sum(v) if name in _SUMMED else jnp.sum(w * v)) for name, v in stacked.items()}
+    metrics["grad_norm"] = optax.tree.norm(grads)
+    metrics["num_micro_batches"] = jnp.asarray(k, jnp.int32)
+    # advantage statistics over valid tokens
+    valid = batch["mask"] > 0
+    adv = batch["advantages"].astype(jnp.float32)
+    adv = jnp.broadcast_to(adv[:, None] if adv.ndim == 1 else adv, valid.shape)
+    mean = masked_mean(adv, valid)
+    any_valid = jnp.any(valid)
+    metrics.update(
+        adv_mean=mean,
+        adv_std=jnp.sqrt(masked_mean(jnp.square(adv - mean), valid)),
+        adv_max=jnp.where(any_valid, jnp.max(jnp.where(valid, adv, -jnp.inf)), 0.0),
+        adv_min=jnp.where(any_valid, jnp.min(jnp.where(valid, adv, jnp.inf)), 0.0),
+        valid_samples=jnp.sum(jnp.any(valid, -1)).astype(jnp.float32),
+    )
+    return grads, metrics
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "mesh"), donate_argnums=(0,))
+def _update(state: TrainState, frozen, batch, *, graphdef, cfg: LearnerConfig, mesh: Mesh):
+    tx = make_optimizer(cfg)
+    grads, metrics = _grads_and_metrics(state.params, frozen, batch, graphdef=graphdef, cfg=cfg, mesh=mesh)
+    ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, jax.tree.map(lambda u: -state.lr * u, updates))
+    keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)  # noqa: E731
+    param_sh, _ = _param_shardings(graphdef, state.params, frozen, mesh)
+    params = _constrain(keep(params, state.params), param_sh)
+    opt_state = _constrain(keep(opt_state, state.opt_state), _opt_shardings(tx, opt_state, param_sh, mesh))
+    skipped = state.skipped + (~ok).astype(jnp.int32)
+    metrics.update(skipped=(~ok).astype(jnp.int32), skipped_total=skipped, step=state.step + 1, lr=state.lr)
+    return TrainState(params, opt_state, state.lr, state.step + 1, skipped), metrics
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "mesh"))
+def _grads(params, frozen, batch, *, graphdef, cfg, mesh):
+    return _grads_and_metrics(params, frozen, batch, graphdef=graphdef, cfg=cfg, mesh=mesh)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "mesh"))
+def _logprobs(params, frozen, batch, *, graphdef, cfg, mesh):
+    k = batch["tokens"].shape[0] // (cfg.micro_batch_size * _n_devices(mesh))
+    fwd = functools.partial(_forward_logp, params, frozen, graphdef=graphdef, cfg=cfg)
+    if k == 1:
+        return fwd(batch)
+    logp, ent = jax.lax.map(fwd, _micro_split(batch, k, mesh))
+    return _micro_merge(logp), _micro_merge(ent)
+
+
+# -- the learner ----------------------------------------------------------------------------------
+class Learner:
+    """Owns the trained parameters, the optimizer state and the run's RNG.
+
+    Args:
+      policy: a `vlajax.model.Policy`. The learner adds LoRA (if `cfg.lora`), turns on remat, and
+        from then on keeps `policy.state` pointing at its current parameters (updated in place
+        after every `update`/`restore`): the rollout can keep using the same Policy object. Its
+        old parameter buffers are donated to the step, so do not hold on to arrays taken from
+        `policy.state` across an update.
+      cfg: LearnerConfig.
+      mesh: a ("data", "fsdp") mesh (`sharding.make_mesh`); default: all devices on "fsdp".
+    """
+
+    def __init__(self, policy, cfg: LearnerConfig = LearnerConfig(), mesh: Mesh | None = None):
+        self.cfg = cfg
+        self.mesh = mesh if mesh is not None else make_mesh()
+        self.policy = policy
+        model = policy.model
+        if cfg.lora is not None and not has_lora(model):
+            apply_lora(model, cfg.lora)
+        set_remat(model, cfg.remat)
+        self.lora = has_lora(model)
+        graphdef, trainable, frozen = nnx.split(model, trainable_filter(self.lora), ...)
+        self.graphdef = graphdef
+        t_sh, f_sh = _param_shardings(graphdef, nnx.to_pure_dict(trainable), nnx.to_pure_dict(frozen), self.mesh)
+
+        def place(tree, shardings, dtype):
+            """Shard, then cast floats to `dtype`. Arrays already right are taken over, not copied:
+            a 7B policy's fp32 weights must not exist twice on one GPU."""
+            def one(x, s):
+                x = jax.device_put(x, s)
+                return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dtype else x
+            return jax.tree.map(one, tree, shardings)
+
+        # fp32 master weights for what is trained; the frozen rest (LoRA only) in frozen_dtype.
+        params = place(nnx.to_pure_dict(trainable), t_sh, jnp.dtype(jnp.float32))
+        self.frozen = place(nnx.to_pure_dict(frozen), f_sh, jnp.dtype(cfg.frozen_dtype))
+        self.tx = make_optimizer(cfg)
+        opt_sh = _opt_shardings(self.tx, jax.eval_shape(self.tx.init, params), t_sh, self.mesh)
+        opt_state = jax.jit(self.tx.init, out_shardings=opt_sh)(params)
+        repl = NamedSharding(self.mesh, P())
+        scalar = lambda v, dt: jax.device_put(jnp.asarray(v, dt), repl)  # noqa: E731
+        self.state = TrainState(params, opt_state, scalar(cfg.lr, jnp.float32), scalar(0, jnp.int32),
+                                scalar(0, jnp.int32))
+        self.rng = jax.random.key(cfg.seed)
+        del model, trainable, frozen
+        policy.set_model(nnx.merge(graphdef, self.state.params, self.frozen))
+        self._static = dict(graphdef=graphdef, cfg=cfg.static(), mesh=self.mesh)
+
+    # -- info ------------------------------------------------------------------------------------
+    @property
+    def batch_multiple(self) -> int:
+        """The mini-batch size must be a multiple of this (micro_batch_size x batch devices)."""
+        return self.cfg.micro_batch_size * _n_devices(self.mesh)
+
+    @property
+    def step(self) -> int:
+        return int(self.state.step)
+
+    @property
+    def skipped(self) -> int:
+        return int(self.state.skipped)
+
+    def num_params(self) -> dict[str, int]:
+        count = lambda t: int(sum(x.size for x in jax.tree.leaves(t)))  # noqa: E731
+        return {"trainable": count(self.state.params), "frozen": count(self.frozen)}
+
+    def params(self) -> dict:
+        """All policy parameters (trained + frozen) as one pure dict (shares the arrays)."""
+        return _merge_dicts(self.state.params, self.frozen)
+
+    # -- batches ---------------------------------------------------------------------------------
+    def prepare_batch(self, batch: dict) -> dict:
+        """Check names and shapes, keep the keys the step reads, cast, shard over the mesh."""
+        missing = [k for k in _REQUIRED if k not in batch]
+        if missing:
+            raise KeyError(f"batch is missing {missing}; it has {sorted(batch)}")
+        if ("images" in batch) == ("pixel_values" in batch):
+            raise KeyError("batch needs exactly one of 'images' (uint8) and 'pixel_values' (float32)")
+        if self.cfg.kl_coef and "ref_logp" not in batch:
+            raise KeyError("kl_coef > 0 needs batch['ref_logp']")
+        dtypes = {"input_ids": np.int32, "attention_mask": np.int32, "tokens": np.int32, "old_logp": np.float32,
+                  "advantages": np.float32, "mask": np.float32, "ref_logp": np.float32, "proprio": np.float32,
+                  "pixel_values": np.float32}
+        out = {}
+        for k in BATCH_KEYS:
+            if k in batch and batch[k] is not None:
+                x = batch[k]
+                if not isinstance(x, jax.Array):
+                    x = np.asarray(x)
+                if k in dtypes and x.dtype != dtypes[k]:
+                    x = x.astype(dtypes[k])
+                out[k] = x
+        m, t = np.shape(out["tokens"])
+        local_m = m
+        for k, x in out.items():
+            if np.shape(x)[0] != m:
+                raise ValueError(f"batch[{k!r}] has {np.shape(x)[0]} rows, batch['tokens'] has {m}")
+        for k in ("old_logp", "mask") + (("ref_logp",) if "ref_logp" in out else ()):
+            if np.shape(out[k]) != (m, t):
+                raise ValueError(f"batch[{k!r}] has shape {np.shape(out[k])}, expected {(m, t)} like 'tokens'")
+        if np.shape(out["advantages"]) not in ((m,), (m, t)):
+            raise ValueError(f"batch['advantages'] has shape {np.shape(out['advantages'])}, expected ({m},) or {(m, t)}")
+        if "images" in out and np.dtype(out["images"].dtype) != np.uint8:
+            raise TypeError(f"batch['images'] must be uint8 raw frames, got {out['images'].dtype}")
+        global_m = local_m * jax.process_count()
+        if global_m % self.batch_multiple:
+            raise ValueError(
+                f"mini-batch of {global_m} samples is not a multiple of micro_batch_size x devices = "
+                f"{self.cfg.micro_batch_size} x {_n_devices(self.mesh)}; pad it (vlajax.rl.samples.pad_samples)")
+        return shard_batch(out, self.mesh)
+
+    # -- steps -----------------------------------------------------------------------------------
+    def update(self, batch: dict) -> dict[str, jax.Array]:
+        """One optimizer step on a mini-batch; returns its metrics (0-d device arrays).
+
+        Metrics: loss, pg_loss, clipfrac, clipfrac_low, clipfrac_high, dual_clipfrac, approx_kl_k1,
+        approx_kl_k3, ratio_mean, entropy, [kl_loss], grad_norm (before clipping), valid_tokens,
+        valid_samples, adv_mean/std/min/max, num_micro_batches, skipped (this step), skipped_total,
+        step, lr."""
+        batch = self.prepare_batch(batch)
+        self.state, metrics = _update(self.state, self.frozen, batch, **self._static)
+        self._sync_policy()
+        return metrics
+
+    def loss_and_grads(self, batch: dict) -> tuple[dict, dict]:
+        """Gradient of the mini-batch loss w.r.t. the trained parameters (pure dict, fp32), and the
+        metrics, without updating anything."""
+        return _grads(self.state.params, self.frozen, self.prepare_batch(batch), **self._static)
+
+    def logprobs(self, batch: dict) -> tuple[jax.Array, jax.Array]:
+        """(logp, entropy), each (M, 56) f32, of batch['tokens'] under the current parameters at the
+        rollout temperature (verl's compute_log_prob). Needs the same keys as `update`."""
+        return _logprobs(self.state.params, self.frozen, self.prepare_batch(batch), **self._static)
+
+    def set_lr(self, lr: float) -> None:
+        """Change the learning rate (no recompilation)."""
+        self.state = dataclasses.replace(self.state, lr=jax.device_put(jnp.asarray(lr, jnp.float32),
+                                                                       self.state.lr.sharding))
+
+    def next_key(self) -> jax.Array:
+        """A fresh PRNG key from the run's RNG (saved in checkpoints), e.g. for rollout sampling."""
+        self.rng, key = jax.random.split(self.rng)
+        return key
+
+    def _sync_policy(self) -> None:
+        if self.policy is not None:
+            nnx.replace_by_pure_dict(self.policy.state, self.params())
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def _train_state_tree(self) -> dict:
+        s = self.state
+        return {"opt_state": s.opt_state, "lr": s.lr, "step": s.step, "skipped": s.skipped, "rng": self.rng}
+
+    def save(self, manager: CheckpointManager, *, data_state: dict | None = None, config: dict | None = None,
+             force: bool = False) -> bool:
+        """Save at step `self.step` (async; see CheckpointManager): params (trained + frozen, the policy
+        weights), opt_state, lr, step, skipped, rng; `data_state` (sampler position...) and `config`
+        as JSON. The learner config is added to `config` under "learner". Returns False if the
+        manager's save interval skipped this step.
+
+        The arrays are copied to host memory before this returns, so the next update may donate them."""
+        cfg = dict(config or {})
+        cfg["learner"] = _jsonable(dataclasses.asdict(self.cfg))
+        saved = manager.save(self.step, self.params(), self._train_state_tree(), data_state=data_state,
+                             config=cfg, force=force)
+        return saved
+
+    def restore(self, manager: CheckpointManager, step: int | None = None, *, free_memory: bool = True) -> Restored:
+        """Restore `step` (default latest) onto this learner's mesh, shardings and dtypes; returns the
+        `Restored` record (data_state, config) for the caller's sampler. Works across meshes (saved
+        on 8 devices, restored on 1, ...).
+
+        free_memory: release the current parameters and optimizer state before reading, so that the
+        state never exists twice on the devices (the 7B full-parameter state fills most of an H200).
+        A missing step raises FileNotFoundError first, with the learner intact; if the checkpoint does
+        not fit this learner (another model or LoRA config), the error comes after the release and
+        the learner must be rebuilt."""
+        if step is None and manager.latest_step() is None:
+            raise FileNotFoundError(f"no finished checkpoint in {manager.directory}")
+        if step is not None and step not in manager.all_steps():
+            raise FileNotFoundError(f"no checkpoint for step {step} in {manager.directory}; have {manager.all_steps()}")
+        sds = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)  # noqa: E731
+        params_t = jax.tree.map(sds, self.params())
+        state_t = jax.tree.map(sds, self._train_state_tree())
+        if free_memory:
+            for x in jax.tree.leaves((self.state, self.frozen)):
+                if isinstance(x, jax.Array) and not x.is_deleted():
+                    x.delete()
+        r = manager.restore(step, params=params_t, train_state=state_t)
+        params, frozen = _split_like(r.params, self.state.params)
+        ts = r.train_state
+        self.state = TrainState(params, ts["opt_state"], ts["lr"], ts["step"], ts["skipped"])
+        self.frozen = frozen
+        self.rng = ts["rng"]
+        self._sync_policy()
+        return r
+
+
+def _jsonable(x):
+    if isinstance(x, dict):
+        return {k: _jsonable(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_jsonable(v) for v in x]
+    return x

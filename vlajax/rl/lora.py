@@ -1,0 +1,123 @@
+"""LoRA for the OpenVLA-OFT policy: adapt chosen Linear layers, train only the adapters, merge to export.
+
+A LoRA layer computes y = x W + (alpha / r) * (x A) B with A (in, r) random, B (r, out) zero, so an
+adapted policy starts with exactly the base policy's outputs (`vlajax.model.layers.Linear.enable_lora`).
+Adapters are `nnx.LoRAParam` (a subclass of `nnx.Param`): `trainable_filter` selects them, and
+everything else (`frozen_filter`) is left out of the gradient and the optimizer state, so the learner
+can keep it in bf16 (2 B/param instead of 16; see `vlajax.rl.learner`).
+
+Targets are chosen by a regular expression over the module path, dot-joined, e.g.
+"llm.layers.3.q_proj" or "featurizer.blocks.0.qkv"; the default is every Linear of the LLM
+(q/k/v/o/gate/up/down in every layer), as PEFT's `target_modules="all-linear"` on the Llama part.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import re
+
+import jax
+from flax import nnx
+
+from vlajax.model.layers import Linear
+
+__all__ = [
+    "LoraConfig", "LLM_ALL_LINEAR", "apply_lora", "has_lora", "lora_modules", "merge_lora",
+    "merged_policy", "trainable_filter", "frozen_filter", "count_params",
+]
+
+LLM_ALL_LINEAR = r"llm\.layers\.\d+\.(q|k|v|o|gate|up|down)_proj"
+
+
+@dataclasses.dataclass(frozen=True)
+class LoraConfig:
+    """rank r, alpha (the update is scaled by alpha / r), targets (a regex `re.fullmatch`-ed against
+    the dot-joined module path), seed (init of the A matrices)."""
+
+    rank: int = 32
+    alpha: float = 32.0
+    targets: str = LLM_ALL_LINEAR
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.rank < 1:
+            raise ValueError(f"LoraConfig.rank must be >= 1, got {self.rank}")
+        try:
+            re.compile(self.targets)
+        except re.error as e:
+            raise ValueError(f"LoraConfig.targets {self.targets!r} is not a valid regex: {e}") from None
+
+
+def _name(path) -> str:
+    return ".".join(str(p) for p in path)
+
+
+def lora_modules(model: nnx.Module, targets: str = LLM_ALL_LINEAR) -> dict[str, Linear]:
+    """Linear layers whose dot-joined path fully matches `targets`, by name (in model order)."""
+    pattern = re.compile(targets)
+    return {_name(p): m for p, m in nnx.iter_modules(model)
+            if isinstance(m, Linear) and pattern.fullmatch(_name(p))}
+
+
+def apply_lora(model: nnx.Module, cfg: LoraConfig = LoraConfig()) -> list[str]:
+    """Add LoRA adapters in place to the targeted Linear layers; returns their names.
+
+    Raises ValueError if the regex matches no Linear layer (naming a few that exist) or if a layer
+    already has an adapter. After this the model's graph changes: a `Policy` holding it must be
+    given the new model with `policy.set_model(model)`."""
+    mods = lora_modules(model, cfg.targets)
+    if not mods:
+        kinds = sorted({re.sub(r"\.\d+\.", ".<i>.", _name(p)) for p, m in nnx.iter_modules(model)
+                        if isinstance(m, Linear)})
+        raise ValueError(f"LoRA targets {cfg.targets!r} match no Linear layer; the Linear layers are {kinds}")
+    rngs = nnx.Rngs(cfg.seed)
+    for name, m in mods.items():
+        if m.lora_a is not None:
+            raise ValueError(f"{name} already has a LoRA adapter")
+        m.enable_lora(cfg.rank, cfg.alpha, rngs)
+    return list(mods)
+
+
+def has_lora(model_or_state) -> bool:
+    state = model_or_state if isinstance(model_or_state, nnx.State) else nnx.state(model_or_state)
+    return len(jax.tree.leaves(nnx.filter_state(state, nnx.LoRAParam))) > 0
+
+
+def trainable_filter(lora: bool):
+    """nnx filter of the trained parameters: the adapters with LoRA, every Param without."""
+    return nnx.LoRAParam if lora else nnx.Param
+
+
+def frozen_filter(lora: bool):
+    """Complement of `trainable_filter` (Params that are not adapters; nothing without LoRA)."""
+    return nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)) if lora else nnx.Nothing
+
+
+def merge_lora(model: nnx.Module) -> int:
+    """Fold every adapter into its kernel in place (W += alpha/r * A B, in fp32, cast back to W's
+    dtype) and remove it. Returns the number of merged layers."""
+    n = 0
+    for _, m in nnx.iter_modules(model):
+        if isinstance(m, Linear) and m.lora_a is not None:
+            m.merge_lora()
+            n += 1
+    return n
+
+
+def merged_policy(policy):
+    """A copy of `policy` (a `vlajax.model.Policy`) with LoRA merged: plain Params only, ready for
+    `Policy.save` / `export_hf`. The input policy is left as it is."""
+    state = jax.tree.map(lambda x: x, policy.state)  # new Variables: merging must not touch the input
+    model = nnx.merge(policy.graphdef, state)
+    merge_lora(model)
+    for _, m in nnx.iter_modules(model):
+        if hasattr(m, "remat"):
+            m.remat = False
+    out = copy.copy(policy)
+    out.set_model(model)
+    return out
+
+
+def count_params(state, filt=nnx.Param) -> int:
+    return int(sum(x.size for x in jax.tree.leaves(nnx.filter_state(state, filt))))

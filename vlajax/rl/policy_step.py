@@ -1,0 +1,234 @@
+"""The rollout's policy call: uint8 frames + prompt ids -> sampled action tokens, their log-probs,
+and env actions. One jitted function does preprocess -> action_logits -> sample, so the host only
+moves compact uint8 images to the device and gets (B, 56) int32 / float32 back.
+
+Why the sampling keys are per row: the key of trajectory row r at policy call c is
+`fold_in(fold_in(key, r), c)`. A trajectory's samples therefore do not depend on which other rows
+happened to share its decode batch (that depends on pipeline timing and on which envs already
+finished), so the serial and the pipelined loop, and a rollout re-run after a simulator fault,
+draw the same tokens for the same observations.
+
+Un-normalising tokens into env actions (dataset statistics, LIBERO gripper convention) is cheap
+numpy on the host (`Policy.tokens_to_actions`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+from typing import Any, Protocol, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from vlajax.model.actions import token_logprobs
+from vlajax.model.preprocess import normalize_proprio, preprocess_images
+
+__all__ = ["DecodeInputs", "DecodeOutputs", "Decoder", "PolicyDecoder", "decode_step", "default_buckets"]
+
+
+@dataclasses.dataclass
+class DecodeInputs:
+    """One decode batch of B policy calls (numpy, host memory).
+
+    images:      (B, n_img, H, W, 3) uint8 raw camera frames (no flip / resize applied)
+    input_ids:   (B, P) int32 prompt ids, right-padded; attention_mask: (B, P) int32
+    proprio:     (B, D) float32 raw robot state
+    rows:        (B,) int32 trajectory row of each call; calls: (B,) int32 its policy-call index
+    """
+
+    images: np.ndarray
+    input_ids: np.ndarray
+    attention_mask: np.ndarray
+    proprio: np.ndarray
+    rows: np.ndarray
+    calls: np.ndarray
+
+    def __len__(self) -> int:
+        return int(self.rows.shape[0])
+
+
+@dataclasses.dataclass
+class DecodeOutputs:
+    """tokens (B, T) int32 action-bin columns 0..255; logp (B, T) float32 log-probs of those tokens
+    at the rollout temperature (temperature 1 for greedy); actions (B, K, A) float32 env actions."""
+
+    tokens: np.ndarray
+    logp: np.ndarray
+    actions: np.ndarray
+
+
+class Decoder(Protocol):
+    """What the rollout loop needs from a policy. `dispatch` must not block on the result (JAX
+    async dispatch); `fetch` blocks until it is ready."""
+
+    chunk_len: int  # K actions per call
+    action_dim: int  # A
+    num_tokens: int  # T tokens per call (K * A for OFT)
+    num_images: int  # cameras per call
+
+    def encode_prompts(self, instructions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def dispatch(self, inputs: DecodeInputs, *, temperature: float, key: jax.Array) -> Any: ...
+
+    def fetch(self, handle: Any) -> DecodeOutputs: ...
+
+
+def default_buckets(capacity: int) -> tuple[int, ...]:
+    """Powers of two below `capacity`, then `capacity`: at most log2(capacity)+1 compiled shapes,
+    and a batch is padded to less than twice its size."""
+    if capacity < 1:
+        raise ValueError(f"decode capacity must be >= 1, got {capacity}")
+    out, b = [], 1
+    while b < capacity:
+        out.append(b)
+        b *= 2
+    out.append(capacity)
+    return tuple(out)
+
+
+def decode_step(state, key, images, input_ids, attention_mask, proprio, rows, calls, proprio_q01, proprio_q99, *,
+                graphdef, temperature: float, resize_to: int, flip: bool, center_crop: bool, compute_dtype):
+    """The policy call (`PolicyDecoder` jits it with the keyword arguments bound). images
+    (B, n_img, H, W, 3) uint8; input_ids / attention_mask (B, P);
+    proprio (B, D) float32 or None; rows / calls (B,) int32; proprio_q01/q99 (D,) or None.
+    Returns tokens (B, T) int32 and their log-probs (B, T) float32 at `temperature` (greedy argmax
+    with log-probs at temperature 1 when `temperature == 0`)."""
+    pixel_values = preprocess_images(images, flip=flip, center_crop=center_crop, resize_to=resize_to)
+    if proprio is not None and proprio_q01 is not None:
+        proprio = normalize_proprio(proprio, proprio_q01, proprio_q99)
+    model = nnx.merge(graphdef, state)
+    logits = model.action_logits(pixel_values, input_ids, attention_mask, proprio, dtype=compute_dtype)
+    if temperature == 0:
+        tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        logp, _ = token_logprobs(logits, tokens, 1.0)
+        return tokens, logp
+    keys = jax.vmap(lambda r, c: jax.random.fold_in(jax.random.fold_in(key, r), c))(rows, calls)
+    z = logits.astype(jnp.float32) / temperature
+    tokens = jax.vmap(lambda k, l: jax.random.categorical(k, l, axis=-1))(keys, z).astype(jnp.int32)
+    logp, _ = token_logprobs(logits, tokens, temperature)
+    return tokens, logp
+
+
+class PolicyDecoder:
+    """`Decoder` backed by a `vlajax.model.Policy`.
+
+    policy: reads `policy.graphdef` / `policy.state` at every dispatch, so parameters installed by
+        the learner (`policy.set_state`) are used by the next rollout without rebuilding anything.
+    prompt_len: prompts are padded to this many ids (fixed decode shapes); longer ones raise.
+    flip / center_crop: OFT preprocessing of raw frames (LIBERO frames are upside-down: flip=True;
+        the built-in tabletop renders upright: flip=False).
+    unnorm_key / gripper: how tokens become env actions (`Policy.tokens_to_actions`); unnorm_key
+        None = identity statistics (policies trained from scratch).
+    buckets: decode batch sizes; a batch of B rows is padded (by repeating its first row) to the
+        smallest bucket >= B, so at most len(buckets) shapes are compiled per temperature. Default:
+        `default_buckets(capacity)` if capacity is given, else set by `RolloutEngine` from its
+        pool's capacity (None = no padding, one compile per batch size).
+    """
+
+    def __init__(self, policy, *, prompt_len: int = 64, flip: bool = True, center_crop: bool = True,
+                 unnorm_key: str | None = None, gripper: str | None = "libero",
+                 buckets: Sequence[int] | None = None, capacity: int | None = None):
+        if policy.tokenizer is None:
+            raise ValueError("PolicyDecoder: the policy has no tokenizer (policy.tokenizer is None)")
+        self.policy = policy
+        cfg = policy.cfg
+        self.chunk_len = cfg.chunk
+        self.action_dim = cfg.action_dim
+        self.num_tokens = cfg.num_action_tokens
+        self.num_images = cfg.num_images
+        self.prompt_len = int(prompt_len)
+        self.flip, self.center_crop = bool(flip), bool(center_crop)
+        self.unnorm_key, self.gripper = unnorm_key, gripper
+        self.resize_to = cfg.image_size
+        if buckets is None:
+            buckets = default_buckets(capacity) if capacity else None
+        self.buckets = tuple(sorted(int(b) for b in buckets)) if buckets else None
+        # Fail now, not at the first policy call, if the statistics key is wrong.
+        policy.tokens_to_actions(np.zeros((1, self.num_tokens), np.int32), unnorm_key, gripper)
+        self._q01 = self._q99 = None
+        if cfg.proprio_dim and unnorm_key and policy.dataset_statistics:
+            stats = policy.dataset_statistics.get(policy.action_stats(unnorm_key).key, {}).get("proprio")
+            if stats:
+                self._q01 = np.asarray(stats["q01"], np.float32)
+                self._q99 = np.asarray(stats["q99"], np.float32)
+        self._prompts: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        self._graphdef = None
+        self._fns: dict[float, Any] = {}
+
+    def _fn(self, temperature: float):
+        """The jitted decode for the policy's current graph. Bound in a closure rather than passed
+        as a static argument: hashing a GraphDef costs ~1 ms per call for the small model, more
+        for 7B."""
+        g = self.policy.graphdef
+        if g is not self._graphdef:  # e.g. LoRA was added: new graph, recompile
+            self._graphdef, self._fns = g, {}
+        if temperature not in self._fns:
+            self._fns[temperature] = jax.jit(partial(
+                decode_step, graphdef=g, temperature=temperature, resize_to=self.resize_to, flip=self.flip,
+                center_crop=self.center_crop, compute_dtype=jnp.dtype(self.policy.compute_dtype)))
+        return self._fns[temperature]
+
+    @property
+    def preprocess(self) -> dict:
+        """How a stored uint8 frame batch becomes the policy's pixel_values:
+        `preprocess_images(images, **decoder.preprocess)`."""
+        return {"flip": self.flip, "center_crop": self.center_crop, "resize_to": self.resize_to}
+
+    def encode_prompts(self, instructions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(B, prompt_len) int32 ids and mask; cached per instruction."""
+        missing = [s for s in dict.fromkeys(instructions) if s not in self._prompts]
+        if missing:
+            ids, mask = self.policy.tokenizer.encode(missing, pad_to=self.prompt_len)
+            for s, i, m in zip(missing, ids, mask):
+                self._prompts[s] = (i, m)
+        return (np.stack([self._prompts[s][0] for s in instructions]),
+                np.stack([self._prompts[s][1] for s in instructions]))
+
+    def bucket(self, n: int) -> int:
+        if self.buckets is None:
+            return n
+        for b in self.buckets:
+            if b >= n:
+                return b
+        raise ValueError(f"decode batch of {n} rows exceeds the largest bucket {self.buckets[-1]}")
+
+    def dispatch(self, inputs: DecodeInputs, *, temperature: float, key: jax.Array):
+        """Issue the jitted call (returns at once: JAX async dispatch); `fetch` the handle later."""
+        n = len(inputs)
+        if n == 0:
+            raise ValueError("PolicyDecoder.dispatch: empty batch")
+        if inputs.images.dtype != np.uint8:
+            raise TypeError(f"DecodeInputs.images must be uint8, got {inputs.images.dtype}")
+        b = self.bucket(n)
+        pad = (lambda x: x) if b == n else (lambda x: np.concatenate([x, np.repeat(x[:1], b - n, axis=0)]))
+        proprio = pad(inputs.proprio) if self.policy.cfg.proprio_dim else None
+        tokens, logp = self._fn(float(temperature))(
+            self.policy.state, key, pad(inputs.images), pad(inputs.input_ids), pad(inputs.attention_mask),
+            proprio, pad(inputs.rows.astype(np.int32)), pad(inputs.calls.astype(np.int32)), self._q01, self._q99)
+        return tokens, logp, n
+
+    def fetch(self, handle) -> DecodeOutputs:
+        tokens, logp, n = handle
+        tokens = np.asarray(tokens)[:n]
+        logp = np.asarray(logp)[:n]
+        actions = self.policy.tokens_to_actions(tokens, self.unnorm_key, self.gripper).astype(np.float32)
+        return DecodeOutputs(tokens=tokens, logp=logp, actions=actions)
+
+    def warmup(self, image_shape: tuple[int, int], proprio_dim: int, temperatures: Sequence[float] = (1.6, 0.0),
+               key: jax.Array | None = None) -> None:
+        """Compile every bucket for each temperature now (e.g. before timing a rollout)."""
+        if self.buckets is None:
+            raise ValueError("warmup needs fixed buckets")
+        key = jax.random.key(0) if key is None else key
+        h, w = image_shape
+        ids, mask = self.encode_prompts(["warm up"])
+        for t in temperatures:
+            for b in self.buckets:
+                x = DecodeInputs(images=np.zeros((b, self.num_images, h, w, 3), np.uint8),
+                                 input_ids=np.repeat(ids, b, 0), attention_mask=np.repeat(mask, b, 0),
+                                 proprio=np.zeros((b, proprio_dim), np.float32),
+                                 rows=np.arange(b, dtype=np.int32), calls=np.zeros(b, np.int32))
+                self.fetch(self.dispatch(x, temperature=t, key=key))

@@ -1,0 +1,390 @@
+"""`vlajax train`: a config-driven GRPO run joining the policy, the simulators, the pipelined rollout
+engine and the learner.
+
+One training step (SimpleVLA-RL's recipe):
+  1. draw `data.train_batch_size` initial states, run `rollout.n` episodes from each (one GRPO
+     group per state) in rollout rounds of `envs_per_round` trajectories; with dynamic sampling keep
+     only groups whose success rate is in [lower, upper] and roll out more rounds until the batch is
+     full (at most `data.max_sampling_rounds`);
+  2. advantages per trajectory (GRPO or REINFORCE++), one sample per policy call with its 56 tokens,
+     tokens after the success step masked;
+  3. `ppo_mini_batch_size` trajectories per optimizer step; the first rollout round of the next step
+     is reset before the update so the resets overlap it;
+  4. log, validate greedily every `trainer.test_freq`, checkpoint every `trainer.save_freq`.
+
+Exact resume: rollout sampling keys derive from (seed, step, round), env starts from (task, state,
+seed), the sampler position and the learner state are checkpointed; so a run resumed after step k
+computes the same steps as one that never stopped (bit-identical on CPU). Groups carried over by
+`data.keep_excess_groups=true` are not checkpointed, so exactness needs it false (the default,
+and what SimpleVLA-RL's code does).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from vlajax.config import ConfigError, RunConfig, save_config, to_dict
+
+log = logging.getLogger(__name__)
+
+
+# ----------------------------------------------------------------------------- building blocks
+
+
+def build_policy(cfg: RunConfig):
+    """The policy named by `actor_rollout_ref.model.path`: `preset:<name>` (random init, the shipped
+    tiny tokenizer) or a HF / vlajax checkpoint directory."""
+    from vlajax.model import Policy, build_model, load_pretrained, preset
+    from vlajax.model.tokenizer import load_tokenizer
+
+    m = cfg.actor_rollout_ref.model
+    n_img = cfg.actor_rollout_ref.actor.num_images_in_input
+    if m.path.startswith("preset:"):
+        kw = {"num_images": n_img}
+        if m.image_size:
+            kw["image_size"] = m.image_size
+        mcfg = preset(m.path.split(":", 1)[1], **kw)
+        model = build_model(mcfg, seed=cfg.trainer.seed, dtype=jnp.dtype(m.param_dtype))
+        return Policy(model, tokenizer=load_tokenizer("tiny"), compute_dtype=jnp.dtype(m.compute_dtype))
+    path = Path(m.path)
+    if not path.exists():
+        raise ConfigError(f"actor_rollout_ref.model.path: checkpoint {path} does not exist",
+                          key="actor_rollout_ref.model.path")
+    policy = load_pretrained(path, dtype=m.param_dtype, compute_dtype=m.compute_dtype, num_images=n_img)
+    if policy.tokenizer is None:
+        raise ConfigError(f"actor_rollout_ref.model.path: {path} has no tokenizer.json / tokenizer.model",
+                          key="actor_rollout_ref.model.path")
+    return policy
+
+
+def make_env_fn(cfg: RunConfig):
+    """`env_fn(num_envs, *, name) -> VectorEnv` for the simulator in the config (picklable)."""
+    t = cfg.env.train
+    size = t.init_params.camera_heights
+    if t.simulator_type == "tabletop":
+        from vlajax.envs.tabletop import make_tabletop_vector_env
+
+        return functools.partial(make_tabletop_vector_env, image_size=size, max_episode_steps=t.max_episode_steps)
+    if t.simulator_type == "libero":
+        from vlajax.envs.libero import make_libero_vector_env
+
+        return functools.partial(make_libero_vector_env, t.task_suite_name, cameras=tuple(t.init_params.camera_names),
+                                 image_size=size, max_episode_steps=t.max_episode_steps)
+    if t.simulator_type == "isaac":
+        from vlajax.envs import isaac
+
+        return isaac.vector_env_fn(cfg)
+    raise ConfigError(f"env.train.simulator_type: unknown simulator {t.simulator_type!r}",
+                      key="env.train.simulator_type")
+
+
+def learner_config(cfg: RunConfig, num_devices: int, flip: bool):
+    from vlajax.rl.learner import LearnerConfig
+    from vlajax.rl.lora import LoraConfig
+
+    a, m = cfg.actor_rollout_ref.actor, cfg.actor_rollout_ref.model
+    lora = None
+    if m.lora_rank > 0:
+        lora = LoraConfig(rank=m.lora_rank, alpha=m.lora_alpha, seed=cfg.trainer.seed,
+                          **({"targets": m.lora_target_regex()} if m.lora_target_regex() else {}))
+    return LearnerConfig(
+        lr=a.optim.lr, b1=a.optim.betas[0], b2=a.optim.betas[1], weight_decay=a.optim.weight_decay,
+        grad_clip=a.grad_clip, micro_batch_size=a.micro_batch_size_per_device(num_devices),
+        temperature=cfg.actor_rollout_ref.rollout.temperature, clip_low=a.clip_ratio_low,
+        clip_high=a.clip_ratio_high, dual_clip_c=a.clip_ratio_c, entropy_coef=a.entropy_coeff,
+        kl_coef=a.kl_loss_coef if a.use_kl_loss else 0.0, kl_type=a.kl_loss_type,
+        remat=m.enable_gradient_checkpointing, compute_dtype=m.compute_dtype, lora=lora,
+        image_flip=flip, image_center_crop=True, seed=cfg.trainer.seed,
+    )
+
+
+def _bucket(n: int, multiple: int) -> int:
+    """Pad sample counts to multiple * 2^k so the update compiles for few shapes."""
+    units = max(1, math.ceil(n / multiple))
+    return multiple * (1 << (units - 1).bit_length())
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+@dataclasses.dataclass
+class TrainResult:
+    run_dir: Path
+    steps: int
+    history: list[dict]
+    final_eval: dict | None
+
+
+class Trainer:
+    """Owns everything a run starts (Ray session, sim pool, learner) and closes it on exit."""
+
+    def __init__(self, cfg: RunConfig):
+        from vlajax.distributed.ray_sim import PlacementOptions, SimPool, init_ray
+        from vlajax.distributed.sharding import make_mesh, maybe_initialize_distributed
+        from vlajax.rl.checkpoint import CheckpointManager
+        from vlajax.rl.data import StateSampler
+        from vlajax.rl.learner import Learner
+        from vlajax.rl.policy_step import PolicyDecoder
+        from vlajax.rl.rollout import RolloutConfig, RolloutEngine
+
+        self.cfg = cfg
+        self.run_dir = cfg.run_dir
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self._closers = []
+        maybe_initialize_distributed()
+        t = cfg.env.train
+        self.n = cfg.actor_rollout_ref.rollout.n
+        libero = t.simulator_type == "libero"
+        self.flip = libero  # LIBERO renders upside-down; the tabletop camera is upright
+        self.policy = build_policy(cfg)
+        self.mesh = make_mesh(cfg.trainer.mesh.data, cfg.trainer.mesh.fsdp)
+        self.learner = Learner(self.policy, learner_config(cfg, self.mesh.size, self.flip), self.mesh)
+
+        self.ray = init_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus, temp_dir=cfg.ray.temp_dir)
+        self._closers.append(self.ray.shutdown)
+        placement = PlacementOptions.from_config(to_dict(cfg))
+        n_img = cfg.actor_rollout_ref.actor.num_images_in_input
+        self.pool = SimPool(make_env_fn(cfg), num_envs=t.num_envs, num_stages=cfg.env.rollout.pipeline_stage_num,
+                            placement=placement, cameras=tuple(t.init_params.camera_names[:n_img]))
+        self._closers.insert(0, self.pool.close)
+        unnorm = t.task_suite_name if (libero and self.policy.dataset_statistics) else None
+        self.decoder = PolicyDecoder(self.policy, flip=self.flip, center_crop=True, unnorm_key=unnorm,
+                                     gripper="libero" if libero else None, capacity=self.pool.capacity)
+        self.engine = RolloutEngine(self.pool, self.decoder, RolloutConfig(
+            temperature=cfg.actor_rollout_ref.rollout.temperature, seed=cfg.trainer.seed))
+        self.tasks = self.engine.tasks
+        if self.pool.capacity % self.n:
+            raise ConfigError(f"a rollout round runs {self.pool.capacity} trajectories, not a multiple of "
+                              f"actor_rollout_ref.rollout.n={self.n}", key="actor_rollout_ref.rollout.n")
+        trials = min(t.num_trials_per_task, min(x[2] for x in self.tasks))
+        self.sampler = StateSampler(len(self.tasks), trials, seed=t.seed, shuffle=cfg.data.shuffle)
+        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", save_interval_steps=1,
+                                      max_to_keep=cfg.trainer.max_actor_ckpt_to_keep)
+        self._closers.insert(0, self.ckpt.close)
+        self.step = 0
+        self.pending = None  # groups whose resets were issued before the update
+        self.buffer = None  # dynamic-sampling buffer (carries excess groups if keep_excess_groups)
+        self.key = jax.random.key(cfg.trainer.seed)
+
+    # -- lifecycle ------------------------------------------------------------------------------
+    def close(self) -> None:
+        for fn in self._closers:
+            try:
+                fn()
+            except Exception as e:  # keep closing the rest
+                log.warning("closing: %s", e)
+        self._closers = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def maybe_resume(self) -> None:
+        r = self.cfg.trainer.resume
+        if r == "disable" or self.ckpt.latest_step() is None:
+            return
+        restored = self.learner.restore(self.ckpt)
+        ds = restored.data_state or {}
+        self.sampler.load_state_dict(ds["sampler"])
+        self.step = int(ds["rl_step"])
+        log.info("resumed from %s at training step %d", self.run_dir / "checkpoints", self.step)
+
+    # -- rollouts -------------------------------------------------------------------------------
+    def _round_groups(self):
+        return self.sampler.next_groups(self.pool.capacity // self.n)
+
+    def _ids(self, groups):
+        rep = lambda xs: np.repeat(np.asarray(xs, np.int64), self.n)  # noqa: E731
+        return (rep([g.task_id for g in groups]), rep([g.state_id for g in groups]),
+                rep([g.group_id for g in groups]))
+
+    def _rollout_round(self, groups, key, issued: bool):
+        t_ids, s_ids, g_ids = self._ids(groups)
+        if issued:
+            return self.engine.rollout(key=key)
+        return self.engine.rollout(t_ids, s_ids, g_ids, seed=self.cfg.env.train.seed, key=key)
+
+    def collect(self, timer):
+        """Roll out until the batch is full (dynamic sampling). Returns (GroupBatch, round stats)."""
+        from vlajax.rl.dynamic_sampling import GroupBuffer
+
+        d = self.cfg.data
+        lower, upper = (d.accuracy_lower_bound, d.accuracy_upper_bound) if d.filter_accuracy else (0.0, 1.0)
+        if self.buffer is None:
+            self.buffer = GroupBuffer(d.train_batch_size, lower=lower, upper=upper,
+                                      max_rounds=d.max_sampling_rounds, keep_excess=d.keep_excess_groups)
+        buf = self.buffer
+        rounds = []
+        r = 0
+        while not buf.done:
+            groups, issued = (self.pending, True) if self.pending is not None else (self._round_groups(), False)
+            self.pending = None
+            key = jax.random.fold_in(jax.random.fold_in(self.key, self.step), r)
+            with timer("rollout"):
+                rb = self._rollout_round(groups, key, issued)
+            rounds.append(rb)
+            tr = rb.trajectories
+            buf.add({"traj": tr, "images": rb.images, "proprio": rb.proprio, "prompt_ids": rb.prompt_ids,
+                     "prompt_mask": rb.prompt_mask}, tr.success, tr.group_id)
+            r += 1
+        return buf.pop(), rounds
+
+    def issue_next_reset(self) -> None:
+        """Reset the envs of the next step's first round now, so the resets overlap the update."""
+        self._sampler_before_pending = self.sampler.state_dict()
+        groups = self._round_groups()
+        t_ids, s_ids, g_ids = self._ids(groups)
+        self.engine.start_reset(t_ids, s_ids, g_ids, seed=self.cfg.env.train.seed)
+        self.pending = groups
+
+    def data_state(self) -> dict:
+        """Sampler position as of the end of this step: groups already drawn for a pending reset
+        are drawn again by a resumed run."""
+        sampler = self._sampler_before_pending if self.pending is not None else self.sampler.state_dict()
+        return {"sampler": sampler, "rl_step": self.step}
+
+    # -- update ---------------------------------------------------------------------------------
+    def update(self, batch) -> list[dict]:
+        from vlajax.rl.advantages import compute_advantages
+        from vlajax.rl.samples import make_samples, pad_samples
+
+        cfg, pc = self.cfg, self.policy.cfg
+        tr = batch.trajectories
+        traj = tr["traj"]
+        rewards = traj.success.astype(np.float32) * cfg.env.train.reward_coef
+        kw = {"norm_by_std": cfg.algorithm.norm_adv_by_std_in_grpo} if cfg.algorithm.adv_estimator == "grpo" else {}
+        adv = compute_advantages(cfg.algorithm.adv_estimator, rewards, traj.group_id, **kw)
+        n_traj = len(traj.success)
+        mb = min(cfg.actor_rollout_ref.actor.ppo_mini_batch_size, n_traj)
+        out = []
+        for epoch in range(cfg.actor_rollout_ref.actor.ppo_epochs):
+            order = np.random.default_rng([cfg.trainer.seed, self.step, epoch]).permutation(n_traj)
+            for start in range(0, n_traj, mb):
+                idx = np.sort(order[start:start + mb])
+                sub = jax.tree.map(lambda x: x[idx], tr)
+                s = make_samples(sub["traj"], adv[idx], action_dim=pc.action_dim, chunk_len=pc.chunk)
+                if len(s) == 0:
+                    continue
+                s = pad_samples(s, _bucket(len(s), self.learner.batch_multiple))
+                b = {"images": sub["images"][s.traj_index, s.chunk_index], "input_ids": sub["prompt_ids"][s.traj_index],
+                     "attention_mask": sub["prompt_mask"][s.traj_index], "tokens": s.tokens,
+                     "old_logp": s.old_logp, "advantages": s.advantages, "mask": s.mask}
+                if pc.proprio_dim:
+                    b["proprio"] = sub["proprio"][s.traj_index, s.chunk_index]
+                m = self.learner.update(b)
+                out.append({k: float(v) for k, v in jax.device_get(m).items()})
+        return out
+
+    # -- validation -----------------------------------------------------------------------------
+    def validate(self, num_trials: int | None = None, video: bool = False) -> dict:
+        """Greedy episodes from every task's first `num_trials` init states (padded to whole rounds)."""
+        n_trials = num_trials or self.cfg.data.val_num_trials_per_task or self.sampler.num_trials
+        pairs = [(ti, s) for ti in range(len(self.tasks)) for s in range(min(n_trials, self.tasks[ti][2]))]
+        cap = self.pool.capacity
+        results = []
+        for start in range(0, len(pairs), cap):
+            chunk = pairs[start:start + cap]
+            real = len(chunk)
+            chunk = chunk + [chunk[0]] * (cap - real)
+            t_ids = np.array([p[0] for p in chunk]); s_ids = np.array([p[1] for p in chunk])
+            rb = self.engine.evaluate(t_ids, s_ids, np.arange(cap), seed=self.cfg.env.train.seed)
+            tr = rb.trajectories
+            for i in range(real):
+                results.append({"task": self.tasks[t_ids[i]][0], "state_id": int(s_ids[i]),
+                                "success": bool(tr.success[i]), "length": int(tr.finish_step[i])})
+        return {"episodes": results, "success_rate": float(np.mean([r["success"] for r in results]))}
+
+
+def _step_metrics(trainer: Trainer, rounds, batch, upd: list[dict], timing: dict) -> dict:
+    from vlajax.model.flops import forward_flops
+
+    cfg = trainer.cfg
+    succ = np.concatenate([rb.trajectories.success for rb in rounds])
+    tasks = np.concatenate([rb.trajectories.task_id for rb in rounds])
+    length = np.concatenate([rb.trajectories.finish_step for rb in rounds])
+    env_steps = int(length.sum())
+    sim_s = sum(rb.stats.wall_s for rb in rounds)
+    decoded = sum(rb.stats.decoded_rows for rb in rounds)
+    m = {"train/success_rate": float(succ.mean()), "train/successes": int(succ.sum()), "train/episodes": len(succ),
+         "train/episode_length": float(length.mean()),
+         "train/env_steps": env_steps, "perf/env_steps_per_s": env_steps / max(sim_s, 1e-9),
+         "perf/policy_tflops": decoded * forward_flops(trainer.policy.cfg, 1, trainer.decoder.prompt_len) / 1e12
+         / max(sum(rb.stats.decode_wait_s + rb.stats.dispatch_s for rb in rounds), 1e-9),
+         "rollout/rounds": len(rounds), "rollout/restarts": sum(rb.stats.restarts for rb in rounds),
+         "rollout/sim_busy_fraction": float(np.nanmean([rb.stats.sim_busy_fraction for rb in rounds]))}
+    for ti in np.unique(tasks):
+        m[f"train/success_rate/{trainer.tasks[int(ti)][0]}"] = float(succ[tasks == ti].mean())
+    if batch is not None:
+        m.update({f"sampling/{k}": v for k, v in batch.metrics.items()})
+    if upd:
+        for k in upd[0]:
+            m[f"actor/{k}"] = float(np.mean([u[k] for u in upd]))
+        m["actor/updates"] = len(upd)
+    m.update(timing)
+    return m
+
+
+def train(cfg: RunConfig) -> TrainResult:
+    """Run (or resume) the GRPO run described by `cfg`; returns its history."""
+    from vlajax.eval_report import write_eval_report
+    from vlajax.metrics import MetricsLogger, Progress, Timer, plot_learning_curve
+
+    run_dir = cfg.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir)
+    history = []
+    with Trainer(cfg) as tr:
+        tr.maybe_resume()
+        logger = MetricsLogger(run_dir, backends=tuple(cfg.trainer.logger), experiment_name=cfg.trainer.experiment_name,
+                               config=to_dict(cfg), start_step=tr.step, total_steps=cfg.trainer.total_training_steps)
+        total = cfg.trainer.total_training_steps
+        if cfg.trainer.val_before_train and tr.step == 0:
+            v = tr.validate()
+            logger.log(0, {"val/success_rate": v["success_rate"]})
+        progress = Progress(total - tr.step, desc="GRPO steps", unit="step")
+        try:
+            while tr.step < total:
+                timer = Timer()
+                timer.start()
+                batch, rounds = tr.collect(timer)
+                nxt = tr.step + 1
+                val_due = cfg.trainer.test_freq > 0 and (nxt % cfg.trainer.test_freq == 0 or nxt == total)
+                if nxt < total and not val_due:  # overlap the next step's resets with this update
+                    with timer("reset"):
+                        tr.issue_next_reset()
+                upd = []
+                if batch is not None:
+                    with timer("update"):
+                        upd = tr.update(batch)
+                tr.step += 1
+                last = tr.step == total
+                if (cfg.trainer.save_freq > 0 and tr.step % cfg.trainer.save_freq == 0) or last:
+                    with timer("checkpoint"):
+                        tr.learner.save(tr.ckpt, data_state=tr.data_state(), config=to_dict(cfg), force=True)
+                m = _step_metrics(tr, rounds, batch, upd, timer.breakdown())
+                if val_due:  # validation uses the same envs, so the next resets wait for it
+                    v = tr.validate()
+                    m["val/success_rate"] = v["success_rate"]
+                logger.log(tr.step, m)
+                history.append(m)
+                progress.update(1, successes=m["train/successes"], episodes=m["train/episodes"],
+                                env_steps=m["train/env_steps"])
+            tr.ckpt.wait_until_finished()
+            final = tr.validate()
+            write_eval_report(final["episodes"], run_dir / "eval", name="final", title="final greedy evaluation")
+        finally:
+            progress.close()
+            logger.close()
+        plot_learning_curve(run_dir / "metrics.jsonl", run_dir / "learning_curve.png")
+        return TrainResult(run_dir, tr.step, history, final)
