@@ -2,8 +2,8 @@
 training where the memory plan fits the device. Reports step time, tokens/s, the measured peak memory
 next to the plan, and model FLOP utilisation against a bf16 8192^3 matmul measured in the same run.
 
-Model FLOPs of an update = 3 x the forward FLOPs of the mini-batch (`forward_flops` of
-bench_policy_forward: towers, projector, LLM, 56x256 head), the usual fwd + 2x bwd convention. It is
+Model FLOPs of an update = 3 x the forward FLOPs of the mini-batch (`vlajax.model.flops.forward_flops`,
+as bench_policy_forward counts them: towers, projector, LLM, 56x256 head), the usual fwd + 2x bwd convention. It is
 kept for LoRA too, where the real work is smaller (no weight gradients for the base, no backward through
 the vision towers), so LoRA "MFU" overstates; remat's recomputation is not counted (hardware FLOPs are
 higher than model FLOPs by up to one forward).
@@ -43,7 +43,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from bench_policy_forward import forward_flops, time_it  # noqa: E402
+from vlajax.model.flops import forward_flops  # noqa: E402
 from vlajax.model.config import preset  # noqa: E402
 from vlajax.model.policy import OpenVLAOFT  # noqa: E402
 from vlajax.model.pretrained import Policy  # noqa: E402
@@ -102,12 +102,19 @@ def plan_gb(n_trainable: int, n_frozen: int, frozen_bytes: int) -> float:
     return (16 * n_trainable + frozen_bytes * n_frozen) / GB
 
 
-def matmul_peak(n: int) -> float:
+def matmul_peak(n: int, iters: int = 20) -> float:
+    """bf16 n^3 matmul TFLOP/s on random data (median of `iters` after 3 warm-ups)."""
     a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
     b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
     f = jax.jit(lambda a, b: a @ b)
-    t = time_it(lambda: f(a, b), 20, 3, lambda x: x.block_until_ready())
-    return 2 * n**3 / t / 1e12
+    for _ in range(3):
+        f(a, b).block_until_ready()
+    ts = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        f(a, b).block_until_ready()
+        ts.append(time.perf_counter() - t0)
+    return 2 * n**3 / float(np.median(ts)) / 1e12
 
 
 def run_config(name: str, args, cfg, peak_tflops: float) -> dict:
