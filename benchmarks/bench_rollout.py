@@ -225,6 +225,10 @@ def main(argv=None):
                   f"(actors busy {m['sim_busy_s']:.3f}) | decode bound {m['decode']:.3f}")
             print(f"  pipelined / max(sim, decode) = {m['pipelined'] / bound:.3f} ({which}-bound); "
                   f"sim busy fraction (pipelined) = {m['busy']:.3f} (busy {m['busy_s']:.3f} s)")
+        ratios = [pl / max(si, de) for pl, si, de in zip(rows["pipelined"], rows["sim"], rows["decode"])]
+        print(f"per-round pipelined / max(sim, decode): median {statistics.median(ratios):.3f} "
+              f"(min {min(ratios):.3f}, max {max(ratios):.3f}); per-round busy fraction: median "
+              f"{statistics.median(rows['busy']):.3f} (min {min(rows['busy']):.3f})")
         print("per round:", {k: [round(x, 3) for x in v] for k, v in rows.items()})
     finally:
         pool.close()

@@ -135,6 +135,19 @@ def test_missing_resources_are_named(cluster):
     assert check_cluster_resources(nodes, PlacementOptions(disagg_sim_enable=True)) == []
 
 
+def test_placement_options_read_the_reference_config_keys():
+    cfg = {"env": {"disagg_sim": {"enable": True, "nnodes": 3}},
+           "trainer": {"nnodes": 2, "n_env_gpus_per_node": 4, "n_rollout_gpus_per_node": 8}}
+    opts = PlacementOptions.from_config(cfg)
+    assert (opts.disagg_sim_enable, opts.disagg_sim_nnodes, opts.trainer_nnodes) == (True, 3, 2)
+    assert (opts.n_env_gpus_per_node, opts.n_rollout_gpus_per_node) == (4, 8)
+    assert opts.num_workers == 12 and opts.gpus_per_worker == 1.0  # one sim actor per env GPU
+    assert opts.sim_bundle() == {"CPU": 4.0, "GPU": 4.0, "sim": 1e-4}
+    assert opts.trainer_bundle() == {"GPU": 8.0, "train_rollout": 1e-4}
+    colocated = PlacementOptions.from_config({"trainer": {"nnodes": 1}})
+    assert not colocated.disagg_sim_enable and colocated.num_workers == 1 and colocated.sim_bundle() == {"CPU": 1.0}
+
+
 def test_resources_in_use_time_out_instead_of_hanging(pool):
     """The module's pool holds each sim node's only CPU: a second pool cannot be placed."""
     t0 = time.monotonic()

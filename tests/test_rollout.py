@@ -252,6 +252,7 @@ def test_start_reset_is_consumed_by_the_next_rollout(engine):
         engine.start_reset(TASKS, STATES, GROUPS)
     with pytest.raises(RolloutError, match="pass no ids"):
         engine.rollout(TASKS, STATES)
+    assert engine.reset_ready(timeout_s=120)  # waits for the resets without consuming them
     b = engine.rollout()
     np.testing.assert_array_equal(b.state_id, STATES[::-1])
     for i in range(4):
@@ -385,6 +386,9 @@ def test_close_and_shutdown_leave_no_processes(session, pool):
     node = ray._private.worker._global_node  # noqa: SLF001 - the processes of the Ray we started
     ray_pids = [p.process.pid for procs in node.all_processes.values() for p in procs]
     assert session.started and ray_pids
+    temp_dir = session.temp_dir
+    assert Path(temp_dir).is_dir()
     session.shutdown()
     assert not ray.is_initialized()
     assert _wait_gone(ray_pids) == []
+    assert not Path(temp_dir).exists()  # the session directory init_ray made is gone too

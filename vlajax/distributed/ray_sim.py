@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import shutil
 import socket
 import tempfile
 import threading
@@ -98,11 +99,15 @@ class RaySession:
     started: bool
     connected: bool
     temp_dir: str | None = None
+    owns_temp_dir: bool = False  # created by init_ray: removed at shutdown (logs included)
 
     def shutdown(self) -> None:
         if self.connected and ray.is_initialized():
             ray.shutdown()
         self.connected = False
+        if self.owns_temp_dir and self.temp_dir:
+            shutil.rmtree(self.temp_dir, ignore_errors=True)
+            self.owns_temp_dir = False
 
     def __enter__(self):
         return self
@@ -120,7 +125,8 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpu
 
     Embedded: `num_cpus` / `num_gpus` / `resources` declare this node's resources (e.g.
     `{"train_rollout": 1}`), the session files go to `temp_dir` (default: a fresh /tmp/vlajax_ray_*
-    directory, short because Ray's unix socket paths must fit 107 bytes), no dashboard.
+    directory, short because Ray's unix socket paths must fit 107 bytes, removed by `shutdown`;
+    pass `temp_dir` to keep the logs), no dashboard.
     Join: the GCS port is probed first (`connect_timeout_s`), because `ray.init` on an unreachable
     address retries for minutes. If Ray is already initialised in this process, that connection is
     used and left alone (the returned session neither started nor connected anything).
@@ -132,13 +138,14 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpu
         return RaySession(address=None, started=False, connected=False)
     kw: dict[str, Any] = {"log_to_driver": log_to_driver}
     if address is None or address == "local":
+        owns = temp_dir is None
         temp_dir = temp_dir or tempfile.mkdtemp(prefix="vlajax_ray_", dir="/tmp")
         if object_store_memory is not None:
             kw["object_store_memory"] = int(object_store_memory)
         ctx = ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, resources=dict(resources or {}),
                        include_dashboard=False, _temp_dir=temp_dir, **kw)
         return RaySession(address=ctx.address_info.get("gcs_address"), started=True, connected=True,
-                          temp_dir=temp_dir)
+                          temp_dir=temp_dir, owns_temp_dir=owns)
     if num_cpus is not None or num_gpus is not None or resources:
         raise ValueError("init_ray: num_cpus / num_gpus / resources describe an embedded Ray; a joined "
                          f"cluster ({address}) declares its resources with `ray start`")

@@ -58,8 +58,8 @@ n exists iff `chunk_valid[n, c]` (calls are contiguous from 0). T = K * A tokens
 Re-computing `old_logp` from (images, prompt, proprio, tokens) with the same parameters reproduces
 it, which is what the learner's ratio needs.
 
-Faults: when a sim actor dies, a call raises `EnvWorkerError` (a simulator process crashed or
-hung), or a call exceeds its timeout, the actor is replaced (`SimPool.restart`) and all the
+Faults: when a sim actor dies, a simulator process inside it crashes or hangs (`EnvWorkerError`
+in the actor, `SimEnvFailure` here), or a call exceeds its timeout, the actor is replaced (`SimPool.restart`) and all the
 episodes it held in this rollout are re-run from their initial state (same task, state, seed),
 finished ones included: keeping the finished ones and re-running only the rest would bias the batch
 toward short (successful) episodes. Re-runs draw the same samples for the same observations
