@@ -45,14 +45,9 @@ def time_it(fn, iters: int, warmup: int, sync) -> float:
 
 
 def matmul_peak(n: int = 8192) -> dict:
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
-    f = jax.jit(lambda a, b: a @ b)
-    t = time_it(lambda: f(a, b), 20, 3, lambda x: x.block_until_ready())
-    ta = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    tb = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
-    tt = time_it(lambda: ta @ tb, 20, 3, lambda x: torch.cuda.synchronize())
-    return {"jax_tflops": 2 * n**3 / t / 1e12, "torch_tflops": 2 * n**3 / tt / 1e12}
+    from benchmarks.peak import jax_matmul_tflops, torch_matmul_tflops
+
+    return {"jax_tflops": jax_matmul_tflops(n), "torch_tflops": torch_matmul_tflops(n)}
 
 
 def main() -> None:
@@ -65,6 +60,8 @@ def main() -> None:
     ap.add_argument("--ckpt-dir", default=None)
     ap.add_argument("--no-checkpoint", action="store_true",
                     help="skip writing/loading the 7B checkpoint: random JAX weights (timing only)")
+    ap.add_argument("--no-torch", action="store_true",
+                    help="time vlajax only (e.g. a second process under other XLA_FLAGS); implies --no-checkpoint")
     args = ap.parse_args()
     res = {"device": torch.cuda.get_device_name(), "jax": jax.__version__, "torch": torch.__version__,
            "date": time.strftime("%Y-%m-%d")}
@@ -75,18 +72,13 @@ def main() -> None:
     print("bf16 8192^3 matmul peak:", peak, flush=True)
 
     sizes = OFTSizes.full()
-    ref = build_torch_oft(sizes, seed=0, device="cuda", dtype=torch.bfloat16)
+    args.no_checkpoint |= args.no_torch
+    ref = None if args.no_torch else build_torch_oft(sizes, seed=0, device="cuda", dtype=torch.bfloat16)
     if args.no_checkpoint:
-        from flax import nnx
+        from benchmarks.random_weights import random_policy
+        from vlajax.model import preset
 
-        from vlajax.model import Policy, preset
-        from vlajax.model.policy import OpenVLAOFT
-
-        cfg7 = preset("openvla-oft-7b")
-        state = jax.jit(lambda: jax.tree.map(lambda x: x.astype(jnp.bfloat16),
-                                             nnx.state(OpenVLAOFT(cfg7, nnx.Rngs(0)))))()
-        graphdef = nnx.graphdef(nnx.eval_shape(lambda: OpenVLAOFT(cfg7, nnx.Rngs(0))))
-        policy = Policy(nnx.merge(graphdef, state), compute_dtype=jnp.bfloat16)
+        policy = random_policy(preset("openvla-oft-7b"), jnp.bfloat16)
         cfg = policy.cfg
     else:
         # --- the 7B in the real on-disk layout, written by the reference, loaded by vlajax ---------------
@@ -128,32 +120,34 @@ def main() -> None:
     # --- timings ----------------------------------------------------------------------------------
     peak_t = max(peak["jax_tflops"], peak["torch_tflops"])  # the better measured bf16 matmul
     res["timings"] = []
-    compile_batches = {int(b) for b in args.compile_batches.split(",") if b}
+    compile_batches = {int(b) for b in args.compile_batches.split(",") if b and not args.no_torch}
     compiled = torch.compile(ref.action_logits) if compile_batches else None
     for b in [int(x) for x in args.batches.split(",")]:
         pv, ids, mask = random_inputs(sizes, b, [args.prompt_len] * b, seed=2)
         jx = (jnp.asarray(pv.numpy(), jnp.bfloat16), jnp.asarray(ids.numpy(), jnp.int32),
               jnp.asarray(mask.numpy(), jnp.int32))
-        tx = (pv.cuda().bfloat16(), ids.cuda(), mask.cuda())
+        tx = None if ref is None else (pv.cuda().bfloat16(), ids.cuda(), mask.cuda())
         flops = forward_flops(cfg, b, args.prompt_len)
         row = {"batch": b, "tflop": flops / 1e12}
         row["vlajax_ms"] = 1e3 * time_it(lambda: policy.action_logits(*jx), args.iters, 3,
                                          lambda x: x.block_until_ready())
-        with torch.no_grad():
-            row["torch_eager_ms"] = 1e3 * time_it(lambda: ref.action_logits(*tx), args.iters, 2,
-                                                  lambda x: torch.cuda.synchronize())
-            if b in compile_batches:
-                t0 = time.perf_counter()
-                compiled(*tx)
-                torch.cuda.synchronize()
-                row["torch_compile_first_call_s"] = time.perf_counter() - t0
-                row["torch_compile_ms"] = 1e3 * time_it(lambda: compiled(*tx), args.iters, 2,
-                                                        lambda x: torch.cuda.synchronize())
+        if ref is not None:
+            with torch.no_grad():
+                row["torch_eager_ms"] = 1e3 * time_it(lambda: ref.action_logits(*tx), args.iters, 2,
+                                                      lambda x: torch.cuda.synchronize())
+                if b in compile_batches:
+                    t0 = time.perf_counter()
+                    compiled(*tx)
+                    torch.cuda.synchronize()
+                    row["torch_compile_first_call_s"] = time.perf_counter() - t0
+                    row["torch_compile_ms"] = 1e3 * time_it(lambda: compiled(*tx), args.iters, 2,
+                                                            lambda x: torch.cuda.synchronize())
         for k in ("vlajax", "torch_eager", "torch_compile"):
             if f"{k}_ms" in row:
                 row[f"{k}_tflops"] = flops / (row[f"{k}_ms"] / 1e3) / 1e12
                 row[f"{k}_frac_peak"] = row[f"{k}_tflops"] / peak_t
-        row["speedup_vs_eager"] = row["torch_eager_ms"] / row["vlajax_ms"]
+        if "torch_eager_ms" in row:
+            row["speedup_vs_eager"] = row["torch_eager_ms"] / row["vlajax_ms"]
         if "torch_compile_ms" in row:
             row["speedup_vs_compile"] = row["torch_compile_ms"] / row["vlajax_ms"]
         res["timings"].append(row)

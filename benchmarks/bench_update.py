@@ -46,36 +46,11 @@ from flax import nnx  # noqa: E402
 from vlajax.model.flops import forward_flops  # noqa: E402
 from vlajax.model.config import preset  # noqa: E402
 from vlajax.model.policy import OpenVLAOFT  # noqa: E402
-from vlajax.model.pretrained import Policy  # noqa: E402
 from vlajax.rl.learner import Learner, LearnerConfig  # noqa: E402
 from vlajax.rl.lora import LoraConfig  # noqa: E402
+from random_weights import random_policy  # noqa: E402
 
 GB = 1e9
-_ONES = ("scale", "weight", "ls1", "ls2")
-
-
-def random_policy(cfg, dtype, seed: int = 0) -> Policy:
-    """Random weights made on the device leaf by leaf (one small program per distinct shape; jitting the
-    model's own init compiles one threefry program per parameter, minutes for the 7B)."""
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: OpenVLAOFT(cfg, nnx.Rngs(0))))
-    normal = jax.jit(lambda k, shape: (0.02 * jax.random.normal(k, shape, jnp.float32)).astype(dtype),
-                     static_argnums=1)
-    key = jax.random.key(seed)
-    flat = jax.tree_util.tree_flatten_with_path(nnx.to_pure_dict(state))[0]
-    values = []
-    for i, (path, x) in enumerate(flat):
-        name = str(path[-1].key)
-        if name.endswith("bias"):
-            values.append(jnp.zeros(x.shape, dtype))
-        elif name in _ONES:
-            values.append(jnp.ones(x.shape, dtype))
-        else:
-            values.append(normal(jax.random.fold_in(key, i), tuple(x.shape)))
-    pure = jax.tree.unflatten(jax.tree.structure(nnx.to_pure_dict(state)), values)
-    nnx.replace_by_pure_dict(state, pure)
-    return Policy(nnx.merge(graphdef, state), compute_dtype=jnp.bfloat16)
-
-
 def make_batch(cfg, m: int, prompt_len: int, frame: int, seed: int = 0) -> dict:
     r = np.random.default_rng(seed)
     t = cfg.num_action_tokens
@@ -102,19 +77,10 @@ def plan_gb(n_trainable: int, n_frozen: int, frozen_bytes: int) -> float:
     return (16 * n_trainable + frozen_bytes * n_frozen) / GB
 
 
-def matmul_peak(n: int, iters: int = 20) -> float:
-    """bf16 n^3 matmul TFLOP/s on random data (median of `iters` after 3 warm-ups)."""
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.bfloat16)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.bfloat16)
-    f = jax.jit(lambda a, b: a @ b)
-    for _ in range(3):
-        f(a, b).block_until_ready()
-    ts = []
-    for _ in range(iters):
-        t0 = time.perf_counter()
-        f(a, b).block_until_ready()
-        ts.append(time.perf_counter() - t0)
-    return 2 * n**3 / float(np.median(ts)) / 1e12
+def matmul_peak(n: int) -> float:
+    from peak import jax_matmul_tflops
+
+    return jax_matmul_tflops(n)
 
 
 def run_config(name: str, args, cfg, peak_tflops: float) -> dict:

@@ -169,6 +169,10 @@ BAD = [
     (["trainer.logger=[console,mlflow]"], "trainer.logger", "mlflow"),
     (["trainer.resume=/no/such/checkpoint"], "trainer.resume", "existing checkpoint"),
     (["trainer.save_freq=0"], "trainer.save_freq", "-1"),
+    (["actor_rollout_ref.model.init_scheme=xavier"], "actor_rollout_ref.model.init_scheme", "normal, scratch"),
+    (["actor_rollout_ref.model.init_scheme=scratch", "actor_rollout_ref.model.path=/ckpt",
+      "actor_rollout_ref.model.image_size=null"], "actor_rollout_ref.model.init_scheme", "preset:"),
+    (["env.train.task_suite_name=tabletop_hard"], "env.train.task_suite_name", "tabletop_anchored"),
     (["trainer.mesh.data=2", "trainer.mesh.fsdp=2", "actor_rollout_ref.actor.ppo_micro_batch_size=6"],
      "actor_rollout_ref.actor.ppo_micro_batch_size", "4 devices"),
 ]
@@ -240,10 +244,13 @@ def test_hard_coded_names_match_the_modules():
     import jax.numpy as jnp
 
     from vlajax.envs.libero import SUITES
+    from vlajax.envs.tabletop import SUITES as TABLETOP
     from vlajax.model.config import PRESETS
+    from vlajax.model.init import INIT_SCHEMES
     from vlajax.rl.loss import kl_penalty
 
     assert sorted(C.MODEL_PRESETS) == sorted(PRESETS)
+    assert C.TABLETOP_SUITES == tuple(TABLETOP) and C.INIT_SCHEMES == INIT_SCHEMES
     for t in C.KL_TYPES:
         kl_penalty(jnp.zeros(2), jnp.ones(2), t)  # raises for an unknown type
     for s in SUITES:

@@ -292,7 +292,8 @@ def test_close_is_idempotent_and_garbage_collection_stops_workers():
 
 @pytest.mark.timeout(60)
 def test_video_per_episode_is_written_when_enabled(tmp_path):
-    env = SubprocVectorEnv(make_tabletop_env, 2, timeout_s=60, max_episode_steps=16, video_dir=str(tmp_path))
+    env = SubprocVectorEnv(make_tabletop_env, 2, timeout_s=60, max_episode_steps=16, video_dir=str(tmp_path),
+                           name="sim0.stage1")
     try:
         tasks, states = [0, 1], [3, 4]
         obs = env.reset(tasks, states)
@@ -310,10 +311,10 @@ def test_video_per_episode_is_written_when_enabled(tmp_path):
         env.close()
     names = sorted(p.name for p in tmp_path.iterdir())
     assert names == [
-        "env000_reach_red_state0003_ep00001_success.mp4",
-        "env000_reach_red_state0003_ep00002_unfinished.mp4",
-        "env001_reach_green_state0004_ep00001_fail.mp4",
-        "env001_reach_green_state0004_ep00002_unfinished.mp4",
+        "sim0.stage1_env000_reach_red_state0003_ep00001_success.mp4",
+        "sim0.stage1_env000_reach_red_state0003_ep00002_unfinished.mp4",
+        "sim0.stage1_env001_reach_green_state0004_ep00001_fail.mp4",
+        "sim0.stage1_env001_reach_green_state0004_ep00002_unfinished.mp4",
     ]
-    frames = imageio.mimread(tmp_path / "env001_reach_green_state0004_ep00001_fail.mp4")
+    frames = imageio.mimread(tmp_path / "sim0.stage1_env001_reach_green_state0004_ep00001_fail.mp4")
     assert len(frames) == 1 + 2 and frames[0].shape == (64, 64, 3)  # reset + two chunks of 8

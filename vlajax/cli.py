@@ -1,11 +1,11 @@
-"""The `vlajax` command: `convert` (HF <-> vlajax checkpoints) and `demo` (the policy on the built-in task).
-
-Training (`vlajax train`) and evaluation (`vlajax eval`) join here as they land.
+"""The `vlajax` command: `train` (config-driven GRPO runs), `eval` (greedy success tables),
+`convert` (HF <-> vlajax checkpoints) and `demo` (the untrained policy on the built-in task).
 """
 
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from pathlib import Path
 
@@ -48,6 +48,22 @@ def _train(args) -> int:
     return 0
 
 
+def _eval(args) -> int:
+    from vlajax.evaluate import run_eval
+
+    tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
+    res = run_eval(args.checkpoint, suite=args.suite, trials=args.trials, tasks=tasks, out_dir=args.out,
+                   video=args.video, step=args.step, overrides=list(args.overrides))
+    print(res.report.markdown)
+    print(f"written: {', '.join(str(p) for p in res.report.paths.values())}"
+          + (f"; videos in {res.out_dir / 'videos'}" if args.video else ""))
+    return 0
+
+
+def _terminate(signum, frame):
+    raise SystemExit(128 + signum)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="vlajax", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -68,18 +84,42 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. trainer.total_training_steps=10")
     t.set_defaults(fn=_train)
 
+    e = sub.add_parser("eval", help="greedy evaluation of a checkpoint over a suite's tasks and init states")
+    e.add_argument("checkpoint", help="training run directory (config.yaml + checkpoints/), vlajax policy "
+                                      "checkpoint or Hugging Face OpenVLA-OFT directory")
+    e.add_argument("--suite", default=None, help="libero_spatial | libero_object | libero_goal | libero_10 | "
+                                                 "libero_90 | tabletop | isaac_*; default: the run's suite")
+    e.add_argument("--trials", type=int, default=None,
+                   help="init states per task (default: all 50 for LIBERO, data.val_num_trials_per_task else)")
+    e.add_argument("--tasks", default=None, help="comma list of task ids or names (default: all)")
+    e.add_argument("--step", type=int, default=None, help="training step of a run directory (default: latest)")
+    e.add_argument("--out", default=None, help="output directory (default: <run>/eval or ./eval/<suite>)")
+    e.add_argument("--video", action="store_true", help="write one mp4 per episode under <out>/videos")
+    e.add_argument("overrides", nargs="*", help="config overrides, e.g. env.train.num_envs=4 ray.address=auto")
+    e.set_defaults(fn=_eval)
+
     d = sub.add_parser("demo", help="run the small preset policy (untrained) on the built-in tabletop task")
     d.add_argument("--episodes", type=int, default=2)
     d.add_argument("--num-envs", type=int, default=2)
     d.add_argument("--seed", type=int, default=0)
     d.set_defaults(fn=_demo)
 
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # `key=value` overrides may also follow the options (`vlajax eval RUN --trials 5 env.train.num_envs=4`)
+    if extra and hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
+        args.overrides = list(args.overrides) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    # SIGTERM (a scheduler's stop, `kill`) unwinds like Ctrl-C, so the run closes what it started:
+    # the simulator actors and an embedded Ray, whose agents would otherwise outlive it.
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.fn(args)
-    except (FileNotFoundError, ValueError, KeyError, ConnectionError) as e:
+    except (FileNotFoundError, ValueError, KeyError, ConnectionError) as e:  # ConfigError is a ValueError
         print(f"vlajax {args.command}: error: {e}", file=sys.stderr)
         return 2
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

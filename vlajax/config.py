@@ -54,7 +54,8 @@ MODEL_PRESETS = ("openvla-oft-7b", "small")
 PRESET_PREFIX = "preset:"
 DTYPES = ("float32", "bfloat16", "float16")
 KL_TYPES = ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3")  # vlajax.rl.loss.kl_penalty
-TABLETOP_SUITES = ("tabletop",)
+TABLETOP_SUITES = ("tabletop", "tabletop_anchored")  # vlajax.envs.tabletop.SUITES (no mujoco import here)
+INIT_SCHEMES = ("normal", "scratch")  # vlajax.model.init.INIT_SCHEMES (no jax import here)
 LIBERO_TRIALS_PER_TASK = 50  # init states per task in every LIBERO suite
 PATCH_SIZE = 14  # both vision towers of OpenVLA-OFT
 
@@ -113,6 +114,9 @@ class ModelConfig:
     # vlajax: input resolution of the vision towers for "preset:" paths (multiple of 14);
     # None = 224. A checkpoint brings its own.
     image_size: Optional[int] = None
+    # vlajax: random init of "preset:" models: "normal" (N(0, 0.02)) or "scratch" (fan-in kernels,
+    # ordinal action head: what RL from scratch needs; vlajax.model.init).
+    init_scheme: str = "normal"
 
     def lora_target_regex(self) -> str | None:
         """Regex for `vlajax.rl.lora.LoraConfig.targets`; None = its default (every LLM Linear)."""
@@ -152,6 +156,10 @@ class ActorConfig:
     kl_loss_type: str = "low_var_kl"
     grad_clip: Optional[float] = 1.0  # global-norm clip; None = off
     num_images_in_input: int = 1  # camera images fed to the policy (env.train.init_params.camera_names[:n])
+    # Feed the robot state as one token after the patches (OFT's proprio projector; SimpleVLA's
+    # LIBERO runs keep it off). "preset:" models get an 8-d projector (LIBERO / tabletop state); a
+    # checkpoint must have a proprio projector exactly when this is true.
+    use_proprio: bool = False
 
     def micro_batch_size_per_device(self, num_devices: int) -> int:
         """Samples per device per micro-batch, from whichever of the two keys is in use."""
@@ -200,7 +208,7 @@ class InitParamsConfig:
 
 @dataclass(frozen=True)
 class VideoConfig:
-    save_video: bool = False  # verl: True; vlajax writes validation videos only
+    save_video: bool = False  # verl: True; vlajax records the final evaluation's episodes
     video_base_dir: Optional[str] = None  # None = <trainer.default_local_dir>/videos
 
 
@@ -632,6 +640,11 @@ def validate(cfg: RunConfig) -> RunConfig:
                                f"but actor_rollout_ref.model.path={m.path!r}")
         _check(m.image_size >= PATCH_SIZE and m.image_size % PATCH_SIZE == 0, key,
                f"must be a positive multiple of the {PATCH_SIZE}-pixel patch size, got {m.image_size}")
+    if m.init_scheme != "normal":
+        key = "actor_rollout_ref.model.init_scheme"
+        _check(m.init_scheme in INIT_SCHEMES, key, f"{m.init_scheme!r} is not one of {', '.join(INIT_SCHEMES)}")
+        _check(is_preset, key, f"applies to '{PRESET_PREFIX}...' models only (a checkpoint brings its own "
+                               f"weights), but actor_rollout_ref.model.path={m.path!r}")
     _check(m.lora_rank >= 0, "actor_rollout_ref.model.lora_rank", f"must be >= 0 (0 = no LoRA), got {m.lora_rank}")
     _check(m.lora_alpha > 0, "actor_rollout_ref.model.lora_alpha", f"must be > 0, got {m.lora_alpha}")
     key = "actor_rollout_ref.model.target_modules"

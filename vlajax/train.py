@@ -22,69 +22,20 @@ and what SimpleVLA-RL's code does).
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import math
-import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from vlajax.config import ConfigError, RunConfig, save_config, to_dict
+from vlajax.session import SimSession, build_policy, image_flip
 
 log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- building blocks
-
-
-def build_policy(cfg: RunConfig):
-    """The policy named by `actor_rollout_ref.model.path`: `preset:<name>` (random init, the shipped
-    tiny tokenizer) or a HF / vlajax checkpoint directory."""
-    from vlajax.model import Policy, build_model, load_pretrained, preset
-    from vlajax.model.tokenizer import load_tokenizer
-
-    m = cfg.actor_rollout_ref.model
-    n_img = cfg.actor_rollout_ref.actor.num_images_in_input
-    if m.path.startswith("preset:"):
-        kw = {"num_images": n_img}
-        if m.image_size:
-            kw["image_size"] = m.image_size
-        mcfg = preset(m.path.split(":", 1)[1], **kw)
-        model = build_model(mcfg, seed=cfg.trainer.seed, dtype=jnp.dtype(m.param_dtype))
-        return Policy(model, tokenizer=load_tokenizer("tiny"), compute_dtype=jnp.dtype(m.compute_dtype))
-    path = Path(m.path)
-    if not path.exists():
-        raise ConfigError(f"actor_rollout_ref.model.path: checkpoint {path} does not exist",
-                          key="actor_rollout_ref.model.path")
-    policy = load_pretrained(path, dtype=m.param_dtype, compute_dtype=m.compute_dtype, num_images=n_img)
-    if policy.tokenizer is None:
-        raise ConfigError(f"actor_rollout_ref.model.path: {path} has no tokenizer.json / tokenizer.model",
-                          key="actor_rollout_ref.model.path")
-    return policy
-
-
-def make_env_fn(cfg: RunConfig):
-    """`env_fn(num_envs, *, name) -> VectorEnv` for the simulator in the config (picklable)."""
-    t = cfg.env.train
-    size = t.init_params.camera_heights
-    if t.simulator_type == "tabletop":
-        from vlajax.envs.tabletop import make_tabletop_vector_env
-
-        return functools.partial(make_tabletop_vector_env, image_size=size, max_episode_steps=t.max_episode_steps)
-    if t.simulator_type == "libero":
-        from vlajax.envs.libero import make_libero_vector_env
-
-        return functools.partial(make_libero_vector_env, t.task_suite_name, cameras=tuple(t.init_params.camera_names),
-                                 image_size=size, max_episode_steps=t.max_episode_steps)
-    if t.simulator_type == "isaac":
-        from vlajax.envs import isaac
-
-        return isaac.vector_env_fn(cfg)
-    raise ConfigError(f"env.train.simulator_type: unknown simulator {t.simulator_type!r}",
-                      key="env.train.simulator_type")
 
 
 def learner_config(cfg: RunConfig, num_devices: int, flip: bool):
@@ -105,6 +56,19 @@ def learner_config(cfg: RunConfig, num_devices: int, flip: bool):
         remat=m.enable_gradient_checkpointing, compute_dtype=m.compute_dtype, lora=lora,
         image_flip=flip, image_center_crop=True, seed=cfg.trainer.seed,
     )
+
+
+def learning_rate(cfg: RunConfig, step: int) -> float:
+    """lr of training step `step` (0-based): linear warm-up over `optim.lr_warmup_steps` training
+    steps, then constant (verl's constant schedule)."""
+    o = cfg.actor_rollout_ref.actor.optim
+    return o.lr * min(1.0, (step + 1) / o.lr_warmup_steps) if o.lr_warmup_steps else o.lr
+
+
+def video_dir(cfg: RunConfig) -> str | None:
+    """Where the final evaluation's videos go (`env.train.video_cfg`), or None."""
+    v = cfg.env.train.video_cfg
+    return (v.video_base_dir or str(cfg.run_dir / "videos")) if v.save_video else None
 
 
 def _bucket(n: int, multiple: int) -> int:
@@ -128,13 +92,10 @@ class Trainer:
     """Owns everything a run starts (Ray session, sim pool, learner) and closes it on exit."""
 
     def __init__(self, cfg: RunConfig):
-        from vlajax.distributed.ray_sim import PlacementOptions, SimPool, init_ray
         from vlajax.distributed.sharding import make_mesh, maybe_initialize_distributed
         from vlajax.rl.checkpoint import CheckpointManager
         from vlajax.rl.data import StateSampler
         from vlajax.rl.learner import Learner
-        from vlajax.rl.policy_step import PolicyDecoder
-        from vlajax.rl.rollout import RolloutConfig, RolloutEngine
 
         self.cfg = cfg
         self.run_dir = cfg.run_dir
@@ -143,27 +104,15 @@ class Trainer:
         maybe_initialize_distributed()
         t = cfg.env.train
         self.n = cfg.actor_rollout_ref.rollout.n
-        libero = t.simulator_type == "libero"
-        self.flip = libero  # LIBERO renders upside-down; the tabletop camera is upright
         self.policy = build_policy(cfg)
         self.mesh = make_mesh(cfg.trainer.mesh.data, cfg.trainer.mesh.fsdp)
-        self.learner = Learner(self.policy, learner_config(cfg, self.mesh.size, self.flip), self.mesh)
-
-        self.ray = init_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus, temp_dir=cfg.ray.temp_dir)
-        self._closers.append(self.ray.shutdown)
-        placement = PlacementOptions.from_config(to_dict(cfg))
-        n_img = cfg.actor_rollout_ref.actor.num_images_in_input
-        self.pool = SimPool(make_env_fn(cfg), num_envs=t.num_envs, num_stages=cfg.env.rollout.pipeline_stage_num,
-                            placement=placement, cameras=tuple(t.init_params.camera_names[:n_img]))
-        self._closers.insert(0, self.pool.close)
-        unnorm = t.task_suite_name if (libero and self.policy.dataset_statistics) else None
-        self.decoder = PolicyDecoder(self.policy, flip=self.flip, center_crop=True, unnorm_key=unnorm,
-                                     gripper="libero" if libero else None, capacity=self.pool.capacity)
-        self.engine = RolloutEngine(self.pool, self.decoder, RolloutConfig(
-            temperature=cfg.actor_rollout_ref.rollout.temperature, seed=cfg.trainer.seed))
-        self.tasks = self.engine.tasks
-        if self.pool.capacity % self.n:
-            raise ConfigError(f"a rollout round runs {self.pool.capacity} trajectories, not a multiple of "
+        self.learner = Learner(self.policy, learner_config(cfg, self.mesh.size, image_flip(cfg)), self.mesh)
+        self.sim = SimSession(cfg, self.policy)
+        self._closers.append(self.sim.close)
+        self.engine, self.tasks = self.sim.engine, self.sim.tasks
+        if self.sim.capacity % self.n:
+            self.close()
+            raise ConfigError(f"a rollout round runs {self.sim.capacity} trajectories, not a multiple of "
                               f"actor_rollout_ref.rollout.n={self.n}", key="actor_rollout_ref.rollout.n")
         trials = min(t.num_trials_per_task, min(x[2] for x in self.tasks))
         self.sampler = StateSampler(len(self.tasks), trials, seed=t.seed, shuffle=cfg.data.shuffle)
@@ -202,7 +151,7 @@ class Trainer:
 
     # -- rollouts -------------------------------------------------------------------------------
     def _round_groups(self):
-        return self.sampler.next_groups(self.pool.capacity // self.n)
+        return self.sampler.next_groups(self.sim.capacity // self.n)
 
     def _ids(self, groups):
         rep = lambda xs: np.repeat(np.asarray(xs, np.int64), self.n)  # noqa: E731
@@ -267,6 +216,7 @@ class Trainer:
         adv = compute_advantages(cfg.algorithm.adv_estimator, rewards, traj.group_id, **kw)
         n_traj = len(traj.success)
         mb = min(cfg.actor_rollout_ref.actor.ppo_mini_batch_size, n_traj)
+        self.learner.set_lr(learning_rate(cfg, self.step))
         out = []
         for epoch in range(cfg.actor_rollout_ref.actor.ppo_epochs):
             order = np.random.default_rng([cfg.trainer.seed, self.step, epoch]).permutation(n_traj)
@@ -287,29 +237,24 @@ class Trainer:
         return out
 
     # -- validation -----------------------------------------------------------------------------
-    def validate(self, num_trials: int | None = None, video: bool = False) -> dict:
-        """Greedy episodes from every task's first `num_trials` init states (padded to whole rounds)."""
+    def validate(self, num_trials: int | None = None, video_dir: str | None = None) -> dict:
+        """Greedy episodes from every task's first `num_trials` init states (padded to whole rounds).
+        With `video_dir` they run in a fresh simulator session that records them (the training
+        session is closed first: this is for the final evaluation)."""
         n_trials = num_trials or self.cfg.data.val_num_trials_per_task or self.sampler.num_trials
         pairs = [(ti, s) for ti in range(len(self.tasks)) for s in range(min(n_trials, self.tasks[ti][2]))]
-        cap = self.pool.capacity
-        results = []
-        for start in range(0, len(pairs), cap):
-            chunk = pairs[start:start + cap]
-            real = len(chunk)
-            chunk = chunk + [chunk[0]] * (cap - real)
-            t_ids = np.array([p[0] for p in chunk]); s_ids = np.array([p[1] for p in chunk])
-            rb = self.engine.evaluate(t_ids, s_ids, np.arange(cap), seed=self.cfg.env.train.seed)
-            tr = rb.trajectories
-            for i in range(real):
-                results.append({"task": self.tasks[t_ids[i]][0], "state_id": int(s_ids[i]),
-                                "success": bool(tr.success[i]), "length": int(tr.finish_step[i])})
+        if video_dir is None:
+            results = self.sim.evaluate(pairs)
+        else:
+            self.sim.close()
+            with SimSession(self.cfg, self.policy, video_dir=video_dir) as sim:
+                results = sim.evaluate(pairs)
         return {"episodes": results, "success_rate": float(np.mean([r["success"] for r in results]))}
 
 
 def _step_metrics(trainer: Trainer, rounds, batch, upd: list[dict], timing: dict) -> dict:
     from vlajax.model.flops import forward_flops
 
-    cfg = trainer.cfg
     succ = np.concatenate([rb.trajectories.success for rb in rounds])
     tasks = np.concatenate([rb.trajectories.task_id for rb in rounds])
     length = np.concatenate([rb.trajectories.finish_step for rb in rounds])
@@ -319,7 +264,7 @@ def _step_metrics(trainer: Trainer, rounds, batch, upd: list[dict], timing: dict
     m = {"train/success_rate": float(succ.mean()), "train/successes": int(succ.sum()), "train/episodes": len(succ),
          "train/episode_length": float(length.mean()),
          "train/env_steps": env_steps, "perf/env_steps_per_s": env_steps / max(sim_s, 1e-9),
-         "perf/policy_tflops": decoded * forward_flops(trainer.policy.cfg, 1, trainer.decoder.prompt_len) / 1e12
+         "perf/policy_tflops": decoded * forward_flops(trainer.policy.cfg, 1, trainer.sim.decoder.prompt_len) / 1e12
          / max(sum(rb.stats.decode_wait_s + rb.stats.dispatch_s for rb in rounds), 1e-9),
          "rollout/rounds": len(rounds), "rollout/restarts": sum(rb.stats.restarts for rb in rounds),
          "rollout/sim_busy_fraction": float(np.nanmean([rb.stats.sim_busy_fraction for rb in rounds]))}
@@ -381,7 +326,7 @@ def train(cfg: RunConfig) -> TrainResult:
                 progress.update(1, successes=m["train/successes"], episodes=m["train/episodes"],
                                 env_steps=m["train/env_steps"])
             tr.ckpt.wait_until_finished()
-            final = tr.validate()
+            final = tr.validate(video_dir=video_dir(cfg))
             write_eval_report(final["episodes"], run_dir / "eval", name="final", title="final greedy evaluation")
         finally:
             progress.close()

@@ -42,9 +42,11 @@ when `init_ray` started it (never `ray stop`, which would kill every Ray process
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import shutil
+import signal
 import socket
 import tempfile
 import threading
@@ -142,15 +144,31 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpu
         temp_dir = temp_dir or tempfile.mkdtemp(prefix="vlajax_ray_", dir="/tmp")
         if object_store_memory is not None:
             kw["object_store_memory"] = int(object_store_memory)
-        ctx = ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, resources=dict(resources or {}),
-                       include_dashboard=False, _temp_dir=temp_dir, **kw)
+        with _keep_sigterm_handler():
+            ctx = ray.init(address="local", num_cpus=num_cpus, num_gpus=num_gpus, resources=dict(resources or {}),
+                           include_dashboard=False, _temp_dir=temp_dir, **kw)
         return RaySession(address=ctx.address_info.get("gcs_address"), started=True, connected=True,
                           temp_dir=temp_dir, owns_temp_dir=owns)
     if num_cpus is not None or num_gpus is not None or resources:
         raise ValueError("init_ray: num_cpus / num_gpus / resources describe an embedded Ray; a joined "
                          f"cluster ({address}) declares its resources with `ray start`")
-    ray.init(address=address, **kw)
+    with _keep_sigterm_handler():
+        ray.init(address=address, **kw)
     return RaySession(address=address, started=False, connected=True)
+
+
+@contextlib.contextmanager
+def _keep_sigterm_handler():
+    """Ray's core installs a C-level SIGTERM handler in the driver that logs a stack trace and aborts,
+    so `finally` blocks never run and an embedded Ray's agents outlive the driver. Put back the
+    Python handler that was there (the `vlajax` CLI's raises SystemExit, which closes everything)."""
+    main = threading.current_thread() is threading.main_thread()
+    before = signal.getsignal(signal.SIGTERM) if main else None
+    try:
+        yield
+    finally:
+        if main and callable(before):
+            signal.signal(signal.SIGTERM, before)
 
 
 def _probe(address: str, timeout_s: float) -> None:

@@ -151,7 +151,7 @@ class SubprocVectorEnv(VectorEnv):
 
     env_factory: picklable callable (top-level function or functools.partial) run in the worker.
     max_episode_steps: episode limit in env steps; default: the task's `TaskSpec.max_episode_steps`.
-    video_dir: if set, one mp4 per episode per env (see `vlajax.envs.video`).
+    video_dir: if set, one mp4 per episode per env (see `vlajax.envs.video`), named after `name`.
     start_method: "spawn" or "forkserver".
     worker_env: environment variables set in each worker before the factory is loaded (e.g.
         MUJOCO_GL, MUJOCO_EGL_DEVICE_ID). By default LP_NUM_THREADS=1 unless the parent sets it:
@@ -212,7 +212,7 @@ class SubprocVectorEnv(VectorEnv):
         if video_dir is not None:
             from vlajax.envs.video import EpisodeVideoWriter
 
-            self._video = EpisodeVideoWriter(video_dir, fps=video_fps, camera=video_camera)
+            self._video = EpisodeVideoWriter(video_dir, fps=video_fps, camera=video_camera, prefix=name)
 
         for i in range(n):
             self._start_worker(i)

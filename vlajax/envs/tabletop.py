@@ -97,14 +97,27 @@ def tabletop_mjcf(image_size: int | tuple[int, int] = 64) -> str:
     )
 
 
-def sample_layout(seed: int, state_id: int, min_sep: float = 0.12, min_start_dist: float = 0.15):
+# Block home spots (red, green, blue) of the "tabletop_anchored" suite.
+ANCHORS = np.array([[-0.15, 0.12], [0.15, 0.12], [0.0, -0.16]])
+# Suites: env kwargs. "tabletop": blocks anywhere (the policy must find the named block in the
+# image); "tabletop_anchored": each block within +-3 cm of its home spot, so the instruction alone
+# says roughly where to go and the image refines it (what a from-scratch policy learns in minutes).
+SUITES = {"tabletop": {}, "tabletop_anchored": {"block_jitter": 0.03}}
+
+
+def sample_layout(seed: int, state_id: int, min_sep: float = 0.12, min_start_dist: float = 0.15,
+                  block_jitter: float | None = None):
     """Deterministic layout for (seed, state_id): blocks (3, 2) xy and gripper start (2,) xy.
 
-    Blocks are at least `min_sep` apart; the gripper starts at least `min_start_dist` from every
-    block, so no episode succeeds at reset."""
+    Blocks are uniform over the table at least `min_sep` apart, or with `block_jitter` within that
+    distance of their `ANCHORS`; the gripper starts at least `min_start_dist` from every block, so no
+    episode succeeds at reset."""
     rng = np.random.default_rng([int(seed), int(state_id), 0x7AB1E])
     while True:
-        blocks = rng.uniform(-BLOCK_RANGE, BLOCK_RANGE, size=(3, 2))
+        if block_jitter is None:
+            blocks = rng.uniform(-BLOCK_RANGE, BLOCK_RANGE, size=(3, 2))
+        else:
+            blocks = ANCHORS + rng.uniform(-block_jitter, block_jitter, size=(3, 2))
         d = np.linalg.norm(blocks[:, None] - blocks[None], axis=-1)
         if d[np.triu_indices(3, 1)].min() >= min_sep:
             break
@@ -136,11 +149,13 @@ class TabletopEnv(SingleEnv):
         success_radius: float = 0.05,
         physics_substeps: int = 2,
         render: bool = True,
+        block_jitter: float | None = None,
     ):
         self.image_hw = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
         self.max_step = float(max_step)
         self.success_radius = float(success_radius)
         self.physics_substeps = int(physics_substeps)
+        self.block_jitter = block_jitter
         self._tasks = tuple(
             TaskSpec(f"reach_{c}", INSTRUCTION.format(colour=c), num_init_states, max_episode_steps)
             for c in COLOURS
@@ -167,7 +182,7 @@ class TabletopEnv(SingleEnv):
 
     # ---- simulation ---------------------------------------------------------------------------
     def reset(self, task_id: int, state_id: int, seed: int) -> EnvOutput:
-        blocks, start = sample_layout(seed, state_id)
+        blocks, start = sample_layout(seed, state_id, block_jitter=self.block_jitter)
         mujoco.mj_resetData(self.model, self.data)
         for mocap, xy in zip(self._block_mocap, blocks):
             self.data.mocap_pos[mocap] = (xy[0], xy[1], BLOCK_HALF)
@@ -246,9 +261,9 @@ def _close_renderer(renderer) -> None:
         renderer.close()
 
 
-def target_xy(task_id: int, state_id: int, seed: int = 0) -> np.ndarray:
+def target_xy(task_id: int, state_id: int, seed: int = 0, block_jitter: float | None = None) -> np.ndarray:
     """(2,) xy of the target block of (task, state, seed): what a scripted policy aims for."""
-    return sample_layout(seed, state_id)[0][task_id]
+    return sample_layout(seed, state_id, block_jitter=block_jitter)[0][task_id]
 
 
 def directed_actions(gripper_xy: np.ndarray, target_xy: np.ndarray, k: int, max_step: float = 0.05):
@@ -273,18 +288,21 @@ def make_tabletop_vector_env(
     image_size: int | tuple[int, int] = 64,
     max_episode_steps: int = 64,
     *,
+    suite: str = "tabletop",
     env_kwargs: dict[str, Any] | None = None,
     **kw,
 ):
-    """A `SubprocVectorEnv` of `num_envs` tabletop envs; `kw` go to `SubprocVectorEnv`,
-    `env_kwargs` to `TabletopEnv` (e.g. max_step, success_radius, render)."""
+    """A `SubprocVectorEnv` of `num_envs` tabletop envs of `suite` (`SUITES`); `kw` go to
+    `SubprocVectorEnv`, `env_kwargs` to `TabletopEnv` (e.g. max_step, success_radius, render)."""
     import functools
 
     from vlajax.envs.subproc import SubprocVectorEnv
 
+    if suite not in SUITES:
+        raise ValueError(f"unknown tabletop suite {suite!r}; choose one of {sorted(SUITES)}")
     factory = functools.partial(
         make_tabletop_env, image_size=image_size, max_episode_steps=max_episode_steps,
-        **(env_kwargs or {}),
+        **{**SUITES[suite], **(env_kwargs or {})},
     )
-    kw.setdefault("name", "tabletop")
+    kw.setdefault("name", suite)
     return SubprocVectorEnv(factory, num_envs, max_episode_steps=max_episode_steps, **kw)

@@ -26,13 +26,15 @@ def write_mp4(path: str, frames: np.ndarray, fps: int = 10) -> str:
 
 class EpisodeVideoWriter:
     """Collects frames per env index and writes one mp4 per finished episode:
-    `env{i:03d}_{task}_state{state:04d}_ep{episode:05d}_{success|fail|unfinished}.mp4`.
+    `[{prefix}_]env{i:03d}_{task}_state{state:04d}_ep{episode:05d}_{success|fail|unfinished}.mp4`.
 
     camera: which image of the observation to record; default the first camera returned.
+    prefix: tells apart the vector envs that share a folder (the simulator actors' stages).
     """
 
-    def __init__(self, directory: str, fps: int = 10, camera: str | None = None):
+    def __init__(self, directory: str, fps: int = 10, camera: str | None = None, prefix: str | None = None):
         self.directory = directory
+        self.prefix = re.sub(r"[^A-Za-z0-9_.-]+", "-", prefix) + "_" if prefix else ""
         self.fps = fps
         self.camera = camera
         self._episodes: dict[int, tuple[str, list[np.ndarray]]] = {}
@@ -41,7 +43,7 @@ class EpisodeVideoWriter:
 
     def start(self, env_index: int, task_name: str, state_id: int, episode: int) -> None:
         task = re.sub(r"[^A-Za-z0-9_.-]+", "-", task_name)
-        stem = f"env{env_index:03d}_{task}_state{state_id:04d}_ep{episode:05d}"
+        stem = f"{self.prefix}env{env_index:03d}_{task}_state{state_id:04d}_ep{episode:05d}"
         self._episodes[env_index] = (stem, [])
 
     def add(self, env_index: int, images: dict[str, np.ndarray]) -> None:

@@ -162,6 +162,9 @@ class Policy:
                 src = Path(self.asset_dir) / f
                 if src.exists() and src.resolve() != (assets / f).resolve():
                     shutil.copy(src, assets / f)
+        tok = getattr(self.tokenizer, "path", None)  # e.g. the shipped tiny tokenizer of a preset model
+        if tok is not None and Path(tok).name in TOKENIZER_FILES and not (assets / Path(tok).name).exists():
+            shutil.copy(tok, assets / Path(tok).name)
         if self.unused:
             save_file(self.unused, str(assets / "unused_tensors.safetensors"))
         meta = {"format": "vlajax-policy", "version": 1, "config": config_to_dict(self.cfg),

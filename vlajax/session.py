@@ -1,0 +1,163 @@
+"""What a run needs besides the learner, shared by `vlajax train` and `vlajax eval`: the policy named
+by the config, the simulators in Ray actors, and the pipelined rollout engine that joins them.
+
+`SimSession(cfg, policy)` starts (or joins) Ray, places the simulator actors, builds the decoder and
+the engine, and closes exactly what it started; `evaluate(pairs)` runs greedy episodes for
+(task, init-state) pairs through the same loop that training uses.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from pathlib import Path
+from typing import Callable, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+
+from vlajax.config import ConfigError, RunConfig, to_dict
+
+log = logging.getLogger(__name__)
+
+PROPRIO_DIM = 8  # LIBERO's and the tabletop task's robot state: eef xyz, axis-angle, 2 finger qpos
+
+
+def build_policy(cfg: RunConfig):
+    """The policy named by `actor_rollout_ref.model.path`: `preset:<name>` (random init, the shipped
+    tiny tokenizer) or a HF / vlajax checkpoint directory."""
+    from vlajax.model import Policy, build_model, load_pretrained, preset
+    from vlajax.model.init import apply_init
+    from vlajax.model.tokenizer import load_tokenizer
+
+    m, a = cfg.actor_rollout_ref.model, cfg.actor_rollout_ref.actor
+    n_img = a.num_images_in_input
+    if m.path.startswith("preset:"):
+        kw = {"num_images": n_img, "proprio_dim": PROPRIO_DIM if a.use_proprio else None}
+        if m.image_size:
+            kw["image_size"] = m.image_size
+        mcfg = preset(m.path.split(":", 1)[1], **kw)
+        model = build_model(mcfg, seed=cfg.trainer.seed, dtype=jnp.dtype(m.param_dtype))
+        apply_init(model, m.init_scheme, seed=cfg.trainer.seed)
+        return Policy(model, tokenizer=load_tokenizer("tiny"), compute_dtype=jnp.dtype(m.compute_dtype))
+    path = Path(m.path)
+    if not path.exists():
+        raise ConfigError(f"actor_rollout_ref.model.path: checkpoint {path} does not exist",
+                          key="actor_rollout_ref.model.path")
+    policy = load_pretrained(path, dtype=m.param_dtype, compute_dtype=m.compute_dtype, num_images=n_img)
+    if policy.tokenizer is None:
+        raise ConfigError(f"actor_rollout_ref.model.path: {path} has no tokenizer.json / tokenizer.model",
+                          key="actor_rollout_ref.model.path")
+    has = policy.cfg.proprio_dim is not None
+    if has != a.use_proprio:
+        raise ConfigError(f"actor_rollout_ref.actor.use_proprio={a.use_proprio} but the checkpoint {path} "
+                          f"{'has' if has else 'has no'} proprio projector", key="actor_rollout_ref.actor.use_proprio")
+    return policy
+
+
+def make_env_fn(cfg: RunConfig, video_dir: str | None = None) -> Callable:
+    """`env_fn(num_envs, *, name) -> VectorEnv` for the simulator in the config (picklable);
+    `video_dir`: one mp4 per episode there."""
+    t = cfg.env.train
+    size = t.init_params.camera_heights
+    video = {"video_dir": video_dir} if video_dir else {}
+    if t.simulator_type == "tabletop":
+        from vlajax.envs.tabletop import make_tabletop_vector_env
+
+        return functools.partial(make_tabletop_vector_env, image_size=size, max_episode_steps=t.max_episode_steps,
+                                 suite=t.task_suite_name, **video)
+    if t.simulator_type == "libero":
+        from vlajax.envs.libero import make_libero_vector_env
+
+        return functools.partial(make_libero_vector_env, t.task_suite_name, cameras=tuple(t.init_params.camera_names),
+                                 image_size=size, max_episode_steps=t.max_episode_steps, **video)
+    if t.simulator_type == "isaac":
+        if video_dir:
+            raise ConfigError("videos are not supported for env.train.simulator_type=isaac yet",
+                              key="env.train.simulator_type")
+        from vlajax.envs import isaac
+
+        return isaac.vector_env_fn(cfg)
+    raise ConfigError(f"env.train.simulator_type: unknown simulator {t.simulator_type!r}",
+                      key="env.train.simulator_type")
+
+
+def image_flip(cfg: RunConfig) -> bool:
+    """LIBERO renders upside-down (the OpenVLA preprocessing flips it); tabletop and Isaac are upright."""
+    return cfg.env.train.simulator_type == "libero"
+
+
+class SimSession:
+    """Ray + simulator actors + decoder + rollout engine for `policy` (see module docstring).
+
+    The decoder reads `policy.state` at every call, so a learner that updates the policy in place is
+    seen by the next rollout without any weight copy."""
+
+    def __init__(self, cfg: RunConfig, policy, *, video_dir: str | None = None):
+        from vlajax.distributed.ray_sim import PlacementOptions, SimPool, init_ray
+        from vlajax.rl.policy_step import PolicyDecoder
+        from vlajax.rl.rollout import RolloutConfig, RolloutEngine
+
+        self.cfg = cfg
+        self._closers: list[Callable[[], None]] = []
+        t = cfg.env.train
+        libero = t.simulator_type == "libero"
+        try:
+            self.ray = init_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus, temp_dir=cfg.ray.temp_dir)
+            self._closers.append(self.ray.shutdown)
+            n_img = cfg.actor_rollout_ref.actor.num_images_in_input
+            self.pool = SimPool(make_env_fn(cfg, video_dir), num_envs=t.num_envs,
+                                num_stages=cfg.env.rollout.pipeline_stage_num,
+                                placement=PlacementOptions.from_config(to_dict(cfg)),
+                                cameras=tuple(t.init_params.camera_names[:n_img]))
+            self._closers.insert(0, self.pool.close)
+            unnorm = t.task_suite_name if (libero and policy.dataset_statistics) else None
+            self.decoder = PolicyDecoder(policy, flip=image_flip(cfg), center_crop=True, unnorm_key=unnorm,
+                                         gripper="libero" if libero else None, capacity=self.pool.capacity)
+            self.engine = RolloutEngine(self.pool, self.decoder, RolloutConfig(
+                temperature=cfg.actor_rollout_ref.rollout.temperature, seed=cfg.trainer.seed))
+        except BaseException:
+            self.close()
+            raise
+        self.tasks = self.engine.tasks  # [(name, instruction, num_init_states), ...]
+
+    @property
+    def capacity(self) -> int:
+        """Trajectories per rollout round."""
+        return self.pool.capacity
+
+    def evaluate(self, pairs: Sequence[tuple[int, int]], *, seed: int | None = None,
+                 on_round: Callable[[list[dict]], None] | None = None) -> list[dict]:
+        """Greedy episodes for (task_id, state_id) pairs, in rounds of `capacity` (the last padded with
+        repeats whose results are dropped). One record per pair: task, state_id, success, length;
+        `on_round` gets each round's records as they finish."""
+        seed = self.cfg.env.train.seed if seed is None else seed
+        cap = self.capacity
+        results = []
+        for start in range(0, len(pairs), cap):
+            chunk = list(pairs[start:start + cap])
+            real = len(chunk)
+            chunk += [chunk[0]] * (cap - real)
+            t_ids = np.array([p[0] for p in chunk])
+            s_ids = np.array([p[1] for p in chunk])
+            tr = self.engine.evaluate(t_ids, s_ids, np.arange(cap), seed=seed).trajectories
+            recs = [{"task": self.tasks[t_ids[i]][0], "state_id": int(s_ids[i]), "success": bool(tr.success[i]),
+                     "length": int(tr.finish_step[i])} for i in range(real)]
+            results += recs
+            if on_round is not None:
+                on_round(recs)
+        return results
+
+    def close(self) -> None:
+        for fn in self._closers:
+            try:
+                fn()
+            except Exception as e:  # keep closing the rest
+                log.warning("closing: %s", e)
+        self._closers = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
