@@ -18,7 +18,7 @@ import numpy as np
 
 # One render thread, as in the SubprocVectorEnv workers, so "1 process" means one core.
 os.environ.setdefault("LP_NUM_THREADS", "1")
-from vlajax.envs.tabletop import TabletopEnv, directed_actions, make_tabletop_vector_env, target_xy  # noqa: E402
+from vlajax.envs.tabletop import SUITES, TabletopEnv, directed_actions, make_tabletop_vector_env, target_xy  # noqa: E402
 
 K = 8
 
@@ -59,11 +59,12 @@ def vector(num_envs: int, image_size: int, render: bool, every: bool, seconds: f
         return steps / (time.perf_counter() - t0)
 
 
-def success_rates(num_envs: int, episodes: int) -> tuple[float, float]:
+def success_rates(num_envs: int, episodes: int, suite: str = "tabletop") -> tuple[float, float]:
     """(random-policy, directed-policy) success rates within the default 64-step limit."""
     rng = np.random.default_rng(1)
     wins = {"random": 0, "directed": 0}
-    with make_tabletop_vector_env(num_envs, env_kwargs={"render": False}) as env:
+    jitter = SUITES[suite].get("block_jitter")
+    with make_tabletop_vector_env(num_envs, suite=suite, env_kwargs={"render": False}) as env:
         for policy in wins:
             for e in range(0, episodes, num_envs):
                 tasks = [(e + i) % 3 for i in range(num_envs)]
@@ -73,7 +74,7 @@ def success_rates(num_envs: int, episodes: int) -> tuple[float, float]:
                     if policy == "random":
                         acts = rng.uniform(-1, 1, (num_envs, K, 7))
                     else:
-                        acts = np.stack([directed_actions(obs.proprio[i, :2], target_xy(t, s), K)
+                        acts = np.stack([directed_actions(obs.proprio[i, :2], target_xy(t, s, block_jitter=jitter), K)
                                          for i, (t, s) in enumerate(zip(tasks, states))])
                     res = env.chunk_step(acts)
                     obs = res.obs
@@ -90,6 +91,8 @@ def main() -> None:
     ap.add_argument("--num-envs", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--image-size", type=int, default=64)
     ap.add_argument("--seconds", type=float, default=5.0, help="per throughput measurement")
+    ap.add_argument("--suite", default="tabletop", choices=sorted(SUITES))
+    ap.add_argument("--success-only", action="store_true", help="skip the throughput measurements")
     args = ap.parse_args()
     print(f"MUJOCO_GL={os.environ.get('MUJOCO_GL')}  image {args.image_size}x{args.image_size}  "
           f"chunk {K}  cores {os.cpu_count()}  load average {os.getloadavg()[0]:.1f}")
@@ -97,12 +100,12 @@ def main() -> None:
              ("render every sub-step", True, True)]
     print(f"{'mode':24s} {'1 process (steps/s)':>20s} {f'{args.num_envs} workers (steps/s)':>22s} "
           f"{'per core':>9s}")
-    for name, render, every in modes:
+    for name, render, every in [] if args.success_only else modes:
         one = single_process(args.image_size, render, every, args.seconds)
         many = vector(args.num_envs, args.image_size, render, every, args.seconds)
         print(f"{name:24s} {one:20.0f} {many:22.0f} {many / args.num_envs:9.0f}")
-    rnd, directed = success_rates(args.num_envs, args.episodes)
-    print(f"success within 64 steps over {args.episodes} episodes: random policy {rnd:.3f}, "
+    rnd, directed = success_rates(args.num_envs, args.episodes, args.suite)
+    print(f"{args.suite}: success within 64 steps over {args.episodes} episodes: random policy {rnd:.3f}, "
           f"directed policy {directed:.3f}")
 
 

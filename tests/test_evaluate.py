@@ -46,21 +46,22 @@ def _rows(path):
 def test_learning_rate_warms_up_linearly_then_stays():
     cfg = load_config("demo", ["actor_rollout_ref.actor.optim.lr=1e-3", "actor_rollout_ref.actor.optim.lr_warmup_steps=4"])
     assert [learning_rate(cfg, s) for s in range(6)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
-    assert learning_rate(load_config("demo", ["actor_rollout_ref.actor.optim.lr=2e-4"]), 0) == 2e-4
+    no_warmup = ["actor_rollout_ref.actor.optim.lr=2e-4", "actor_rollout_ref.actor.optim.lr_warmup_steps=0"]
+    assert learning_rate(load_config("demo", no_warmup), 0) == 2e-4
 
 
 def test_eval_of_a_training_run(run_dir, capsys):
     assert cli_main(["eval", str(run_dir), "--trials", "2", "--video"]) == 0
     out = capsys.readouterr().out
-    assert "greedy success on tabletop" in out and "| **all** | 6 |" in out
+    assert "greedy success on tabletop_anchored" in out and "| **all** | 6 |" in out
     ev = run_dir / "eval"
-    rows = _rows(ev / "tabletop_step2.csv")
+    rows = _rows(ev / "tabletop_anchored_step2.csv")
     assert [r["task"] for r in rows] == ["reach_red", "reach_green", "reach_blue", "all"]
     assert all(int(r["episodes"]) == 2 for r in rows[:3])
-    episodes = _rows(ev / "tabletop_step2_episodes.csv")
+    episodes = _rows(ev / "tabletop_anchored_step2_episodes.csv")
     assert sorted((e["task"], e["state_id"]) for e in episodes) == sorted(
         (t, str(s)) for t in ("reach_red", "reach_green", "reach_blue") for s in (0, 1))
-    assert (ev / "tabletop_step2.png").stat().st_size > 0
+    assert (ev / "tabletop_anchored_step2.png").stat().st_size > 0
     videos = sorted(p.name for p in (ev / "videos").iterdir())
     # every episode is recorded, named after its simulator stage (the stages share the folder)
     for t in ("reach_red", "reach_green", "reach_blue"):
@@ -71,7 +72,7 @@ def test_eval_of_a_training_run(run_dir, capsys):
     # an earlier training step, chosen by its training-step number
     assert cli_main(["eval", str(run_dir), "--step", "1", "--trials", "1", "--tasks", "reach_blue,0",
                      "--out", str(run_dir / "eval1")]) == 0
-    assert [r["task"] for r in _rows(run_dir / "eval1" / "tabletop_step1.csv")] == ["reach_blue", "reach_red", "all"]
+    assert [r["task"] for r in _rows(run_dir / "eval1" / "tabletop_anchored_step1.csv")] == ["reach_blue", "reach_red", "all"]
 
 
 def test_eval_errors_name_the_problem(run_dir, tmp_path, capsys):

@@ -61,7 +61,8 @@ def test_clear_errors_before_anything_starts(tmp_path, capsys):
     assert "trainer.total_training_step" in capsys.readouterr().err
     assert cli_main(["train", "data.train_batch_size=abc"]) == 2
     assert "data.train_batch_size" in capsys.readouterr().err
-    ckpt = ["actor_rollout_ref.model.image_size=null"]  # demo.yaml sizes its preset; a checkpoint has its own
+    # demo.yaml sizes and initialises its preset; a checkpoint brings its own
+    ckpt = ["actor_rollout_ref.model.image_size=null", "actor_rollout_ref.model.init_scheme=normal"]
     assert cli_main(["train", f"actor_rollout_ref.model.path={tmp_path / 'nope'}",
                      f"trainer.default_local_dir={tmp_path / 'r1'}"] + ckpt) == 2
     err = capsys.readouterr().err

@@ -644,7 +644,7 @@ def validate(cfg: RunConfig) -> RunConfig:
         key = "actor_rollout_ref.model.init_scheme"
         _check(m.init_scheme in INIT_SCHEMES, key, f"{m.init_scheme!r} is not one of {', '.join(INIT_SCHEMES)}")
         _check(is_preset, key, f"applies to '{PRESET_PREFIX}...' models only (a checkpoint brings its own "
-                               f"weights), but actor_rollout_ref.model.path={m.path!r}")
+                               f"weights: set it to normal), but actor_rollout_ref.model.path={m.path!r}")
     _check(m.lora_rank >= 0, "actor_rollout_ref.model.lora_rank", f"must be >= 0 (0 = no LoRA), got {m.lora_rank}")
     _check(m.lora_alpha > 0, "actor_rollout_ref.model.lora_alpha", f"must be > 0, got {m.lora_alpha}")
     key = "actor_rollout_ref.model.target_modules"

@@ -87,7 +87,28 @@ def image_flip(cfg: RunConfig) -> bool:
     return cfg.env.train.simulator_type == "libero"
 
 
-class SimSession:
+class Closing:
+    """Owns what `self._closers` lists and closes it on `close()` / leaving a `with` block, in list
+    order, once; one failing closer does not stop the others."""
+
+    _closers: list[Callable[[], None]]
+
+    def close(self) -> None:
+        for fn in getattr(self, "_closers", []):
+            try:
+                fn()
+            except Exception as e:  # keep closing the rest
+                log.warning("closing: %s", e)
+        self._closers = []
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class SimSession(Closing):
     """Ray + simulator actors + decoder + rollout engine for `policy` (see module docstring).
 
     The decoder reads `policy.state` at every call, so a learner that updates the policy in place is
@@ -147,17 +168,3 @@ class SimSession:
             if on_round is not None:
                 on_round(recs)
         return results
-
-    def close(self) -> None:
-        for fn in self._closers:
-            try:
-                fn()
-            except Exception as e:  # keep closing the rest
-                log.warning("closing: %s", e)
-        self._closers = []
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()

@@ -30,7 +30,7 @@ import jax
 import numpy as np
 
 from vlajax.config import ConfigError, RunConfig, save_config, to_dict
-from vlajax.session import SimSession, build_policy, image_flip
+from vlajax.session import Closing, SimSession, build_policy, image_flip
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class TrainResult:
     final_eval: dict | None
 
 
-class Trainer:
+class Trainer(Closing):
     """Owns everything a run starts (Ray session, sim pool, learner) and closes it on exit."""
 
     def __init__(self, cfg: RunConfig):
@@ -109,36 +109,25 @@ class Trainer:
         self.learner = Learner(self.policy, learner_config(cfg, self.mesh.size, image_flip(cfg)), self.mesh)
         self.sim = SimSession(cfg, self.policy)
         self._closers.append(self.sim.close)
-        self.engine, self.tasks = self.sim.engine, self.sim.tasks
-        if self.sim.capacity % self.n:
+        try:  # from here on, a failure closes the simulators it started
+            self.engine, self.tasks = self.sim.engine, self.sim.tasks
+            if self.sim.capacity % self.n:
+                raise ConfigError(f"a rollout round runs {self.sim.capacity} trajectories, not a multiple of "
+                                  f"actor_rollout_ref.rollout.n={self.n}", key="actor_rollout_ref.rollout.n")
+            trials = min(t.num_trials_per_task, min(x[2] for x in self.tasks))
+            self.sampler = StateSampler(len(self.tasks), trials, seed=t.seed, shuffle=cfg.data.shuffle)
+            self.ckpt = CheckpointManager(self.run_dir / "checkpoints", save_interval_steps=1,
+                                          max_to_keep=cfg.trainer.max_actor_ckpt_to_keep)
+            self._closers.insert(0, self.ckpt.close)
+        except BaseException:
             self.close()
-            raise ConfigError(f"a rollout round runs {self.sim.capacity} trajectories, not a multiple of "
-                              f"actor_rollout_ref.rollout.n={self.n}", key="actor_rollout_ref.rollout.n")
-        trials = min(t.num_trials_per_task, min(x[2] for x in self.tasks))
-        self.sampler = StateSampler(len(self.tasks), trials, seed=t.seed, shuffle=cfg.data.shuffle)
-        self.ckpt = CheckpointManager(self.run_dir / "checkpoints", save_interval_steps=1,
-                                      max_to_keep=cfg.trainer.max_actor_ckpt_to_keep)
-        self._closers.insert(0, self.ckpt.close)
+            raise
         self.step = 0
         self.pending = None  # groups whose resets were issued before the update
         self.buffer = None  # dynamic-sampling buffer (carries excess groups if keep_excess_groups)
         self.key = jax.random.key(cfg.trainer.seed)
 
     # -- lifecycle ------------------------------------------------------------------------------
-    def close(self) -> None:
-        for fn in self._closers:
-            try:
-                fn()
-            except Exception as e:  # keep closing the rest
-                log.warning("closing: %s", e)
-        self._closers = []
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
-
     def maybe_resume(self) -> None:
         r = self.cfg.trainer.resume
         if r == "disable" or self.ckpt.latest_step() is None:
