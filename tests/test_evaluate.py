@@ -53,7 +53,8 @@ def test_learning_rate_warms_up_linearly_then_stays():
 def test_eval_of_a_training_run(run_dir, capsys):
     assert cli_main(["eval", str(run_dir), "--trials", "2", "--video"]) == 0
     out = capsys.readouterr().out
-    assert "greedy success on tabletop_anchored" in out and "| **all** | 6 |" in out
+    # the demo config validates by sampling at the rollout temperature (val_kwargs)
+    assert "sampled (temperature 1.6) success on tabletop_anchored" in out and "| **all** | 6 |" in out
     ev = run_dir / "eval"
     rows = _rows(ev / "tabletop_anchored_step2.csv")
     assert [r["task"] for r in rows] == ["reach_red", "reach_green", "reach_blue", "all"]
@@ -71,7 +72,8 @@ def test_eval_of_a_training_run(run_dir, capsys):
 
     # an earlier training step, chosen by its training-step number
     assert cli_main(["eval", str(run_dir), "--step", "1", "--trials", "1", "--tasks", "reach_blue,0",
-                     "--out", str(run_dir / "eval1")]) == 0
+                     "--temperature", "0", "--out", str(run_dir / "eval1")]) == 0
+    assert "run at step 1: greedy success" in capsys.readouterr().out
     assert [r["task"] for r in _rows(run_dir / "eval1" / "tabletop_anchored_step1.csv")] == ["reach_blue", "reach_red", "all"]
 
 
@@ -96,7 +98,7 @@ def test_eval_of_a_saved_policy_checkpoint(tmp_path, capsys):
     args = ["eval", str(ckpt), "--suite", "tabletop_anchored", "--trials", "1", "--out", str(tmp_path / "ev"),
             "env.train.num_envs=2", "env.train.max_episode_steps=16", "actor_rollout_ref.model.compute_dtype=float32"]
     assert cli_main(args) == 0
-    assert "greedy success on tabletop_anchored" in capsys.readouterr().out
+    assert "success on tabletop_anchored" in capsys.readouterr().out
     assert len(_rows(tmp_path / "ev" / "tabletop_anchored_episodes.csv")) == 3
 
 

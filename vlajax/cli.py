@@ -54,7 +54,7 @@ def _eval(args) -> int:
 
     tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
     res = run_eval(args.checkpoint, suite=args.suite, trials=args.trials, tasks=tasks, out_dir=args.out,
-                   video=args.video, step=args.step, overrides=list(args.overrides))
+                   video=args.video, step=args.step, temperature=args.temperature, overrides=list(args.overrides))
     print(res.report.markdown)
     print(f"written: {', '.join(str(p) for p in res.report.paths.values())}"
           + (f"; videos in {res.out_dir / 'videos'}" if args.video else ""))
@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
     t.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. trainer.total_training_steps=10")
     t.set_defaults(fn=_train)
 
-    e = sub.add_parser("eval", help="greedy evaluation of a checkpoint over a suite's tasks and init states")
+    e = sub.add_parser("eval", help="evaluation of a checkpoint over a suite's tasks and init states")
     e.add_argument("checkpoint", help="training run directory (config.yaml + checkpoints/), vlajax policy "
                                       "checkpoint or Hugging Face OpenVLA-OFT directory")
     e.add_argument("--suite", default=None, help="libero_spatial | libero_object | libero_goal | libero_10 | "
@@ -108,6 +108,8 @@ def main(argv: list[str] | None = None) -> int:
     e.add_argument("--step", type=int, default=None, help="training step of a run directory (default: latest)")
     e.add_argument("--out", default=None, help="output directory (default: <run>/eval or ./eval/<suite>)")
     e.add_argument("--video", action="store_true", help="write one mp4 per episode under <out>/videos")
+    e.add_argument("--temperature", type=float, default=None,
+                   help="0 = greedy; default: the config's actor_rollout_ref.rollout.val_kwargs (LIBERO recipe: greedy)")
     e.add_argument("overrides", nargs="*", help="config overrides, e.g. env.train.num_envs=4 ray.address=auto")
     e.set_defaults(fn=_eval)
 

@@ -1,5 +1,6 @@
-"""`vlajax eval CHECKPOINT --suite libero_10`: greedy episodes over a suite's tasks and init states, a
-per-task success table (markdown, printed and saved; CSV), a bar chart (PNG) and optional videos.
+"""`vlajax eval CHECKPOINT --suite libero_10`: episodes over a suite's tasks and init states (greedy unless
+the config's `val_kwargs` or `--temperature` say otherwise), a per-task success table (markdown, printed
+and saved; CSV), a bar chart (PNG) and optional videos.
 
 CHECKPOINT is either
   * a training run directory (`trainer.default_local_dir`: `config.yaml` + `checkpoints/`): the run's
@@ -7,7 +8,7 @@ CHECKPOINT is either
     parameters are loaded into it; or
   * a vlajax policy checkpoint or a Hugging Face OpenVLA-OFT directory (`load_pretrained`), evaluated
     with the simulator settings of `libero_grpo.yaml` (LIBERO suites) or `demo.yaml` (tabletop).
-Episodes run through the same Ray simulators and pipelined rollout loop as training, at temperature 0.
+Episodes run through the same Ray simulators and pipelined rollout loop as training.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
-from vlajax.config import ConfigError, RunConfig, load_config
+from vlajax.config import TABLETOP_SUITES, ConfigError, RunConfig, load_config
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +38,6 @@ def is_run_dir(path: Path) -> bool:
 def _suite_overrides(suite: str | None) -> list[str]:
     if suite is None:
         return []
-    from vlajax.config import TABLETOP_SUITES
     from vlajax.envs.isaac import ISAAC_SUITES
     from vlajax.envs.libero import SUITES
 
@@ -60,8 +60,6 @@ def eval_config(checkpoint: Path, suite: str | None, overrides: Sequence[str] = 
         return load_config(checkpoint / "config.yaml", extra)
     if not checkpoint.exists():
         raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
-    from vlajax.config import TABLETOP_SUITES
-
     hf = (checkpoint / "config.json").exists()
     base = "demo" if suite in TABLETOP_SUITES or (suite is None and not hf) else "libero_grpo"
     ckpt = [f"actor_rollout_ref.model.path={checkpoint}", "actor_rollout_ref.model.image_size=null",
@@ -138,18 +136,23 @@ def select_pairs(tasks: Sequence[tuple], task_ids: Sequence[int | str] | None, t
 
 def run_eval(checkpoint: str | Path, *, suite: str | None = None, trials: int | None = None,
              tasks: Sequence[int | str] | None = None, out_dir: str | Path | None = None, video: bool = False,
-             step: int | None = None, overrides: Sequence[str] = (), progress: bool = True) -> EvalResult:
-    """Evaluate `checkpoint` greedily; see the module docstring. `trials` defaults to every init state
-    of a LIBERO task (50) and to `data.val_num_trials_per_task` (else 50) elsewhere."""
+             step: int | None = None, temperature: float | None = None, overrides: Sequence[str] = (),
+             progress: bool = True) -> EvalResult:
+    """Evaluate `checkpoint`; see the module docstring. `trials` defaults to every init state of a LIBERO
+    task (50) and to `data.val_num_trials_per_task` (else 50) elsewhere. `temperature`: 0 = greedy;
+    default the config's validation decoding (`val_kwargs`; greedy in the LIBERO recipe)."""
     from vlajax.eval_report import write_eval_report
     from vlajax.metrics import Progress
-    from vlajax.session import SimSession
+    from vlajax.session import SimSession, val_temperature
 
     checkpoint = Path(checkpoint)
     cfg = eval_config(checkpoint, suite, overrides)
     suite_name = cfg.env.train.task_suite_name
     out = Path(out_dir) if out_dir else (checkpoint / "eval" if is_run_dir(checkpoint) else Path("eval") / suite_name)
     policy, ckpt_step = load_eval_policy(cfg, checkpoint, step)
+    temp = val_temperature(cfg) if temperature is None else float(temperature)
+    if temp < 0:
+        raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {temp}")
     if trials is None and cfg.env.train.simulator_type != "libero":
         trials = cfg.data.val_num_trials_per_task or 50
     video_dir = str(out / "videos") if video else None
@@ -161,12 +164,12 @@ def run_eval(checkpoint: str | Path, *, suite: str | None = None, trials: int | 
                 bar.update(len(recs), successes=sum(r["success"] for r in recs),
                            env_steps=sum(r["length"] for r in recs))
 
-            episodes = sim.evaluate(pairs, on_round=on_round if bar else None)
+            episodes = sim.evaluate(pairs, temperature=temp, on_round=on_round if bar else None)
         finally:
             if bar:
                 bar.close()
     at = f" at step {ckpt_step}" if ckpt_step is not None else ""
     name = suite_name if ckpt_step is None else f"{suite_name}_step{ckpt_step}"
-    report = write_eval_report(episodes, out, name=name,
-                               title=f"{checkpoint.name}{at}: greedy success on {suite_name}")
+    how = f"sampled (temperature {temp:g})" if temp else "greedy"
+    report = write_eval_report(episodes, out, name=name, title=f"{checkpoint.name}{at}: {how} success on {suite_name}")
     return EvalResult(report, episodes, out, ckpt_step)

@@ -30,7 +30,7 @@ __all__ = [
 ]
 
 TRAIN_SUCCESS = "train/success_rate"  # rollouts of the step, before dynamic-sampling filtering
-VAL_SUCCESS = "val/success_rate"  # greedy validation
+VAL_SUCCESS = "val/success_rate"  # validation (greedy unless val_kwargs.do_sample)
 EPISODE_LENGTH = "train/episode_length"  # env steps, success step included
 ENV_STEPS_PER_S = "perf/env_steps_per_s"
 POLICY_TFLOPS = "perf/policy_tflops"

@@ -2,8 +2,8 @@
 by the config, the simulators in Ray actors, and the pipelined rollout engine that joins them.
 
 `SimSession(cfg, policy)` starts (or joins) Ray, places the simulator actors, builds the decoder and
-the engine, and closes exactly what it started; `evaluate(pairs)` runs greedy episodes for
-(task, init-state) pairs through the same loop that training uses.
+the engine, and closes exactly what it started; `evaluate(pairs)` runs greedy (or sampled) episodes
+for (task, init-state) pairs through the same loop that training uses.
 """
 
 from __future__ import annotations
@@ -82,6 +82,13 @@ def make_env_fn(cfg: RunConfig, video_dir: str | None = None) -> Callable:
                       key="env.train.simulator_type")
 
 
+def val_temperature(cfg: RunConfig) -> float:
+    """Validation decoding (`actor_rollout_ref.rollout.val_kwargs`): 0 = greedy, else the sampling
+    temperature."""
+    vk = cfg.actor_rollout_ref.rollout.val_kwargs
+    return float(vk.temperature) if vk.do_sample else 0.0
+
+
 def image_flip(cfg: RunConfig) -> bool:
     """LIBERO renders upside-down (the OpenVLA preprocessing flips it); tabletop and Isaac are upright."""
     return cfg.env.train.simulator_type == "libero"
@@ -147,21 +154,26 @@ class SimSession(Closing):
         """Trajectories per rollout round."""
         return self.pool.capacity
 
-    def evaluate(self, pairs: Sequence[tuple[int, int]], *, seed: int | None = None,
+    def evaluate(self, pairs: Sequence[tuple[int, int]], *, temperature: float = 0.0, seed: int | None = None,
                  on_round: Callable[[list[dict]], None] | None = None) -> list[dict]:
-        """Greedy episodes for (task_id, state_id) pairs, in rounds of `capacity` (the last padded with
-        repeats whose results are dropped). One record per pair: task, state_id, success, length;
-        `on_round` gets each round's records as they finish."""
+        """Episodes for (task_id, state_id) pairs, greedy (temperature 0) or sampled, in rounds of
+        `capacity` (the last padded with repeats whose results are dropped). One record per pair: task,
+        state_id, success, length; `on_round` gets each round's records as they finish. Sampling keys
+        derive from `seed` and the round, so an evaluation is reproducible."""
+        import jax
+
         seed = self.cfg.env.train.seed if seed is None else seed
         cap = self.capacity
         results = []
-        for start in range(0, len(pairs), cap):
+        for r, start in enumerate(range(0, len(pairs), cap)):
             chunk = list(pairs[start:start + cap])
             real = len(chunk)
             chunk += [chunk[0]] * (cap - real)
             t_ids = np.array([p[0] for p in chunk])
             s_ids = np.array([p[1] for p in chunk])
-            tr = self.engine.evaluate(t_ids, s_ids, np.arange(cap), seed=seed).trajectories
+            key = jax.random.fold_in(jax.random.key(seed), r)
+            tr = self.engine.rollout(t_ids, s_ids, np.arange(cap), seed=seed, temperature=temperature,
+                                     key=key).trajectories
             recs = [{"task": self.tasks[t_ids[i]][0], "state_id": int(s_ids[i]), "success": bool(tr.success[i]),
                      "length": int(tr.finish_step[i])} for i in range(real)]
             results += recs

@@ -30,7 +30,7 @@ import jax
 import numpy as np
 
 from vlajax.config import ConfigError, RunConfig, save_config, to_dict
-from vlajax.session import Closing, SimSession, build_policy, image_flip
+from vlajax.session import Closing, SimSession, build_policy, image_flip, val_temperature
 
 log = logging.getLogger(__name__)
 
@@ -227,17 +227,21 @@ class Trainer(Closing):
 
     # -- validation -----------------------------------------------------------------------------
     def validate(self, num_trials: int | None = None, video_dir: str | None = None) -> dict:
-        """Greedy episodes from every task's first `num_trials` init states (padded to whole rounds).
+        """Validation episodes (`val_kwargs`: greedy by default, or `n` sampled ones per state) from
+        every task's first `num_trials` init states (padded to whole rounds).
         With `video_dir` they run in a fresh simulator session that records them (the training
         session is closed first: this is for the final evaluation)."""
         n_trials = num_trials or self.cfg.data.val_num_trials_per_task or self.sampler.num_trials
-        pairs = [(ti, s) for ti in range(len(self.tasks)) for s in range(min(n_trials, self.tasks[ti][2]))]
+        reps = self.cfg.actor_rollout_ref.rollout.val_kwargs.n
+        pairs = [(ti, s) for ti in range(len(self.tasks)) for s in range(min(n_trials, self.tasks[ti][2]))
+                 for _ in range(reps)]
+        temp = val_temperature(self.cfg)
         if video_dir is None:
-            results = self.sim.evaluate(pairs)
+            results = self.sim.evaluate(pairs, temperature=temp)
         else:
             self.sim.close()
             with SimSession(self.cfg, self.policy, video_dir=video_dir) as sim:
-                results = sim.evaluate(pairs)
+                results = sim.evaluate(pairs, temperature=temp)
         return {"episodes": results, "success_rate": float(np.mean([r["success"] for r in results]))}
 
 
@@ -272,7 +276,7 @@ def _step_metrics(trainer: Trainer, rounds, batch, upd: list[dict], timing: dict
 def train(cfg: RunConfig) -> TrainResult:
     """Run (or resume) the GRPO run described by `cfg`; returns its history."""
     from vlajax.eval_report import write_eval_report
-    from vlajax.metrics import MetricsLogger, Progress, Timer, plot_learning_curve
+    from vlajax.metrics import TRAIN_SUCCESS, VAL_SUCCESS, MetricsLogger, Progress, Timer, plot_learning_curve
 
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -316,9 +320,14 @@ def train(cfg: RunConfig) -> TrainResult:
                                 env_steps=m["train/env_steps"])
             tr.ckpt.wait_until_finished()
             final = tr.validate(video_dir=video_dir(cfg))
-            write_eval_report(final["episodes"], run_dir / "eval", name="final", title="final greedy evaluation")
+            t = val_temperature(cfg)
+            write_eval_report(final["episodes"], run_dir / "eval", name="final",
+                              title="final evaluation, " + (f"sampled at temperature {t:g}" if t else "greedy"))
         finally:
             progress.close()
             logger.close()
-        plot_learning_curve(run_dir / "metrics.jsonl", run_dir / "learning_curve.png")
+        t = val_temperature(cfg)
+        val = f"validation (sampled, T={t:g})" if t else "validation (greedy)"
+        plot_learning_curve(run_dir / "metrics.jsonl", run_dir / "learning_curve.png",
+                            keys=((TRAIN_SUCCESS, "train (sampled rollouts)"), (VAL_SUCCESS, val)))
         return TrainResult(run_dir, tr.step, history, final)
