@@ -6,21 +6,19 @@ the recipe's structure (GRPO, PPO-clip, 2 pipeline stages, greedy validation) is
 from __future__ import annotations
 
 import csv
-import os
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("libero")
 pytest.importorskip("robosuite")
 
+from tests.test_libero_env import _pack_path  # noqa: E402
 from vlajax.cli import main as cli_main  # noqa: E402
 from vlajax.config import load_config  # noqa: E402
 from vlajax.envs import libero_setup  # noqa: E402
 from vlajax.rl.checkpoint import CheckpointManager  # noqa: E402
 from vlajax.train import train  # noqa: E402
 
-REPO = Path(__file__).resolve().parents[1]
 SMALL = [
     "actor_rollout_ref.model.path=preset:small", "actor_rollout_ref.model.image_size=56",
     "actor_rollout_ref.model.compute_dtype=float32", "actor_rollout_ref.model.enable_gradient_checkpointing=false",
@@ -34,8 +32,8 @@ SMALL = [
 
 
 def _pack() -> str:
-    pack = os.environ.get(libero_setup.ASSETS_ENV) or str(REPO.parent / "shared" / "libero-assets.tar.xz")
-    if not Path(pack).exists():
+    pack = _pack_path()
+    if pack is None:
         pytest.skip(f"no LIBERO asset pack: set {libero_setup.ASSETS_ENV} or put shared/ beside the repo")
     return pack
 
