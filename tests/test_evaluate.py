@@ -126,3 +126,16 @@ def test_sigterm_stops_a_run_and_everything_it_started(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_eval_of_a_lora_run_restores_its_adapters(tmp_path):
+    run = tmp_path / "lora"
+    res = train(load_config(None, TINY + ["actor_rollout_ref.model.lora_rank=4", "trainer.total_training_steps=1",
+                                          f"trainer.default_local_dir={run}"]))
+    assert res.steps == 1
+    from vlajax.evaluate import eval_config, load_eval_policy
+
+    policy, step = load_eval_policy(eval_config(run, None), run)
+    assert step == 1 and policy.model_has_lora()
+    assert cli_main(["eval", str(run), "--trials", "1", "--temperature", "0"]) == 0
+    assert len(_rows(run / "eval" / "tabletop_anchored_step1_episodes.csv")) == 3

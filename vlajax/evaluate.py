@@ -73,7 +73,7 @@ def load_eval_policy(cfg: RunConfig, checkpoint: Path, step: int | None = None):
     from flax import nnx
 
     from vlajax.model import load_pretrained
-    from vlajax.session import build_policy
+    from vlajax.session import build_policy, lora_config
 
     m = cfg.actor_rollout_ref.model
     if not is_run_dir(checkpoint):
@@ -82,13 +82,13 @@ def load_eval_policy(cfg: RunConfig, checkpoint: Path, step: int | None = None):
     import jax
 
     from vlajax.rl.checkpoint import CheckpointManager
-    from vlajax.rl.lora import LoraConfig, apply_lora
+    from vlajax.rl.lora import apply_lora
 
     policy = build_policy(cfg)
-    if m.lora_rank > 0:
+    lora = lora_config(cfg)
+    if lora is not None:  # the run trained adapters: its checkpoint holds them
         model = policy.model
-        apply_lora(model, LoraConfig(rank=m.lora_rank, alpha=m.lora_alpha, seed=cfg.trainer.seed,
-                                     **({"targets": m.lora_target_regex()} if m.lora_target_regex() else {})))
+        apply_lora(model, lora)
         policy.set_model(model)
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                           nnx.to_pure_dict(policy.state))

@@ -55,6 +55,18 @@ def build_policy(cfg: RunConfig):
     return policy
 
 
+def lora_config(cfg: RunConfig):
+    """The `LoraConfig` of `actor_rollout_ref.model.lora_rank/alpha/target_modules`, or None (rank 0)."""
+    m = cfg.actor_rollout_ref.model
+    if m.lora_rank <= 0:
+        return None
+    from vlajax.rl.lora import LoraConfig
+
+    targets = m.lora_target_regex()
+    return LoraConfig(rank=m.lora_rank, alpha=m.lora_alpha, seed=cfg.trainer.seed,
+                      **({"targets": targets} if targets else {}))
+
+
 def make_env_fn(cfg: RunConfig, video_dir: str | None = None) -> Callable:
     """`env_fn(num_envs, *, name) -> VectorEnv` for the simulator in the config (picklable);
     `video_dir`: one mp4 per episode there."""

@@ -30,7 +30,7 @@ import jax
 import numpy as np
 
 from vlajax.config import ConfigError, RunConfig, save_config, to_dict
-from vlajax.session import Closing, SimSession, build_policy, image_flip, val_temperature
+from vlajax.session import Closing, SimSession, build_policy, image_flip, lora_config, val_temperature
 
 log = logging.getLogger(__name__)
 
@@ -40,13 +40,9 @@ log = logging.getLogger(__name__)
 
 def learner_config(cfg: RunConfig, num_devices: int, flip: bool):
     from vlajax.rl.learner import LearnerConfig
-    from vlajax.rl.lora import LoraConfig
 
     a, m = cfg.actor_rollout_ref.actor, cfg.actor_rollout_ref.model
-    lora = None
-    if m.lora_rank > 0:
-        lora = LoraConfig(rank=m.lora_rank, alpha=m.lora_alpha, seed=cfg.trainer.seed,
-                          **({"targets": m.lora_target_regex()} if m.lora_target_regex() else {}))
+    lora = lora_config(cfg)
     return LearnerConfig(
         lr=a.optim.lr, b1=a.optim.betas[0], b2=a.optim.betas[1], weight_decay=a.optim.weight_decay,
         grad_clip=a.grad_clip, micro_batch_size=a.micro_batch_size_per_device(num_devices),
