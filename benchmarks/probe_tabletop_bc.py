@@ -27,11 +27,11 @@ import numpy as np  # noqa: E402
 import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from vlajax.envs.tabletop import ANCHORS, TabletopEnv, directed_actions  # noqa: E402
+from vlajax.envs.tabletop import ANCHORS, PROPRIO_HIGH, PROPRIO_LOW, TabletopEnv, directed_actions  # noqa: E402
 from vlajax.model import build_model, preset  # noqa: E402
 from vlajax.model.actions import BIN_CENTERS  # noqa: E402
 from vlajax.model.init import apply_init  # noqa: E402
-from vlajax.model.preprocess import preprocess_images  # noqa: E402
+from vlajax.model.preprocess import normalize_proprio, preprocess_images  # noqa: E402
 from vlajax.model.tokenizer import load_tokenizer  # noqa: E402
 
 XY = (np.arange(56) % 7) < 2  # the dx, dy tokens of the 8 x 7 chunk
@@ -67,6 +67,9 @@ def main() -> None:
     ap.add_argument("--suite-jitter", type=float, default=None, help="block_jitter of the layout (anchored: 0.03)")
     ap.add_argument("--proprio", action="store_true", help="feed the gripper state as the proprio token")
     ap.add_argument("--image-size", type=int, default=56)
+    ap.add_argument("--action-queries", action="store_true", help="learned embeddings at the action rows")
+    ap.add_argument("--raw-proprio", action="store_true", help="feed the raw state (default: normalised to [-1, 1] "
+                    "by the env's PROPRIO_LOW / HIGH, as training does)")
     ap.add_argument("--init", default="scratch", choices=["normal", "scratch"])
     ap.add_argument("--llm-layers", type=int, default=2)
     ap.add_argument("--hidden", type=int, default=64)
@@ -78,7 +81,8 @@ def main() -> None:
 
     env = TabletopEnv(64, block_jitter=args.suite_jitter)
     tok = load_tokenizer("tiny")
-    cfg = preset("small", image_size=args.image_size, proprio_dim=8 if args.proprio else None)
+    cfg = preset("small", image_size=args.image_size, proprio_dim=8 if args.proprio else None,
+                 action_queries=args.action_queries)
     cfg = dataclasses.replace(cfg, llm=dataclasses.replace(cfg.llm, num_layers=args.llm_layers, hidden=args.hidden,
                                                            intermediate=2 * args.hidden))
     model = build_model(cfg, seed=0)
@@ -90,6 +94,8 @@ def main() -> None:
     def loss_fn(state, imgs, pro, ids, mask, cols):
         m = nnx.merge(graphdef, state)
         pv = preprocess_images(imgs, flip=False, center_crop=True, resize_to=args.image_size)
+        if args.proprio and not args.raw_proprio:
+            pro = normalize_proprio(pro, PROPRIO_LOW, PROPRIO_HIGH)
         logits = m.action_logits(pv, ids, mask, pro if args.proprio else None, dtype=jnp.float32)
         ll = jnp.take_along_axis(jax.nn.log_softmax(logits / 1.6, -1), cols[..., None], -1)[..., 0]
         return -jnp.mean(ll[:, XY]), logits
@@ -106,7 +112,7 @@ def main() -> None:
     want = BIN_CENTERS[np.clip(255 - test[4], 0, 254)][:, XY]
     t0 = time.perf_counter()
     print(f"target={args.target} proprio={args.proprio} image={args.image_size} init={args.init} "
-          f"layers={args.llm_layers} hidden={args.hidden} lr={args.lr} batch={args.batch}")
+          f"queries={args.action_queries} raw_proprio={args.raw_proprio} layers={args.llm_layers} hidden={args.hidden} lr={args.lr} batch={args.batch}")
     for it in range(args.steps):
         state, opt, loss = step(state, opt, *make_batch(env, tok, rng, args.batch, it * args.batch, args.target))
         if it % args.every == 0 or it == args.steps - 1:

@@ -186,6 +186,16 @@ def test_errors_name_the_key(overrides, key, fragment):
     assert f"'{key}'" in str(info.value) and fragment in str(info.value), str(info.value)
 
 
+def test_action_queries_are_for_presets_not_hf_checkpoints(tmp_path):
+    (tmp_path / "config.json").write_text("{}")
+    ckpt = [f"actor_rollout_ref.model.path={tmp_path}", "actor_rollout_ref.model.image_size=null",
+            "actor_rollout_ref.model.init_scheme=normal"]
+    with pytest.raises(ConfigError, match="has no action queries") as e:
+        load_config("demo", ckpt + ["actor_rollout_ref.model.action_queries=true"])
+    assert e.value.key == "actor_rollout_ref.model.action_queries"
+    assert not load_config("demo", ckpt + ["actor_rollout_ref.model.action_queries=false"]).actor_rollout_ref.model.action_queries
+
+
 def test_isaac_suites_are_checked():
     with pytest.raises(ConfigError, match="not an Isaac suite") as e:
         load_config("libero_grpo", ["env.train.simulator_type=isaac"])  # libero_10 is not an Isaac suite

@@ -94,3 +94,93 @@ def test_scratch_action_rows_carry_unit_scale_signals():
         h = jnp.take_along_axis(m.llm.hidden_states(x, lengths), rows[..., None], axis=1)
         rms[scheme] = float(jnp.sqrt(jnp.mean(h**2)))
     assert rms["normal"] < 0.05 and 0.5 < rms["scratch"] < 3.0, rms
+
+
+def _inputs(cfg, b=2):
+    from vlajax.model.tokenizer import load_tokenizer
+
+    rng = np.random.default_rng(0)
+    ids, mask = load_tokenizer("tiny").encode(["move the gripper to the red block", "go"])
+    pv = jnp.asarray(rng.normal(size=(b, 6, cfg.image_size, cfg.image_size)), jnp.float32)
+    return pv, jnp.asarray(ids), jnp.asarray(mask)
+
+
+def test_action_queries_tell_the_action_rows_apart():
+    """OFT's zero placeholders make every action row identical after the first layer (zero queries
+    attend uniformly); learned queries give each row its own state."""
+    cfg = preset("small", image_size=28)
+    pv, ids, mask = _inputs(cfg)
+    plain = build_model(cfg, seed=0)
+    apply_init(plain, "scratch")
+    x, _, rows = plain.embed_sequence(pv, ids, mask, dtype=jnp.float32)
+    placeholders = np.asarray(jnp.take_along_axis(x, rows[:, 1:, None], axis=1))
+    assert np.all(placeholders == 0)  # OFT: zero embeddings
+
+    qcfg = preset("small", image_size=28, action_queries=True)
+    model = build_model(qcfg, seed=0)
+    apply_init(model, "scratch")
+    q = np.asarray(model.action_query[...])
+    assert q.shape == (56, qcfg.llm.hidden) and abs(q.std() - 1.0) < 0.2  # a unit table under "scratch"
+    x, lengths, rows = model.embed_sequence(pv, ids, mask, dtype=jnp.float32)
+    got = np.asarray(jnp.take_along_axis(x, rows[:, 1:, None], axis=1))  # rows 1..55 are placeholders 0..54
+    np.testing.assert_allclose(got, np.broadcast_to(q[:55], got.shape), rtol=0, atol=0)
+    # the </s> row and the padding are untouched: the sequence ends where OFT's does
+    eos = np.asarray(x[np.arange(2), np.asarray(lengths) - 1])
+    np.testing.assert_allclose(eos, np.asarray(model.llm.embed(jnp.full((2,), qcfg.eos_id), jnp.float32)))
+    logits = np.asarray(model.action_logits(pv, ids, mask, dtype=jnp.float32))
+    assert np.abs(logits[:, 1:] - logits[:, 1:2]).max() > 1e-2  # rows differ
+
+
+def test_action_queries_survive_save_and_load_but_not_hf_export(tmp_path):
+    from vlajax.model import Policy, load_pretrained
+
+    cfg = preset("small", image_size=28, action_queries=True)
+    model = build_model(cfg, seed=1)
+    apply_init(model, "scratch", seed=1)
+    Policy(model).save(tmp_path / "p")
+    back = load_pretrained(tmp_path / "p")
+    assert back.cfg.action_queries
+    np.testing.assert_array_equal(np.asarray(back.model.action_query[...]), np.asarray(model.action_query[...]))
+    with pytest.raises(ValueError, match="action-query embeddings"):
+        back.export_hf(tmp_path / "hf")
+    assert not (tmp_path / "hf").exists()
+
+
+def test_build_policy_checks_a_checkpoint_against_the_config(tmp_path):
+    from vlajax.config import ConfigError, load_config
+    from vlajax.model import Policy
+    from vlajax.model.tokenizer import load_tokenizer
+    from vlajax.session import build_policy
+
+    Policy(build_model(preset("small", image_size=28), seed=0), tokenizer=load_tokenizer("tiny")).save(tmp_path / "p")
+    base = [f"actor_rollout_ref.model.path={tmp_path / 'p'}", "actor_rollout_ref.model.image_size=null",
+            "actor_rollout_ref.model.init_scheme=normal"]
+    with pytest.raises(ConfigError, match="has no action queries") as e:
+        build_policy(load_config("demo", base + ["actor_rollout_ref.actor.use_proprio=false"]))
+    assert e.value.key == "actor_rollout_ref.model.action_queries"
+    with pytest.raises(ConfigError, match="has no proprio projector") as e:
+        build_policy(load_config("demo", base + ["actor_rollout_ref.model.action_queries=false"]))
+    assert e.value.key == "actor_rollout_ref.actor.use_proprio"
+    ok = ["actor_rollout_ref.model.action_queries=false", "actor_rollout_ref.actor.use_proprio=false"]
+    assert not build_policy(load_config("demo", base + ok)).cfg.action_queries
+
+
+def test_tabletop_presets_carry_the_env_proprio_range():
+    """A from-scratch tabletop policy gets statistics as an OFT checkpoint has them: identity actions,
+    and the env's proprio range, which the decoder (and, through it, the learner) maps to [-1, 1]."""
+    from vlajax.config import load_config
+    from vlajax.envs.tabletop import PROPRIO_HIGH, PROPRIO_LOW, Z_START
+    from vlajax.rl.policy_step import PolicyDecoder
+    from vlajax.session import TABLETOP_STATS_KEY, build_policy
+
+    policy = build_policy(load_config("demo", ["actor_rollout_ref.model.image_size=28"]))
+    assert policy.cfg.action_queries and policy.cfg.proprio_dim == 8
+    stats = policy.dataset_statistics[TABLETOP_STATS_KEY]
+    np.testing.assert_array_equal(stats["proprio"]["q01"], PROPRIO_LOW)
+    dec = PolicyDecoder(policy, flip=False, unnorm_key=TABLETOP_STATS_KEY, gripper=None)
+    raw = np.array([PROPRIO_LOW, PROPRIO_HIGH, [0.13, -0.13, Z_START, np.pi, 0, 0, 0.02, 0.0]], np.float32)
+    np.testing.assert_allclose(dec.model_proprio(raw), [[-1] * 8, [1] * 8, [0.5, -0.5, 0.0, 0, 0, 0, 1, -1]], atol=1e-5)
+    # the identity action statistics decode bins to the normalised values themselves
+    tokens = np.arange(56, dtype=np.int32)[None] * 4
+    np.testing.assert_allclose(policy.tokens_to_actions(tokens, TABLETOP_STATS_KEY, None),
+                               policy.tokens_to_actions(tokens, None, None), atol=1e-6)

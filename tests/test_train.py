@@ -35,8 +35,13 @@ def _final_params(run_dir):
 @pytest.mark.slow
 def test_resumed_run_is_bit_identical_to_uninterrupted(tmp_path):
     straight = tmp_path / "straight"
-    res = train(load_config(None, TINY + ["trainer.total_training_steps=3", f"trainer.default_local_dir={straight}"]))
+    one_update = ["actor_rollout_ref.actor.ppo_epochs=1"]  # one mini-batch, one epoch: the update is on-policy
+    res = train(load_config(None, TINY + one_update + ["trainer.total_training_steps=3",
+                                                        f"trainer.default_local_dir={straight}"]))
     assert res.steps == 3 and len(res.history) == 3
+    # the learner recomputes exactly the rollout's log-probs (same images, prompt, normalised proprio)
+    for m in res.history:
+        assert m["actor/updates"] == 1 and abs(m["actor/approx_kl_k3"]) < 1e-5 and abs(m["actor/ratio_mean"] - 1) < 1e-3
     for m in res.history:
         assert 0.0 <= m["train/success_rate"] <= 1.0 and np.isfinite(m["actor/loss"])
     assert (straight / "learning_curve.png").stat().st_size > 0
@@ -45,8 +50,9 @@ def test_resumed_run_is_bit_identical_to_uninterrupted(tmp_path):
     assert [x["step"] for x in lines if "train/success_rate" in x] == [1, 2, 3]
 
     resumed = tmp_path / "resumed"
-    train(load_config(None, TINY + ["trainer.total_training_steps=2", f"trainer.default_local_dir={resumed}"]))
-    res2 = train(load_config(None, TINY + ["trainer.total_training_steps=3", f"trainer.default_local_dir={resumed}"]))
+    train(load_config(None, TINY + one_update + ["trainer.total_training_steps=2", f"trainer.default_local_dir={resumed}"]))
+    res2 = train(load_config(None, TINY + one_update + ["trainer.total_training_steps=3",
+                                                         f"trainer.default_local_dir={resumed}"]))
     assert [m["train/success_rate"] for m in res2.history] == [res.history[2]["train/success_rate"]]
 
     step_a, a = _final_params(straight)
@@ -54,6 +60,54 @@ def test_resumed_run_is_bit_identical_to_uninterrupted(tmp_path):
     assert step_a == step_b
     la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
     assert len(la) == len(lb) and all(np.array_equal(x, y) for x, y in zip(la, lb))
+
+
+def _two_proportion_z(k1: int, n1: int, k2: int, n2: int) -> float:
+    """z statistic of p2 > p1 (pooled two-proportion test)."""
+    p = (k1 + k2) / (n1 + n2)
+    return (k2 / n2 - k1 / n1) / max(np.sqrt(p * (1 - p) * (1 / n1 + 1 / n2)), 1e-9)
+
+
+# The embedded default, shortened: sampled validation (4 episodes per state) so that the start is
+# measured at the random-policy level on the same 48 states as the end.
+LEARN = ["trainer.total_training_steps=80", "trainer.save_freq=40", "trainer.test_freq=-1", "trainer.logger=[jsonl]",
+         "actor_rollout_ref.rollout.val_kwargs.do_sample=true", "actor_rollout_ref.rollout.val_kwargs.temperature=1.6",
+         "actor_rollout_ref.rollout.val_kwargs.n=4"]
+
+
+@pytest.mark.slow
+def test_grpo_learns_the_tabletop_task_then_resumes(tmp_path):
+    """GRPO from a fixed seed on the built-in task (the embedded default's config, 80 steps instead of
+    400): success after training is significantly above the start, in validation on the same
+    states and in the sampled rollouts; then the run resumes from its step-80 checkpoint and goes on
+    from the learned policy."""
+    run = tmp_path / "learn"
+    res = train(load_config(None, LEARN + [f"trainer.default_local_dir={run}"]))
+    assert res.steps == 80
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    before = next(x["val/success_rate"] for x in lines if x["step"] == 0 and "val/success_rate" in x)
+    n_val = len(res.final_eval["episodes"])
+    assert n_val == 3 * 16 * 4
+    after = res.final_eval["success_rate"]
+    z_val = _two_proportion_z(round(before * n_val), n_val, round(after * n_val), n_val)
+
+    def window(hist):
+        return int(sum(m["train/successes"] for m in hist)), int(sum(m["train/episodes"] for m in hist))
+
+    (k0, n0), (k1, n1) = window(res.history[:10]), window(res.history[-10:])
+    z_train = _two_proportion_z(k0, n0, k1, n1)
+    summary = (f"validation {before:.3f} -> {after:.3f} (z {z_val:.1f}); rollouts {k0 / n0:.3f} (steps 1-10) -> "
+               f"{k1 / n1:.3f} (steps 71-80) (z {z_train:.1f})")
+    print(summary)
+    assert before < 0.4 and z_val > 2.0 and z_train > 3.0, summary
+
+    res2 = train(load_config(None, LEARN + [f"trainer.default_local_dir={run}", "trainer.total_training_steps=84"]))
+    assert res2.steps == 84 and [m["train/success_rate"] for m in res2.history] and len(res2.history) == 4
+    k2, n2 = window(res2.history)
+    assert _two_proportion_z(k0, n0, k2, n2) > 2.0, (k0 / n0, k2 / n2)  # it resumed the learned policy
+    steps = [x["step"] for x in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
+             if "train/success_rate" in x]
+    assert steps == list(range(1, 85))  # the step-80 record is kept, none is doubled
 
 
 def test_clear_errors_before_anything_starts(tmp_path, capsys):

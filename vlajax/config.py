@@ -117,6 +117,10 @@ class ModelConfig:
     # vlajax: random init of "preset:" models: "normal" (N(0, 0.02)) or "scratch" (fan-in kernels,
     # ordinal action head: what RL from scratch needs; vlajax.model.init).
     init_scheme: str = "normal"
+    # vlajax: learned embeddings at the 56 action rows instead of OFT's zeros, for "preset:" models
+    # trained from scratch (vlajax.model.init says why); HF checkpoints have none, and a vlajax
+    # checkpoint brings its own (this key must then match it).
+    action_queries: bool = False
 
     def lora_target_regex(self) -> str | None:
         """Regex for `vlajax.rl.lora.LoraConfig.targets`; None = its default (every LLM Linear)."""
@@ -645,6 +649,10 @@ def validate(cfg: RunConfig) -> RunConfig:
         _check(m.init_scheme in INIT_SCHEMES, key, f"{m.init_scheme!r} is not one of {', '.join(INIT_SCHEMES)}")
         _check(is_preset, key, f"applies to '{PRESET_PREFIX}...' models only (a checkpoint brings its own "
                                f"weights: set it to normal), but actor_rollout_ref.model.path={m.path!r}")
+    if m.action_queries:
+        _check(m.path.startswith(PRESET_PREFIX) or not (Path(m.path) / "config.json").exists(),
+               "actor_rollout_ref.model.action_queries",
+               f"a Hugging Face OpenVLA-OFT checkpoint has no action queries, but actor_rollout_ref.model.path={m.path!r}")
     _check(m.lora_rank >= 0, "actor_rollout_ref.model.lora_rank", f"must be >= 0 (0 = no LoRA), got {m.lora_rank}")
     _check(m.lora_alpha > 0, "actor_rollout_ref.model.lora_alpha", f"must be > 0, got {m.lora_alpha}")
     key = "actor_rollout_ref.model.target_modules"

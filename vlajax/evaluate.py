@@ -63,7 +63,7 @@ def eval_config(checkpoint: Path, suite: str | None, overrides: Sequence[str] = 
     hf = (checkpoint / "config.json").exists()
     base = "demo" if suite in TABLETOP_SUITES or (suite is None and not hf) else "libero_grpo"
     ckpt = [f"actor_rollout_ref.model.path={checkpoint}", "actor_rollout_ref.model.image_size=null",
-            "actor_rollout_ref.model.init_scheme=normal"]
+            "actor_rollout_ref.model.init_scheme=normal", "actor_rollout_ref.model.action_queries=false"]
     return load_config(base, ckpt + extra)
 
 

@@ -21,6 +21,7 @@ from vlajax.config import ConfigError, RunConfig, to_dict
 log = logging.getLogger(__name__)
 
 PROPRIO_DIM = 8  # LIBERO's and the tabletop task's robot state: eef xyz, axis-angle, 2 finger qpos
+TABLETOP_STATS_KEY = "tabletop"
 
 
 def build_policy(cfg: RunConfig):
@@ -33,13 +34,15 @@ def build_policy(cfg: RunConfig):
     m, a = cfg.actor_rollout_ref.model, cfg.actor_rollout_ref.actor
     n_img = a.num_images_in_input
     if m.path.startswith("preset:"):
-        kw = {"num_images": n_img, "proprio_dim": PROPRIO_DIM if a.use_proprio else None}
+        kw = {"num_images": n_img, "proprio_dim": PROPRIO_DIM if a.use_proprio else None,
+              "action_queries": m.action_queries}
         if m.image_size:
             kw["image_size"] = m.image_size
         mcfg = preset(m.path.split(":", 1)[1], **kw)
         model = build_model(mcfg, seed=cfg.trainer.seed, dtype=jnp.dtype(m.param_dtype))
         apply_init(model, m.init_scheme, seed=cfg.trainer.seed)
-        return Policy(model, tokenizer=load_tokenizer("tiny"), compute_dtype=jnp.dtype(m.compute_dtype))
+        return Policy(model, tokenizer=load_tokenizer("tiny"), compute_dtype=jnp.dtype(m.compute_dtype),
+                      dataset_statistics=simulator_statistics(cfg))
     path = Path(m.path)
     if not path.exists():
         raise ConfigError(f"actor_rollout_ref.model.path: checkpoint {path} does not exist",
@@ -52,7 +55,26 @@ def build_policy(cfg: RunConfig):
     if has != a.use_proprio:
         raise ConfigError(f"actor_rollout_ref.actor.use_proprio={a.use_proprio} but the checkpoint {path} "
                           f"{'has' if has else 'has no'} proprio projector", key="actor_rollout_ref.actor.use_proprio")
+    if policy.cfg.action_queries != m.action_queries:
+        raise ConfigError(f"actor_rollout_ref.model.action_queries={m.action_queries} but the checkpoint {path} "
+                          f"{'has' if policy.cfg.action_queries else 'has no'} action queries",
+                          key="actor_rollout_ref.model.action_queries")
     return policy
+
+
+def simulator_statistics(cfg: RunConfig) -> dict | None:
+    """`dataset_statistics.json` content for a policy trained from scratch on the built-in tabletop
+    task: identity actions and the proprio ranges of the env (normalised to [-1, 1] as OFT does with a
+    dataset's q01 / q99; raw, the gripper xy would be a +-0.26 ripple beside a constant pi). Keyed
+    "tabletop" (all its suites share them); None for other simulators (LIBERO runs bring a checkpoint)."""
+    if cfg.env.train.simulator_type != "tabletop":
+        return None
+    from vlajax.envs.tabletop import PROPRIO_HIGH, PROPRIO_LOW
+    from vlajax.model.actions import ActionStats
+
+    stats = ActionStats.identity(cfg.env.actor.model.action_dim, key=TABLETOP_STATS_KEY).to_json()
+    stats[TABLETOP_STATS_KEY]["proprio"] = {"q01": PROPRIO_LOW.tolist(), "q99": PROPRIO_HIGH.tolist()}
+    return stats
 
 
 def lora_config(cfg: RunConfig):
@@ -151,7 +173,11 @@ class SimSession(Closing):
                                 placement=PlacementOptions.from_config(to_dict(cfg)),
                                 cameras=tuple(t.init_params.camera_names[:n_img]))
             self._closers.insert(0, self.pool.close)
-            unnorm = t.task_suite_name if (libero and policy.dataset_statistics) else None
+            unnorm = None
+            if libero and policy.dataset_statistics:
+                unnorm = t.task_suite_name
+            elif t.simulator_type == "tabletop" and TABLETOP_STATS_KEY in (policy.dataset_statistics or {}):
+                unnorm = TABLETOP_STATS_KEY
             self.decoder = PolicyDecoder(policy, flip=image_flip(cfg), center_crop=True, unnorm_key=unnorm,
                                          gripper="libero" if libero else None, capacity=self.pool.capacity)
             self.engine = RolloutEngine(self.pool, self.decoder, RolloutConfig(

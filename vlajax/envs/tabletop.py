@@ -41,6 +41,12 @@ BLOCK_HALF = 0.03
 Z_RANGE = (0.08, 0.20)  # gripper height range (m above the table)
 Z_START = 0.14
 FINGER_OPEN = 0.02  # finger slide-joint position when open (m)
+# Range of each proprio dim (what a policy's normalisation maps to [-1, 1], as OFT's q01 / q99 do
+# for a dataset): eef xyz over the workspace, axis-angle constant (pi, 0, 0) at the centre of a
+# unit range, fingers closed..open.
+PROPRIO_LOW = np.array([-WORKSPACE_HALF, -WORKSPACE_HALF, Z_RANGE[0], np.pi - 1, -1, -1, 0, 0], np.float32)
+PROPRIO_HIGH = np.array([WORKSPACE_HALF, WORKSPACE_HALF, Z_RANGE[1], np.pi + 1, 1, 1, FINGER_OPEN, FINGER_OPEN],
+                        np.float32)
 
 _MJCF = """
 <mujoco model="vlajax_tabletop">

@@ -65,6 +65,9 @@ class OFTConfig:
     llm: LlamaConfig
     num_images: int = 1
     proprio_dim: int | None = None
+    # Learned embeddings at the 56 action rows in place of OFT's zeros: for policies trained from
+    # scratch (presets) only; HF checkpoints have none. See vlajax.model.init for why.
+    action_queries: bool = False
     chunk: int = 8
     action_dim: int = 7
     n_bins: int = 256
@@ -114,17 +117,19 @@ class OFTConfig:
                 raise ValueError(f"{name}: width {t.width} not divisible by {t.num_heads} heads")
 
 
-def openvla_oft_7b(num_images: int = 1, proprio_dim: int | None = None) -> OFTConfig:
+def openvla_oft_7b(num_images: int = 1, proprio_dim: int | None = None, action_queries: bool = False) -> OFTConfig:
     return OFTConfig(
         dino=ViTConfig(width=1024, depth=24, mlp_dim=4096, class_token=True, num_registers=4, layer_scale=True),
         siglip=ViTConfig(width=1152, depth=27, mlp_dim=4304),
         llm=LlamaConfig(),
         num_images=num_images,
         proprio_dim=proprio_dim,
+        action_queries=action_queries,
     )
 
 
-def small(num_images: int = 1, proprio_dim: int | None = None, image_size: int = 224) -> OFTConfig:
+def small(num_images: int = 1, proprio_dim: int | None = None, image_size: int = 224,
+          action_queries: bool = False) -> OFTConfig:
     """CPU-sized model with the same structure (both towers, 16 heads, registers, LayerScale,
     vocab 32064 so that action ids are 31744..31999): for tests, demos and learning from scratch."""
     return OFTConfig(
@@ -136,6 +141,7 @@ def small(num_images: int = 1, proprio_dim: int | None = None, image_size: int =
         llm=LlamaConfig(hidden=64, intermediate=128, num_layers=2, num_heads=4, num_kv_heads=4),
         num_images=num_images,
         proprio_dim=proprio_dim,
+        action_queries=action_queries,
     )
 
 

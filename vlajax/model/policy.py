@@ -5,6 +5,9 @@ Sequence per row (P = real prompt length incl. BOS and the trailing 29871):
 
     [BOS, vision tokens (Nv), prompt[1:P], 56 zero embeddings, emb(</s>), right padding]
 
+(a from-scratch preset may replace the 56 zeros by learned embeddings, `OFTConfig.action_queries`;
+logit row 0 is read at the last prompt token, so rows 1..55 read the states of queries 0..54)
+
 Logits are read at rows Nv + P - 1 + arange(56) (the causal-LM shift: the last prompt token and
 the first 55 placeholders) and only over the 256 action columns (ids 31744..31999), so the 32064
 wide lm_head product is never formed.
@@ -17,7 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vlajax.model.config import OFTConfig
-from vlajax.model.layers import Linear
+from vlajax.model.layers import Linear, param
 from vlajax.model.llama import Llama
 from vlajax.model.vit import ViT
 
@@ -58,6 +61,10 @@ class OpenVLAOFT(nnx.Module):
         )
         self.proprio_projector = ProprioProjector(cfg.proprio_dim, cfg.llm.hidden, rngs) if cfg.proprio_dim else None
         self.llm = Llama(cfg.llm, rngs)
+        # (56, hidden) embeddings added at the placeholder rows (OFTConfig.action_queries); OFT has none
+        self.action_query = (
+            param(rngs, (cfg.num_action_tokens, cfg.llm.hidden), (None, "embed")) if cfg.action_queries else None
+        )
         self.remat = False  # set by the learner: rematerialise blocks in the backward pass
 
     def vision_tokens(self, pixel_values: jax.Array, dtype) -> jax.Array:
@@ -102,6 +109,10 @@ class OpenVLAOFT(nnx.Module):
         tail_ids = jnp.where(s < p1, shifted, jnp.where(s == p1 + na, cfg.eos_id, cfg.pad_id))
         keep = (s < p1) | (s == p1 + na)  # placeholders and padding are zero vectors
         tail = self.llm.embed(tail_ids, dtype) * keep[..., None].astype(dtype)
+        if self.action_query is not None:
+            slot = s - p1  # (B, T): action row index at the placeholders
+            at = ((slot >= 0) & (slot < na))[..., None].astype(dtype)
+            tail = tail + at * jnp.take(self.action_query[...].astype(dtype), jnp.clip(slot, 0, na - 1), axis=0)
 
         bos = self.llm.embed(input_ids[:, :1], dtype)
         x = jnp.concatenate([bos, vis, tail], axis=1)

@@ -178,6 +178,9 @@ class Policy:
     def export_hf(self, path: str | os.PathLike, dtype: str | None = None) -> None:
         """Write a Hugging Face OpenVLA-OFT directory loadable by the original PyTorch code: the same
         key names and shapes, each tensor in its original dtype (or `dtype` for all)."""
+        if self.cfg.action_queries:
+            raise ValueError("export_hf: this policy has learned action-query embeddings (OFTConfig.action_queries), "
+                             "which the OpenVLA-OFT format has no tensor for; keep it as a vlajax checkpoint")
         path = Path(path)
         path.mkdir(parents=True, exist_ok=True)
         default = dtype or "bfloat16"

@@ -158,6 +158,13 @@ class PolicyDecoder:
         self._graphdef = None
         self._fns: dict[float, Any] = {}
 
+    def model_proprio(self, proprio: np.ndarray) -> np.ndarray:
+        """(..., D) raw robot state -> what the model sees (q01/q99-normalised when the policy's
+        statistics have proprio bounds): the learner must feed the same as the decode did."""
+        if self._q01 is None:
+            return np.asarray(proprio, np.float32)
+        return np.asarray(normalize_proprio(proprio, self._q01, self._q99), np.float32)
+
     def _fn(self, temperature: float):
         """The jitted decode for the policy's current graph. Bound in a closure rather than passed
         as a static argument: hashing a GraphDef costs ~1 ms per call for the small model, more
