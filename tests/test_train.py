@@ -115,8 +115,9 @@ def test_clear_errors_before_anything_starts(tmp_path, capsys):
     assert "trainer.total_training_step" in capsys.readouterr().err
     assert cli_main(["train", "data.train_batch_size=abc"]) == 2
     assert "data.train_batch_size" in capsys.readouterr().err
-    # demo.yaml sizes and initialises its preset; a checkpoint brings its own
-    ckpt = ["actor_rollout_ref.model.image_size=null", "actor_rollout_ref.model.init_scheme=normal"]
+    # demo.yaml sizes and initialises its preset (and gives it action queries); a checkpoint brings its own
+    ckpt = ["actor_rollout_ref.model.image_size=null", "actor_rollout_ref.model.init_scheme=normal",
+            "actor_rollout_ref.model.action_queries=false"]
     assert cli_main(["train", f"actor_rollout_ref.model.path={tmp_path / 'nope'}",
                      f"trainer.default_local_dir={tmp_path / 'r1'}"] + ckpt) == 2
     err = capsys.readouterr().err
