@@ -78,8 +78,7 @@ def trim_prompts(ids: np.ndarray, mask: np.ndarray, multiple: int = 8) -> tuple[
     the update compiles for few widths). The decoder pads to a fixed width (64 by default) that a
     short prompt does not need; the padding keys are masked, so the logits are the same, and the
     update's sequence is shorter (demo: 138 -> ~90 tokens)."""
-    width = int(mask.sum(1).max()) if mask.size else 1
-    width = min(ids.shape[1], multiple * math.ceil(max(width, 1) / multiple))
+    width = min(ids.shape[1], multiple * math.ceil(int(mask.sum(1).max(initial=1)) / multiple))
     return ids[:, :width], mask[:, :width]
 
 

@@ -26,9 +26,9 @@ directions of the hidden space. The logits then hold a tilt and a curvature term
 - a discretised Gaussian whose mean and width the hidden state moves with two numbers, and whose
 gradient is shared by all bins. The random N(0, 0.02) part is kept.
 
-Why action queries (`OFTConfig.action_queries`, a deviation from OFT, which is built with and by a
-config, not by this module; under "scratch" the table starts N(0, 1) like the other tables): OFT
-feeds zero embeddings at the 56 action rows. A zero row has a zero query in the first layer, so it
+Why action queries (`OFTConfig.action_queries`, a deviation from OFT that a preset's config turns on;
+under "scratch" their table starts N(0, 1) like the other tables): OFT feeds zero embeddings at the
+56 action rows. A zero row has a zero query in the first layer, so it
 attends uniformly and every action row leaves that layer with the same state; later layers can only
 tell them apart through RoPE. A from-scratch model then tilts dx, dy, dz, ... alike and can learn
 only diagonal moves (on `tabletop_anchored`, the block to the upper left stayed near the random
