@@ -19,11 +19,12 @@ from vlajax.model.layers import Linear, RMSNorm, attention, maybe_remat, param
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-    """HF rotate_half RoPE. x: (B, T, H, Dh); positions: (T,). Computed in fp32."""
+    """HF rotate_half RoPE. x: (B, T, H, Dh); positions: (T,) or (B, T). Computed in fp32."""
     dh = x.shape[-1]
     inv_freq = 1.0 / (theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))
-    ang = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]  # (T, Dh/2)
-    ang = jnp.concatenate([ang, ang], axis=-1)[None, :, None, :]
+    ang = positions.astype(jnp.float32)[..., None] * inv_freq  # (T | B, T, Dh/2)
+    ang = jnp.concatenate([ang, ang], axis=-1)
+    ang = ang[None, :, None, :] if positions.ndim == 1 else ang[:, :, None, :]
     cos, sin = jnp.cos(ang), jnp.sin(ang)
     x32 = x.astype(jnp.float32)
     x1, x2 = x32[..., : dh // 2], x32[..., dh // 2 :]
@@ -46,15 +47,23 @@ class LlamaBlock(nnx.Module):
         self.up_proj = Linear(d, f, bias=False, axes=("embed", "mlp"), rngs=rngs)
         self.down_proj = Linear(f, d, bias=False, axes=("mlp", "embed"), rngs=rngs)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, lengths: jax.Array | None) -> jax.Array:
+    def __call__(self, x: jax.Array, positions: jax.Array, lengths: jax.Array | None,
+                 rows: jax.Array | None = None) -> jax.Array:
+        """x: (B, T, D) -> (B, T, D); with rows (B, R) only those rows are computed -> (B, R, D)
+        (keys and values still come from all T tokens)."""
         cfg = self.cfg
         b, t, d = x.shape
         h = self.input_layernorm(x)
-        q = self.q_proj(h).reshape(b, t, cfg.num_heads, cfg.head_dim)
         k = self.k_proj(h).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
         v = self.v_proj(h).reshape(b, t, cfg.num_kv_heads, cfg.head_dim)
-        q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
-        a = attention(q, k, v, lengths).reshape(b, t, d)
+        k = rope(k, positions, cfg.rope_theta)
+        qpos = positions
+        if rows is not None:
+            x = jnp.take_along_axis(x, rows[..., None], axis=1)
+            h = jnp.take_along_axis(h, rows[..., None], axis=1)
+            qpos = rows
+        q = rope(self.q_proj(h).reshape(b, h.shape[1], cfg.num_heads, cfg.head_dim), qpos, cfg.rope_theta)
+        a = attention(q, k, v, lengths).reshape(b, h.shape[1], d)
         x = x + self.o_proj(a)
         h = self.post_attention_layernorm(x)
         return x + self.down_proj(jax.nn.silu(self.gate_proj(h)) * self.up_proj(h))
@@ -72,17 +81,23 @@ class Llama(nnx.Module):
     def embed(self, ids: jax.Array, dtype) -> jax.Array:
         return jnp.take(self.embed_tokens[...], ids, axis=0).astype(dtype)
 
-    def hidden_states(self, x: jax.Array, lengths: jax.Array | None, remat: bool | str = False) -> jax.Array:
-        """x: (B, T, D) input embeddings -> (B, T, D) last-layer states before the final norm.
+    def hidden_states(self, x: jax.Array, lengths: jax.Array | None, remat: bool | str = False,
+                      rows: jax.Array | None = None) -> jax.Array:
+        """x: (B, T, D) input embeddings -> (B, T, D) last-layer states before the final norm, or
+        (B, R, D) at `rows` (B, R) only: the last layer then computes queries, attention output and
+        MLP for those rows alone (for OFT's 56 of ~350 rows, ~2% of the LLM's FLOPs saved).
         remat: per-block activation checkpointing (`layers.maybe_remat`)."""
         positions = jnp.arange(x.shape[1], dtype=jnp.int32)
 
-        def run(block, x):
-            return block(x, positions, lengths)
+        def run(block, x, rows=None):
+            return block(x, positions, lengths, rows)
 
         run = maybe_remat(run, remat)
-        for block in self.layers:
-            x = run(block, x)
+        for i, block in enumerate(self.layers):
+            last = rows is not None and i == len(self.layers) - 1
+            x = run(block, x, rows) if last else run(block, x)
+        if rows is not None and not self.layers:
+            x = jnp.take_along_axis(x, rows[..., None], axis=1)
         return x
 
     def logits(self, h: jax.Array, columns: slice) -> jax.Array:
