@@ -15,7 +15,7 @@ from vlajax.rl.checkpoint import CheckpointManager, CheckpointMismatchError
 
 HERE = Path(__file__).parent
 sys.path.insert(0, str(HERE))
-from _checkpoint_worker import Toy, make_state  # noqa: E402
+from _checkpoint_worker import make_state  # noqa: E402
 from _multidevice import run_8_devices  # noqa: E402
 
 
