@@ -64,7 +64,6 @@ def main():
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--seq", type=int, default=347)
     ap.add_argument("--peak-size", type=int, default=8192)
-    ap.add_argument("--vit-parts", action="store_true", help="also time the ViT blocks' GEMMs and attention apart")
     args = ap.parse_args()
     b, L, n = args.batch, args.seq, args.layers
     print("XLA_FLAGS", os.environ.get("XLA_FLAGS"), "batch", b, "seq", L, flush=True)
@@ -103,8 +102,6 @@ def main():
     t = time_it(lambda: att(q), 10, 3, sync)
     print(f"attention (B,{L},32,128): {t * 1e3:.2f} ms, {4 * b * L * L * d / t / 1e12:.0f} TFLOP/s", flush=True)
 
-    if args.vit_parts:
-        vit_parts(cfg, b, sync)
     for name, vc in (("dino", cfg.dino), ("siglip", cfg.siglip)):
         import dataclasses
 
@@ -117,37 +114,6 @@ def main():
         blk = 2 * b * ntok * (4 * vc.width**2 + 2 * vc.width * vc.mlp_dim) + 4 * b * ntok**2 * vc.width
         print(f"{name} x{n}: {t / n * 1e3:.2f} ms/block (incl. patch embed), {blk / (t / n) / 1e12:.0f} TFLOP/s;"
               f" full tower ~{t / n * vc.num_used_blocks * 1e3:.0f} ms", flush=True)
-
-
-def vit_parts(cfg, b, sync):
-    """The ViT blocks' pieces on their own: the four GEMMs, attention (cuDNN and XLA), LayerNorm, GELU."""
-    from vlajax.model.layers import LayerNorm
-
-    mm2 = jax.jit(lambda x, w: x @ w)
-    for name, vc in (("dino", cfg.dino), ("siglip", cfg.siglip)):
-        n, d, m = vc.num_patches + vc.num_prefix_tokens, vc.width, vc.mlp_dim
-        rows = b * n
-        for gname, (k_, n_) in (("qkv", (d, 3 * d)), ("proj", (d, d)), ("fc1", (d, m)), ("fc2", (m, d))):
-            x = jax.random.normal(jax.random.key(1), (rows, k_), jnp.bfloat16)
-            w = jax.random.normal(jax.random.key(2), (k_, n_), jnp.bfloat16)
-            t = time_it(lambda: mm2(x, w), 20, 3, sync)
-            print(f"  {name} gemm {gname} {rows}x{k_}x{n_}: {t * 1e6:.0f} us, {2 * rows * k_ * n_ / t / 1e12:.0f} TFLOP/s",
-                  flush=True)
-        q = jax.random.normal(jax.random.key(1), (b, n, vc.num_heads, d // vc.num_heads), jnp.bfloat16)
-        for impl in ("cudnn", "xla"):
-            att = jax.jit(lambda q: attention(q, q, q, None, impl))
-            t = time_it(lambda: att(q), 20, 3, sync)
-            print(f"  {name} attention {impl} {q.shape}: {t * 1e6:.0f} us, {4 * b * n * n * d / t / 1e12:.0f} TFLOP/s",
-                  flush=True)
-        x = jax.random.normal(jax.random.key(1), (b, n, d), jnp.bfloat16)
-        ln = LayerNorm(d, 1e-6, "vit_embed")
-        f_ln = jax.jit(lambda x: ln(x))
-        t = time_it(lambda: f_ln(x), 20, 3, sync)
-        print(f"  {name} layernorm {x.shape}: {t * 1e6:.0f} us", flush=True)
-        h = jax.random.normal(jax.random.key(1), (b, n, m), jnp.bfloat16)
-        f_g = jax.jit(lambda h: jax.nn.gelu(h, approximate=False))
-        t = time_it(lambda: f_g(h), 20, 3, sync)
-        print(f"  {name} exact gelu {h.shape}: {t * 1e6:.0f} us", flush=True)
 
 
 if __name__ == "__main__":

@@ -35,7 +35,7 @@ REMAT_POLICIES = {
 
 
 def maybe_remat(fn, remat):
-    """Wrap a per-block `fn(block, x)` in `nnx.remat` (activation checkpointing).
+    """Wrap a per-block `fn(block, x, ...)` in `nnx.remat` (activation checkpointing).
 
     remat: False/None/"none" = off; True or "full" = save only block inputs; "dots" = also save
     the outputs of the Linear layers (see REMAT_POLICIES)."""

@@ -23,8 +23,7 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
     dh = x.shape[-1]
     inv_freq = 1.0 / (theta ** (jnp.arange(0, dh, 2, dtype=jnp.float32) / dh))
     ang = positions.astype(jnp.float32)[..., None] * inv_freq  # (T | B, T, Dh/2)
-    ang = jnp.concatenate([ang, ang], axis=-1)
-    ang = ang[None, :, None, :] if positions.ndim == 1 else ang[:, :, None, :]
+    ang = jnp.concatenate([ang, ang], axis=-1)[..., None, :]  # broadcasts over B (if absent) and H
     cos, sin = jnp.cos(ang), jnp.sin(ang)
     x32 = x.astype(jnp.float32)
     x1, x2 = x32[..., : dh // 2], x32[..., dh // 2 :]
@@ -89,15 +88,13 @@ class Llama(nnx.Module):
         remat: per-block activation checkpointing (`layers.maybe_remat`)."""
         positions = jnp.arange(x.shape[1], dtype=jnp.int32)
 
-        def run(block, x, rows=None):
+        def run(block, x, rows):
             return block(x, positions, lengths, rows)
 
         run = maybe_remat(run, remat)
+        last = len(self.layers) - 1
         for i, block in enumerate(self.layers):
-            last = rows is not None and i == len(self.layers) - 1
-            x = run(block, x, rows) if last else run(block, x)
-        if rows is not None and not self.layers:
-            x = jnp.take_along_axis(x, rows[..., None], axis=1)
+            x = run(block, x, rows if i == last else None)
         return x
 
     def logits(self, h: jax.Array, columns: slice) -> jax.Array:
