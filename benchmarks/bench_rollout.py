@@ -157,7 +157,7 @@ def main(argv=None):
         env_fn = functools.partial(make_libero_vector_env, args.suite, assets_dir=args.assets,
                                    image_size=args.image_size, max_episode_steps=args.max_steps)
         n_tasks, flip, gripper = 10, True, "libero"
-    placement = PlacementOptions(env_workers_per_node=args.workers, env_cpus_per_worker=n_cpus / args.workers)
+    placement = PlacementOptions.standalone(env_workers_per_node=args.workers, env_cpus_per_worker=n_cpus / args.workers)
     pool = SimPool(env_fn, num_envs=args.envs, num_stages=args.stages, placement=placement,
                    render_every_substep=args.render_every_substep)
     try:

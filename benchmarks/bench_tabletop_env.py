@@ -59,17 +59,21 @@ def vector(num_envs: int, image_size: int, render: bool, every: bool, seconds: f
         return steps / (time.perf_counter() - t0)
 
 
-def success_rates(num_envs: int, episodes: int, suite: str = "tabletop") -> tuple[float, float]:
-    """(random-policy, directed-policy) success rates within the default 64-step limit."""
+def success_rates(num_envs: int, episodes: int, suite: str = "tabletop") -> tuple[float, float, int]:
+    """(random-policy, directed-policy) success rates within the default 64-step limit, and the number
+    of episodes each rate is over (`episodes` rounded up to whole batches of `num_envs`)."""
     rng = np.random.default_rng(1)
     wins = {"random": 0, "directed": 0}
+    batches = -(-episodes // num_envs)
     jitter = SUITES[suite].get("block_jitter")
     with make_tabletop_vector_env(num_envs, suite=suite, env_kwargs={"render": False}) as env:
         for policy in wins:
-            for e in range(0, episodes, num_envs):
+            for b in range(batches):
+                e = b * num_envs
                 tasks = [(e + i) % 3 for i in range(num_envs)]
                 states = [(e + i) % 1000 for i in range(num_envs)]
                 obs = env.reset(tasks, states, seed=0)
+                won = np.zeros(num_envs, bool)  # an env that finished early keeps its outcome
                 while True:
                     if policy == "random":
                         acts = rng.uniform(-1, 1, (num_envs, K, 7))
@@ -78,11 +82,12 @@ def success_rates(num_envs: int, episodes: int, suite: str = "tabletop") -> tupl
                                          for i, (t, s) in enumerate(zip(tasks, states))])
                     res = env.chunk_step(acts)
                     obs = res.obs
+                    won |= np.asarray(res.terminated, bool)
                     if res.done.all():
                         break
-                wins[policy] += int(res.terminated.sum())
-    n = (episodes // num_envs) * num_envs
-    return wins["random"] / n, wins["directed"] / n
+                wins[policy] += int(won.sum())
+    n = batches * num_envs
+    return wins["random"] / n, wins["directed"] / n, n
 
 
 def main() -> None:
@@ -104,8 +109,8 @@ def main() -> None:
         one = single_process(args.image_size, render, every, args.seconds)
         many = vector(args.num_envs, args.image_size, render, every, args.seconds)
         print(f"{name:24s} {one:20.0f} {many:22.0f} {many / args.num_envs:9.0f}")
-    rnd, directed = success_rates(args.num_envs, args.episodes, args.suite)
-    print(f"{args.suite}: success within 64 steps over {args.episodes} episodes: random policy {rnd:.3f}, "
+    rnd, directed, n = success_rates(args.num_envs, args.episodes, args.suite)
+    print(f"{args.suite}: success within 64 steps over {n} episodes: random policy {rnd:.3f}, "
           f"directed policy {directed:.3f}")
 
 

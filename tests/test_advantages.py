@@ -71,3 +71,24 @@ def test_dispatch_by_name_and_errors():
         grpo_advantages(r, ["a", "a", "b", "b"])
     with pytest.raises(ValueError, match="same length"):
         grpo_advantages(r, [0, 0, 1])
+
+
+def test_trainer_whitens_reinforce_plus_plus_over_valid_tokens_as_verl():
+    """verl whitens REINFORCE++ returns over every valid token of the batch: a long failed episode
+    weighs more than a short success. The trainer passes each trajectory's valid-token count."""
+    from vlajax.config import load_config
+    from vlajax.rl.samples import Trajectories, token_mask
+    from vlajax.train import trajectory_advantages
+
+    n, c, k, a = 6, 4, 2, 7
+    tr = Trajectories(actions_tokens=np.zeros((n, c, k * a), np.int32), old_logp=np.zeros((n, c, k * a), np.float32),
+                      chunk_valid=np.arange(c)[None, :] < np.array([1, 4, 2, 4, 3, 4])[:, None],
+                      success=np.array([1, 0, 1, 0, 1, 0], bool), finish_step=np.array([1, 8, 4, 8, 5, 8], np.int32),
+                      group_id=np.arange(n), task_id=np.zeros(n, np.int64))
+    cfg = load_config("demo", ["algorithm.adv_estimator=reinforce_plus_plus"])
+    adv = trajectory_advantages(cfg, tr, action_dim=a, chunk_len=k)
+    mask = token_mask(tr, action_dim=a, chunk_len=k)
+    r = np.broadcast_to(tr.success[:, None, None].astype(np.float64), mask.shape)[mask]  # one return per token
+    want = (tr.success - r.mean()) / (r.std(ddof=1) + 1e-6)
+    np.testing.assert_allclose(adv, want, rtol=1e-6)
+    assert not np.allclose(adv, reinforce_plus_plus_advantages(tr.success.astype(np.float32)))  # per trajectory differs

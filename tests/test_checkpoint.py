@@ -146,3 +146,55 @@ def test_restore_across_device_counts(tmp_path):
     assert len(r.params["w"].get_value().sharding.device_set) == 1
     _assert_tree_equal(r.params, params)
     _assert_tree_equal(r.train_state, ts)
+
+
+def test_a_damaged_checkpoint_is_one_clear_error(tmp_path):
+    """A truncated tensor file: one error naming the step, the tensor and the file, and the steps left
+    (orbax's own is a TensorStore message inside hundreds of lines of asyncio tracebacks)."""
+    from vlajax.rl.checkpoint import CheckpointReadError
+
+    params = {"big": jnp.arange(64 * 1024, dtype=jnp.float32).reshape(64, 1024), "small": jnp.ones(3)}
+    with CheckpointManager(tmp_path / "ck") as ck:
+        ck.save(1, params)
+        ck.save(2, params)
+        ck.wait_until_finished()
+    data = sorted((tmp_path / "ck" / "2" / "params").glob("ocdbt.process_*/d/*"), key=lambda p: p.stat().st_size)
+    with open(data[-1], "r+b") as f:
+        f.truncate(data[-1].stat().st_size // 2)
+    with CheckpointManager(tmp_path / "ck", read_only=True) as ck:
+        with pytest.raises(CheckpointReadError) as info:
+            ck.restore(2, params=params)
+        msg = str(info.value)
+        assert "step 2 is damaged" in msg and "'big'" in msg and str(tmp_path / "ck" / "2" / "params") in msg, msg
+        assert "have [1]" in msg and "--step 1" in msg, msg
+        r = ck.restore(1, params=params)  # the earlier step is intact
+        _assert_tree_equal(r.params, params)
+
+
+def test_read_only_manager_cleans_up_nothing(tmp_path):
+    """Opening another run's checkpoints (eval, trainer.resume=<path>) must not delete its in-progress saves."""
+    params, ts = make_state(1.0)
+    with CheckpointManager(tmp_path / "ck") as ck:
+        ck.save(1, params, ts)
+    leftover = tmp_path / "ck" / "2.orbax-checkpoint-tmp-123"
+    leftover.mkdir()
+    with CheckpointManager(tmp_path / "ck", read_only=True) as ck:
+        assert ck.latest_step() == 1
+    assert leftover.exists()
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        CheckpointManager(tmp_path / "nothing", read_only=True)
+
+
+def test_locate_checkpoint_accepts_what_users_name(tmp_path):
+    from vlajax.rl.checkpoint import locate_checkpoint
+
+    params, ts = make_state(1.0)
+    run = tmp_path / "run"
+    with CheckpointManager(run / "checkpoints") as ck:
+        ck.save(3, params, ts)
+    root = str(run / "checkpoints")
+    assert locate_checkpoint(run) == (root, None)
+    assert locate_checkpoint(run / "checkpoints") == (root, None)
+    assert locate_checkpoint(run / "checkpoints" / "3") == (root, 3)
+    with pytest.raises(FileNotFoundError, match="holds no vlajax checkpoint"):
+        locate_checkpoint(tmp_path)

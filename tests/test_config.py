@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import os
 import subprocess
 import sys
 import tomllib
+import warnings
 from pathlib import Path
 
 import pytest
@@ -16,6 +18,10 @@ from vlajax.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = ("demo", "libero_grpo", "libero_grpo_disagg")
+# A directory that exists, standing in for a user's SFT checkpoint where only the config is checked
+# (validation checks that actor_rollout_ref.model.path exists; building the policy reads it).
+SFT = REPO / "vlajax" / "assets" / "tiny_tokenizer"
+LIBERO = [f"actor_rollout_ref.model.path={SFT}"]  # libero_grpo.yaml names a checkpoint the user converts first
 
 
 def test_defaults_are_the_simplevla_rl_libero_recipe():
@@ -37,21 +43,22 @@ def test_defaults_are_the_simplevla_rl_libero_recipe():
     assert (e.disagg_sim.enable, e.disagg_sim.nnodes) == (False, 1)
     assert cfg.actor_rollout_ref.model.lora_rank == 0  # full-parameter training
     assert cfg.ray.address is None and cfg.trainer.resume == "auto"
-    # verl's interpolated run directory is resolved
-    assert cfg.trainer.default_local_dir == f"checkpoints/{cfg.trainer.project_name}/{cfg.trainer.experiment_name}"
+    # verl's interpolated run directory is resolved, and made absolute against the working directory
+    assert cfg.trainer.default_local_dir == os.path.abspath(
+        f"checkpoints/{cfg.trainer.project_name}/{cfg.trainer.experiment_name}")
     # derived sizes: 512 trajectories, 4 optimizer steps, 64 policy calls per episode
     assert (cfg.trajectories_per_step, cfg.optimizer_steps_per_step, cfg.chunks_per_episode) == (512, 4, 64)
 
 
 def test_libero_grpo_yaml_is_the_recipe():
     """libero_grpo.yaml differs from the recipe defaults only in where the run and model live."""
-    diff = C.config_diff(C.from_dict({}), load_config("libero_grpo"))
+    diff = C.config_diff(C.from_dict({}), load_config("libero_grpo", LIBERO))
     assert set(diff) <= {"actor_rollout_ref.model.path", "trainer.experiment_name", "trainer.default_local_dir",
                          "env.train.video_cfg.save_video"}, diff
 
 
 def test_disagg_yaml_differs_only_in_placement():
-    base, dis = load_config("libero_grpo"), load_config("libero_grpo_disagg")
+    base, dis = load_config("libero_grpo", LIBERO), load_config("libero_grpo_disagg", LIBERO)
     diff = C.config_diff(base, dis)
     assert set(diff) == {"env.disagg_sim.enable", "trainer.n_env_gpus_per_node", "trainer.n_rollout_gpus_per_node",
                          "trainer.experiment_name", "trainer.default_local_dir", "ray.address"}, diff
@@ -59,9 +66,26 @@ def test_disagg_yaml_differs_only_in_placement():
     assert dis.num_sim_workers == dis.trainer.n_env_gpus_per_node * dis.env.disagg_sim.nnodes
 
 
+def _shipped_yamls() -> list[Path]:
+    """Every YAML under configs/ and vlajax/configs/ (the same folder today, by a link)."""
+    files = {p.resolve(): p for d in (REPO / "configs", REPO / "vlajax" / "configs") for p in d.glob("*.yaml")}
+    return sorted(files.values())
+
+
+def test_every_shipped_yaml_is_tested():
+    assert {p.stem for p in _shipped_yamls()} == set(SHIPPED)
+
+
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_yamls_load_and_validate(name):
-    cfg = load_config(name)
+    path = next(p for p in _shipped_yamls() if p.stem == name)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a shipped config sets no key that does nothing
+        try:
+            cfg = load_config(path)
+        except ConfigError as e:  # only a checkpoint the user converts first may be missing
+            assert e.key == "actor_rollout_ref.model.path" and "does not exist" in str(e), str(e)
+            cfg = load_config(path, LIBERO)
     assert C.validate(cfg) is cfg
     assert cfg.trajectories_per_step % cfg.envs_per_round == 0
     assert cfg.rounds_per_step * cfg.envs_per_round == cfg.trajectories_per_step
@@ -93,7 +117,7 @@ def test_verl_named_overrides_reach_nested_keys():
         "env.disagg_sim.enable=true", "env.disagg_sim.nnodes=1", "actor_rollout_ref.rollout.n=4",
         "actor_rollout_ref.rollout.temperature=1.0", "actor_rollout_ref.actor.optim.lr=1e-5",
         "actor_rollout_ref.actor.clip_ratio_low=0.1", "actor_rollout_ref.actor.clip_ratio_high=0.3",
-        "data.train_batch_size=8", "trainer.nnodes=2", "+trainer.n_env_gpus_per_node=2",
+        "data.train_batch_size=8", "trainer.nnodes=1", "+trainer.n_env_gpus_per_node=2",
         "+trainer.n_rollout_gpus_per_node=3", "trainer.save_freq=7", "trainer.test_freq=-1",
         "trainer.total_training_steps=11", "trainer.logger=[console,jsonl]", "ray.address=auto",
         "actor_rollout_ref.model.target_modules=[q_proj,v_proj]",
@@ -104,12 +128,12 @@ def test_verl_named_overrides_reach_nested_keys():
     assert cfg.actor_rollout_ref.rollout.n == 4 and cfg.actor_rollout_ref.rollout.temperature == 1.0
     assert cfg.actor_rollout_ref.actor.optim.lr == 1e-5
     assert (cfg.actor_rollout_ref.actor.clip_ratio_low, cfg.actor_rollout_ref.actor.clip_ratio_high) == (0.1, 0.3)
-    assert cfg.data.train_batch_size == 8 and cfg.trainer.nnodes == 2
+    assert cfg.data.train_batch_size == 8 and cfg.trainer.nnodes == 1
     assert (cfg.trainer.n_env_gpus_per_node, cfg.trainer.n_rollout_gpus_per_node) == (2, 3)
     assert (cfg.trainer.save_freq, cfg.trainer.test_freq, cfg.trainer.total_training_steps) == (7, -1, 11)
     assert cfg.trainer.logger == ["console", "jsonl"] and cfg.ray.address == "auto"
     # disaggregated: simulator workers = per node x simulator nodes, not x trainer.nnodes
-    assert cfg.num_sim_workers == 2 and cfg.num_rollout_workers == 6
+    assert cfg.num_sim_workers == 2 and cfg.num_rollout_workers == 3
     # untouched keys keep the demo's values
     demo = load_config("demo")
     assert cfg.actor_rollout_ref.model == dataclasses.replace(demo.actor_rollout_ref.model,
@@ -170,8 +194,12 @@ BAD = [
     (["trainer.resume=/no/such/checkpoint"], "trainer.resume", "existing checkpoint"),
     (["trainer.save_freq=0"], "trainer.save_freq", "-1"),
     (["actor_rollout_ref.model.init_scheme=xavier"], "actor_rollout_ref.model.init_scheme", "normal, scratch"),
-    (["actor_rollout_ref.model.init_scheme=scratch", "actor_rollout_ref.model.path=/ckpt",
+    (["actor_rollout_ref.model.init_scheme=scratch", f"actor_rollout_ref.model.path={SFT}",
       "actor_rollout_ref.model.image_size=null"], "actor_rollout_ref.model.init_scheme", "preset:"),
+    # a missing checkpoint is named first, before the keys that only apply to presets
+    (["actor_rollout_ref.model.path=/nonexistent"], "actor_rollout_ref.model.path", "does not exist"),
+    (["trainer.nnodes=2"], "trainer.nnodes", "not implemented"),
+    (["env.rollout.step_timeout_s=0"], "env.rollout.step_timeout_s", "> 0"),
     (["env.train.task_suite_name=tabletop_hard"], "env.train.task_suite_name", "tabletop_anchored"),
     (["trainer.mesh.data=2", "trainer.mesh.fsdp=2", "actor_rollout_ref.actor.ppo_micro_batch_size=6"],
      "actor_rollout_ref.actor.ppo_micro_batch_size", "4 devices"),
@@ -198,9 +226,10 @@ def test_action_queries_are_for_presets_not_hf_checkpoints(tmp_path):
 
 def test_isaac_suites_are_checked():
     with pytest.raises(ConfigError, match="not an Isaac suite") as e:
-        load_config("libero_grpo", ["env.train.simulator_type=isaac"])  # libero_10 is not an Isaac suite
+        load_config("libero_grpo", LIBERO + ["env.train.simulator_type=isaac"])  # libero_10 is not an Isaac suite
     assert e.value.key == "env.train.task_suite_name"
-    cfg = load_config("libero_grpo", ["env.train.simulator_type=isaac", "env.train.task_suite_name=isaac_stack"])
+    cfg = load_config("libero_grpo", LIBERO + ["env.train.simulator_type=isaac",
+                                               "env.train.task_suite_name=isaac_stack"])
     assert cfg.env.train.simulator_type == "isaac"
 
 
@@ -223,8 +252,8 @@ def test_malformed_overrides_and_files(tmp_path):
 
 
 def test_saved_config_round_trips(tmp_path):
-    cfg = load_config("libero_grpo", ["actor_rollout_ref.model.lora_rank=32", "trainer.experiment_name=x",
-                                      "actor_rollout_ref.model.target_modules=[q_proj]"])
+    cfg = load_config("libero_grpo", LIBERO + ["actor_rollout_ref.model.lora_rank=32", "trainer.experiment_name=x",
+                                               "actor_rollout_ref.model.target_modules=[q_proj]"])
     path = C.save_config(cfg, tmp_path / "run")
     assert path == tmp_path / "run" / "config.yaml"
     text = path.read_text()
@@ -243,7 +272,7 @@ def test_config_objects_are_frozen():
 
 
 def test_loading_a_config_does_not_import_jax():
-    code = ("import sys, vlajax.config as c; c.load_config('libero_grpo'); c.load_config(None); "
+    code = (f"import sys, vlajax.config as c; c.load_config('libero_grpo', {LIBERO!r}); c.load_config(None); "
             "print(sorted(m for m in ('jax', 'flax', 'mujoco', 'ray', 'robosuite') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO)
     assert out.stdout.strip() == "[]", out.stdout + out.stderr
@@ -264,4 +293,48 @@ def test_hard_coded_names_match_the_modules():
     for t in C.KL_TYPES:
         kl_penalty(jnp.zeros(2), jnp.ones(2), t)  # raises for an unknown type
     for s in SUITES:
-        assert load_config("libero_grpo", [f"env.train.task_suite_name={s}"]).env.train.task_suite_name == s
+        assert load_config("libero_grpo", LIBERO + [f"env.train.task_suite_name={s}"]).env.train.task_suite_name == s
+
+
+def test_user_paths_are_made_absolute_once_where_the_config_is_read(tmp_path, monkeypatch):
+    """orbax refuses relative checkpoint paths; a saved config must name the same files from anywhere."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "sft").mkdir()
+    (tmp_path / "other_run").mkdir()
+    cfg = load_config("demo", ["trainer.default_local_dir=runs/x", "trainer.resume=other_run", "ray.temp_dir=rt",
+                               "env.train.video_cfg.video_base_dir=../videos", "actor_rollout_ref.model.path=sft",
+                               "actor_rollout_ref.model.image_size=null", "actor_rollout_ref.model.init_scheme=normal",
+                               "actor_rollout_ref.model.action_queries=false"])
+    assert cfg.trainer.default_local_dir == str(tmp_path / "runs" / "x") and cfg.run_dir.is_absolute()
+    assert cfg.trainer.resume == str(tmp_path / "other_run")
+    assert cfg.actor_rollout_ref.model.path == str(tmp_path / "sft")
+    assert cfg.env.train.video_cfg.video_base_dir == str(tmp_path.parent / "videos")
+    assert cfg.ray.temp_dir == str(tmp_path / "rt")
+    assert load_config("demo").actor_rollout_ref.model.path == "preset:small"  # not a path
+    assert load_config("demo", ["trainer.resume=disable"]).trainer.resume == "disable"
+    # the saved config, read from elsewhere, names the same directories
+    C.save_config(cfg, cfg.run_dir)
+    monkeypatch.chdir(tmp_path.parent)
+    assert load_config(cfg.run_dir / "config.yaml") == cfg
+
+
+def test_verl_keys_that_do_nothing_warn_when_set():
+    assert set(C.VERL_COMPAT_KEYS) <= set(C.flatten(C.RunConfig()))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        load_config("demo")  # left at their defaults: silent
+    with pytest.warns(UserWarning, match=r"'data.val_batch_size'=16 does nothing"):
+        load_config("demo", ["data.val_batch_size=16"])
+
+
+def test_read_tracking_records_leaf_reads_but_not_copies_or_checks():
+    cfg = load_config("demo")
+    with C.track_reads() as reads:
+        C.to_dict(cfg)
+        C.validate(cfg)
+        assert reads == set()
+        _ = cfg.data.train_batch_size, cfg.env.train.init_params.camera_names
+        _ = cfg.actor_rollout_ref.actor.optim  # a section: not a leaf
+        _ = cfg.trajectories_per_step  # a derived size reads its leaves
+    assert reads == {"data.train_batch_size", "env.train.init_params.camera_names",
+                     "actor_rollout_ref.rollout.n"}

@@ -32,7 +32,7 @@ def _add(buf, r):
 
 
 def test_buffer_accumulates_and_carries_excess():
-    buf = GroupBuffer(3, max_rounds=4)
+    buf = GroupBuffer(3, max_rounds=4, keep_excess=True)
     _add(buf, _round([0, 1, 2], [0.0, 0.5, 0.25]))  # keeps 1, 2
     assert not buf.done
     _add(buf, _round([3, 4, 5], [1.0, 0.75, 0.5]))  # keeps 4, 5 -> 4 groups, full

@@ -249,3 +249,22 @@ def test_even_length_attention_padding_is_exact():
     np.testing.assert_allclose(vb, va, rtol=1e-5)
     for x, y in zip(gb, ga):
         np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow  # compiles an update with the KL term and the reference forward
+def test_kl_to_the_initial_policy(params0):
+    """use_kl_loss with full parameters: the reference is a frozen copy of the weights the learner got,
+    so the KL term is 0 at the first update and grows as the policy moves away, while the
+    reference's log-probs stay those of the initial policy."""
+    learner = Learner(make_policy(params0), LearnerConfig(micro_batch_size=2, kl_coef=0.5, kl_type="low_var_kl", **BASE))
+    assert {x.dtype for x in jax.tree.leaves(learner.ref_params)} == {jnp.dtype(jnp.float32)}  # the compute dtype
+    batch = make_batch(6, adv_sign=1.0)
+    logp0 = np.asarray(learner.logprobs(batch)[0])
+    np.testing.assert_array_equal(np.asarray(learner.ref_logprobs(batch)), logp0)
+    learner.set_lr(1e-3)
+    kls = [float(jax.device_get(learner.update(batch))["kl_loss"]) for _ in range(3)]
+    assert abs(kls[0]) < 1e-7 and kls[2] > kls[1] > 1e-6, kls
+    np.testing.assert_array_equal(np.asarray(learner.ref_logprobs(batch)), logp0)
+    assert not np.array_equal(np.asarray(learner.logprobs(batch)[0]), logp0)
+    with pytest.raises(ValueError, match="no reference policy"):
+        Learner(make_policy(params0), CFG_K4).ref_logprobs(batch)

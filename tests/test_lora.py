@@ -94,3 +94,21 @@ def test_lora_learner_trains_adapters_only_and_merges(params0):
     lo_merged = np.asarray(merged.action_logits(*args))
     # bf16 weights and compute: ~1% of the logit scale apart (the adapters move logits by ~150% of it)
     np.testing.assert_allclose(lo_merged, lo_lora, atol=0.03 * np.abs(lo_lora).max())
+
+
+@pytest.mark.slow  # compiles a LoRA update with the KL term and two forwards
+def test_lora_kl_reference_is_the_base_model(params0):
+    """With LoRA the KL reference is the base model with the adapters off (no copy of the weights)."""
+    f32 = dict(compute_dtype="float32", frozen_dtype="float32", micro_batch_size=4)
+    learner = Learner(make_policy(params0), LearnerConfig(lora=LoraConfig(rank=4, alpha=8.0), kl_coef=0.1, **f32))
+    assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves(learner.ref_params))
+    batch = make_batch(7, images=True)
+    learner.set_lr(1e-2)
+    for _ in range(2):
+        m = jax.device_get(learner.update(batch))
+        assert np.isfinite(m["kl_loss"])
+    assert m["kl_loss"] > 0
+    base = Learner(make_policy(params0), LearnerConfig(**f32))
+    want = np.asarray(base.logprobs(batch)[0])
+    np.testing.assert_allclose(np.asarray(learner.ref_logprobs(batch)), want, rtol=1e-5, atol=1e-5)
+    assert np.abs(np.asarray(learner.logprobs(batch)[0]) - want).max() > 1e-3  # the adapters did move it

@@ -8,6 +8,8 @@ from __future__ import annotations
 import functools
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 
@@ -28,7 +30,7 @@ from vlajax.envs.tabletop import make_tabletop_vector_env
 from vlajax.rl.rollout import RolloutConfig, RolloutEngine
 
 LIMIT = 64  # long enough that the slow directed policy succeeds in some episodes, not all
-DISAGG = PlacementOptions(disagg_sim_enable=True, disagg_sim_nnodes=2, trainer_nnodes=1)
+DISAGG = PlacementOptions.standalone(disagg_sim_enable=True, disagg_sim_nnodes=2, trainer_nnodes=1)
 ENV_FN = functools.partial(make_tabletop_vector_env, image_size=IMAGE, max_episode_steps=LIMIT)
 
 # 2 workers x 2 stages x 2 envs; rows 2k and 2k+1 share a stage. Distinct (task, state) per row
@@ -114,15 +116,15 @@ def test_killing_a_sim_actor_mid_rollout_loses_nothing(cluster, pool):
 
 def test_missing_resources_are_named(cluster):
     cases = [
-        (PlacementOptions(disagg_sim_enable=True, disagg_sim_nnodes=3),
+        (PlacementOptions.standalone(disagg_sim_enable=True, disagg_sim_nnodes=3),
          r"missing resource 'sim': env.disagg_sim.nnodes=3.* asks for 3 sim node\(s\) carrying .* the cluster has 2"),
-        (PlacementOptions(disagg_sim_enable=True, disagg_sim_nnodes=2, n_env_gpus_per_node=1),
+        (PlacementOptions.standalone(disagg_sim_enable=True, disagg_sim_nnodes=2, n_env_gpus_per_node=1),
          r"missing resource 'GPU' on sim nodes: .*trainer.n_env_gpus_per_node=1"),
-        (PlacementOptions(disagg_sim_enable=True, disagg_sim_nnodes=2, n_rollout_gpus_per_node=2),
+        (PlacementOptions.standalone(disagg_sim_enable=True, disagg_sim_nnodes=2, n_rollout_gpus_per_node=2),
          r"missing resource 'GPU' on train_rollout nodes: trainer.nnodes=1, trainer.n_rollout_gpus_per_node=2"),
-        (PlacementOptions(disagg_sim_enable=True, disagg_sim_nnodes=2, trainer_nnodes=2),
+        (PlacementOptions.standalone(disagg_sim_enable=True, disagg_sim_nnodes=2, trainer_nnodes=2),
          r"missing resource 'train_rollout': .*asks for 2 train_rollout node\(s\)"),
-        (PlacementOptions(disagg_sim_enable=True, disagg_sim_nnodes=2, env_workers_per_node=2),
+        (PlacementOptions.standalone(disagg_sim_enable=True, disagg_sim_nnodes=2, env_workers_per_node=2),
          r"missing resource 'CPU' on sim nodes"),
     ]
     for opts, pattern in cases:
@@ -130,28 +132,30 @@ def test_missing_resources_are_named(cluster):
             SimPool(ENV_FN, num_envs=1, placement=opts)
     # the pure check agrees with a hand-made node list
     nodes = [{"NodeID": "a" * 20, "Alive": True, "Resources": {"CPU": 4.0, "sim": 1.0}}]
-    assert check_cluster_resources(nodes, PlacementOptions(disagg_sim_enable=True)) != []  # no train_rollout node
+    assert check_cluster_resources(nodes, PlacementOptions.standalone(disagg_sim_enable=True)) != []  # no train_rollout node
     nodes.append({"NodeID": "b" * 20, "Alive": True, "Resources": {"CPU": 1.0, "train_rollout": 1.0}})
-    assert check_cluster_resources(nodes, PlacementOptions(disagg_sim_enable=True)) == []
+    assert check_cluster_resources(nodes, PlacementOptions.standalone(disagg_sim_enable=True)) == []
 
 
 def test_placement_options_read_the_reference_config_keys():
-    cfg = {"env": {"disagg_sim": {"enable": True, "nnodes": 3}},
-           "trainer": {"nnodes": 2, "n_env_gpus_per_node": 4, "n_rollout_gpus_per_node": 8}}
-    opts = PlacementOptions.from_config(cfg)
+    from vlajax import config as C
+
+    cfg = C.RunConfig(env=C.EnvConfig(disagg_sim=C.DisaggSimConfig(enable=True, nnodes=3)),
+                      trainer=C.TrainerConfig(nnodes=2, n_env_gpus_per_node=4, n_rollout_gpus_per_node=8))
+    opts = cfg.placement()
     assert (opts.disagg_sim_enable, opts.disagg_sim_nnodes, opts.trainer_nnodes) == (True, 3, 2)
     assert (opts.n_env_gpus_per_node, opts.n_rollout_gpus_per_node) == (4, 8)
     assert opts.num_workers == 12 and opts.gpus_per_worker == 1.0  # one sim actor per env GPU
     assert opts.sim_bundle() == {"CPU": 4.0, "GPU": 4.0, "sim": 1e-4}
     assert opts.trainer_bundle() == {"GPU": 8.0, "train_rollout": 1e-4}
-    colocated = PlacementOptions.from_config({"trainer": {"nnodes": 1}})
+    colocated = C.RunConfig(trainer=C.TrainerConfig(nnodes=1, n_env_gpus_per_node=0)).placement()
     assert not colocated.disagg_sim_enable and colocated.num_workers == 1 and colocated.sim_bundle() == {"CPU": 1.0}
 
 
 def test_resources_in_use_time_out_instead_of_hanging(pool):
     """The module's pool holds each sim node's only CPU: a second pool cannot be placed."""
     t0 = time.monotonic()
-    opts = PlacementOptions(disagg_sim_enable=True, disagg_sim_nnodes=2, placement_timeout_s=3.0)
+    opts = PlacementOptions.standalone(disagg_sim_enable=True, disagg_sim_nnodes=2, placement_timeout_s=3.0)
     with pytest.raises(PlacementError, match="was not placed within 3 s"):
         SimPool(ENV_FN, num_envs=1, placement=opts)
     assert time.monotonic() - t0 < 30
@@ -166,3 +170,22 @@ def test_close_kills_only_this_pools_processes(cluster, pool):
     assert ray.is_initialized() and len([n for n in ray.nodes() if n["Alive"]]) == 3  # the cluster lives on
     assert ray.util.placement_group_table() == {} or all(
         v["state"] == "REMOVED" for v in ray.util.placement_group_table().values())
+
+
+def test_stale_embedded_ray_folders_of_dead_runs_are_removed(tmp_path):
+    """A SIGKILLed run cannot remove its /tmp/vlajax_ray_* folder; the next run removes it, and only
+    folders whose owner process is gone (a live run's folder, or one without an owner record, stays)."""
+    from vlajax.distributed.ray_sim import OWNER_FILE, TEMP_PREFIX, _process_start, remove_stale_temp_dirs
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    start = _process_start(child.pid)
+    child.kill()
+    child.wait()
+    assert start is not None and _process_start(child.pid) is None
+    dead, live, unknown = (tmp_path / (TEMP_PREFIX + n) for n in ("dead", "live", "unknown"))
+    for d in (dead, live, unknown):
+        (d / "session_latest").mkdir(parents=True)
+    (dead / OWNER_FILE).write_text(f"{child.pid} {start}\n")
+    (live / OWNER_FILE).write_text(f"{os.getpid()} {_process_start(os.getpid())}\n")
+    assert remove_stale_temp_dirs(str(tmp_path)) == [str(dead)]
+    assert not dead.exists() and live.exists() and unknown.exists()

@@ -27,7 +27,7 @@ from vlajax.model.pretrained import abstract_params
 from vlajax.model.actions import token_logprobs
 from vlajax.model.preprocess import preprocess_images
 from vlajax.model.tokenizer import load_tokenizer
-from vlajax.rl.policy_step import DecodeInputs, DecodeOutputs, PolicyDecoder
+from vlajax.rl.policy_step import default_buckets, DecodeInputs, DecodeOutputs, PolicyDecoder
 from vlajax.rl.rollout import RolloutConfig, RolloutEngine, RolloutError
 
 K = 8  # actions per policy call
@@ -111,7 +111,7 @@ def session():
 def pool(session):
     """2 workers x 2 stages x 1 env, colocated on the local node."""
     p = SimPool(functools.partial(make_tabletop_vector_env, image_size=IMAGE, max_episode_steps=LIMIT),
-                num_envs=1, num_stages=2, placement=PlacementOptions(env_workers_per_node=2, env_cpus_per_worker=0.5))
+                num_envs=1, num_stages=2, placement=PlacementOptions.standalone(env_workers_per_node=2, env_cpus_per_worker=0.5))
     yield p
     p.close()
 
@@ -185,6 +185,30 @@ def test_decode_samples_do_not_depend_on_batch_mates(policy):
     logits = logits_of(policy, x.images, ids, mask, dec.preprocess)
     want, _ = token_logprobs(jnp.asarray(logits), jnp.asarray(full.tokens), 1.6)
     np.testing.assert_allclose(full.logp, want, atol=1e-5)
+
+
+def test_decode_logprobs_do_not_depend_on_the_batch_size(policy):
+    """Which rows share a decode depends on simulator timing. With the default buckets (4 rows and
+    up) and up to 32 rows, a row's log-probs are bit-identical whatever batch it lands in, so a
+    resumed run computes what an uninterrupted one did (XLA's CPU matmuls take other paths for 1-2
+    rows, which made resumed demo runs differ at ~1e-8, and, on 2 cores, for 48 rows and more)."""
+    n = 32
+    dec = PolicyDecoder(policy, prompt_len=24, flip=False, capacity=n)
+    assert dec.buckets == default_buckets(n) and min(dec.buckets) >= 4
+    rng = np.random.default_rng(1)
+    ids, mask = dec.encode_prompts(["move the gripper to the green block"] * n)
+    x = DecodeInputs(images=rng.integers(0, 256, (n, 1, IMAGE, IMAGE, 3), dtype=np.uint8), input_ids=ids,
+                     attention_mask=mask, proprio=np.zeros((n, 8), np.float32),
+                     rows=np.arange(n, dtype=np.int32), calls=np.zeros(n, np.int32))
+    key = jax.random.key(3)
+    full = dec.fetch(dec.dispatch(x, temperature=1.6, key=key))
+    for m in (1, 2, 3, 5, 9, 17):
+        idx = rng.permutation(n)[:m]
+        sub = DecodeInputs(**{f: getattr(x, f)[idx] for f in ("images", "input_ids", "attention_mask", "proprio",
+                                                               "rows", "calls")})
+        part = dec.fetch(dec.dispatch(sub, temperature=1.6, key=key))
+        np.testing.assert_array_equal(part.tokens, full.tokens[idx], err_msg=f"{m} rows")
+        np.testing.assert_array_equal(part.logp, full.logp[idx], err_msg=f"{m} rows in a bucket of {dec.bucket(m)}")
 
 
 # ---- rollouts with the policy --------------------------------------------------------------------
@@ -311,7 +335,7 @@ def fault_once_vector_env(num_envs: int, *, name: str, marker_dir: str) -> Subpr
 def fault_pool(session, tmp_path_factory):
     marker_dir = tmp_path_factory.mktemp("fault_markers")
     p = SimPool(functools.partial(fault_once_vector_env, marker_dir=str(marker_dir)), num_envs=1, num_stages=2,
-                placement=PlacementOptions(env_workers_per_node=2, env_cpus_per_worker=0.5))
+                placement=PlacementOptions.standalone(env_workers_per_node=2, env_cpus_per_worker=0.5))
     p.marker_dir = marker_dir
     yield p
     p.close()
@@ -360,7 +384,7 @@ def test_unreachable_address_fails_fast():
 def test_missing_gpu_is_named(session):
     env_fn = functools.partial(make_tabletop_vector_env, image_size=IMAGE)
     with pytest.raises(PlacementError, match=r"missing resource 'GPU' on trainer \(colocated"):
-        SimPool(env_fn, num_envs=1, placement=PlacementOptions(n_env_gpus_per_node=1))
+        SimPool(env_fn, num_envs=1, placement=PlacementOptions.standalone(n_env_gpus_per_node=1))
 
 
 def _alive(pid: int) -> bool:

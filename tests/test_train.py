@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from vlajax.cli import main as cli_main
-from vlajax.config import load_config
+from vlajax.config import ConfigError, load_config
 from vlajax.rl.checkpoint import CheckpointManager
 from vlajax.train import train
 
@@ -60,6 +60,36 @@ def test_resumed_run_is_bit_identical_to_uninterrupted(tmp_path):
     assert step_a == step_b
     la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
     assert len(la) == len(lb) and all(np.array_equal(x, y) for x, y in zip(la, lb))
+
+
+def _steps(run_dir) -> list[int]:
+    return sorted(int(p.name) for p in (run_dir / "checkpoints").iterdir() if p.name.isdigit())
+
+
+@pytest.mark.slow
+def test_resume_from_another_runs_checkpoint(tmp_path, capsys):
+    """trainer.resume=<path> starts a new run directory from another run's checkpoint (only read),
+    continues exactly as that run would have, and says so; checkpoints are numbered by RL step."""
+    first = tmp_path / "first"
+    a = train(load_config(None, TINY + ["trainer.total_training_steps=2", f"trainer.default_local_dir={first}"]))
+    assert _steps(first) == [1, 2]  # by training step, not by optimizer update
+    second = tmp_path / "second"
+    b = train(load_config(None, TINY + ["trainer.total_training_steps=2", f"trainer.default_local_dir={second}",
+                                        f"trainer.resume={first / 'checkpoints' / '1'}"]))
+    assert f"resumed from checkpoint {first / 'checkpoints' / '1'} at training step 1" in capsys.readouterr().out
+    assert b.steps == 2 and len(b.history) == 1 and _steps(second) == [2] and _steps(first) == [1, 2]
+    assert b.history[0]["actor/pg_loss"] == a.history[1]["actor/pg_loss"]  # what the first run computed
+    assert _final_params(second)[1].keys() == _final_params(first)[1].keys()
+    for x, y in zip(jax.tree.leaves(_final_params(second)[1]), jax.tree.leaves(_final_params(first)[1])):
+        np.testing.assert_array_equal(x, y)
+    # nothing is overwritten: a run directory with checkpoints of its own refuses another run's, and `disable`
+    with pytest.raises(ConfigError, match="already has checkpoints of its own") as e:
+        train(load_config(None, TINY + ["trainer.total_training_steps=3", f"trainer.default_local_dir={second}",
+                                        f"trainer.resume={first}"]))
+    assert e.value.key == "trainer.resume"
+    with pytest.raises(ConfigError, match="collide"):
+        train(load_config(None, TINY + ["trainer.total_training_steps=3", f"trainer.default_local_dir={second}",
+                                        "trainer.resume=disable"]))
 
 
 def _two_proportion_z(k1: int, n1: int, k2: int, n2: int) -> float:

@@ -11,19 +11,25 @@ import sys
 from pathlib import Path
 
 
+def _absolute(path: str | None) -> Path | None:
+    """A user-given path made absolute once, where the command line is read (orbax refuses
+    relative paths)."""
+    return None if path is None else Path(os.path.abspath(os.path.expanduser(path)))
+
+
 def _convert(args) -> int:
     from vlajax.model import load_pretrained
     from vlajax.model.pretrained import MARKER
 
-    src = Path(args.src)
+    src, dst = _absolute(args.src), _absolute(args.dst)
     to = args.to or ("hf" if (src / MARKER).exists() else "vlajax")
     policy = load_pretrained(src, dtype=args.dtype)
     if to == "vlajax":
-        policy.save(args.dst)
+        policy.save(dst)
     else:
-        policy.export_hf(args.dst, dtype=args.export_dtype)
+        policy.export_hf(dst, dtype=args.export_dtype)
     n = sum(x.size for x in __import__("jax").tree.leaves(policy.params()))
-    print(f"converted {src} -> {args.dst} ({to}); {n:,} parameters used by the model"
+    print(f"converted {src} -> {dst} ({to}); {n:,} parameters used by the model"
           + (f", {len(policy.unused)} unused tensors kept" if policy.unused else ""))
     return 0
 
@@ -53,7 +59,8 @@ def _eval(args) -> int:
     from vlajax.evaluate import run_eval
 
     tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
-    res = run_eval(args.checkpoint, suite=args.suite, trials=args.trials, tasks=tasks, out_dir=args.out,
+    res = run_eval(_absolute(args.checkpoint), suite=args.suite, trials=args.trials, tasks=tasks,
+                   out_dir=_absolute(args.out),
                    video=args.video, step=args.step, temperature=args.temperature, overrides=list(args.overrides))
     print(res.report.markdown)
     print(f"written: {', '.join(str(p) for p in res.report.paths.values())}"
@@ -131,7 +138,9 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         return args.fn(args)
-    except (FileNotFoundError, ValueError, KeyError, ConnectionError) as e:  # ConfigError is a ValueError
+    # ConfigError is a ValueError; OSError covers missing files, a damaged checkpoint
+    # (CheckpointReadError), an unreachable cluster (ConnectionError)
+    except (OSError, ValueError, KeyError) as e:
         print(f"vlajax {args.command}: error: {e}", file=sys.stderr)
         return 2
     finally:

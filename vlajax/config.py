@@ -26,12 +26,15 @@ link to that folder), so `load_config("libero_grpo")` works from an installed wh
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import difflib
 import functools
 import importlib.resources
+import os
 import re
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Optional, Sequence
@@ -58,6 +61,74 @@ TABLETOP_SUITES = ("tabletop", "tabletop_anchored")  # vlajax.envs.tabletop.SUIT
 INIT_SCHEMES = ("normal", "scratch")  # vlajax.model.init.INIT_SCHEMES (no jax import here)
 LIBERO_TRIALS_PER_TASK = 50  # init states per task in every LIBERO suite
 PATCH_SIZE = 14  # both vision towers of OpenVLA-OFT
+# Keys accepted so that a verl / SimpleVLA-RL config loads key by key, but that vlajax does not use.
+# Setting one to a non-default value warns (with the reason); a test holds every other key to being read.
+VERL_COMPAT_KEYS = {
+    "data.val_batch_size": "validation runs in rollout rounds of the simulator pool's capacity "
+                           "(env.rollout.pipeline_stage_num x simulator workers x env.train.num_envs)",
+}
+# Keys holding filesystem paths: made absolute once, where the config is read (`resolve_paths`).
+PATH_KEYS = ("trainer.default_local_dir", "trainer.resume", "actor_rollout_ref.model.path",
+             "env.train.video_cfg.video_base_dir", "ray.temp_dir")
+_NOT_PATHS = ("auto", "disable")  # trainer.resume's keywords
+
+
+class _Section:
+    """Base of the schema's sections. `track_reads` uses it to record which leaf keys the code reads
+    (a test holds every key to doing something); outside `track_reads` a read costs one check."""
+
+    def __getattribute__(self, name):
+        value = object.__getattribute__(self, name)
+        if _READS is not None and not _PAUSED and not name.startswith("_"):
+            key = _leaf_keys().get((type(self), name))
+            if key is not None:
+                _READS.add(key)
+        return value
+
+
+_READS: set[str] | None = None
+_PAUSED = 0
+
+
+@functools.lru_cache(maxsize=None)
+def _leaf_keys() -> dict[tuple[type, str], str]:
+    """(section class, field name) -> dotted key, for every leaf of the schema (each section class
+    sits at one place in the tree)."""
+    out = {}
+
+    def walk(cls, prefix):
+        hints = typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                walk(hints[f.name], prefix + f.name + ".")
+            else:
+                out[(cls, f.name)] = prefix + f.name
+
+    walk(RunConfig, "")
+    return out
+
+
+@contextlib.contextmanager
+def track_reads():
+    """Record the leaf keys of run configs that code reads within the block (reads by `to_dict`,
+    `save_config` and `validate` excepted: copying or checking a value is not using it). Yields the
+    set of dotted keys."""
+    global _READS
+    _READS = set()
+    try:
+        yield _READS
+    finally:
+        _READS = None
+
+
+@contextlib.contextmanager
+def _not_counted():
+    global _PAUSED
+    _PAUSED += 1
+    try:
+        yield
+    finally:
+        _PAUSED -= 1
 
 
 class ConfigError(ValueError):
@@ -74,11 +145,11 @@ class ConfigError(ValueError):
 
 
 @dataclass(frozen=True)
-class DataConfig:
+class DataConfig(_Section):
     # Initial states (= GRPO groups) per training step; each is rolled out
     # actor_rollout_ref.rollout.n times (SimpleVLA-RL: 64 states x 8 = 512 trajectories).
     train_batch_size: int = 64
-    # Initial states rolled out together during validation (the last batch may be partial).
+    # verl's key, accepted and unused (VERL_COMPAT_KEYS): validation runs in rounds of the pool's capacity.
     val_batch_size: int = 64
     # Dynamic sampling (SimpleVLA-RL's keys): keep a group iff lower <= success rate <= upper.
     filter_accuracy: bool = True
@@ -96,7 +167,7 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
-class ModelConfig:
+class ModelConfig(_Section):
     # HF OpenVLA-OFT directory, vlajax checkpoint, or "preset:small" / "preset:openvla-oft-7b"
     # (random init).
     path: str = "preset:small"
@@ -131,7 +202,7 @@ class ModelConfig:
 
 
 @dataclass(frozen=True)
-class OptimConfig:
+class OptimConfig(_Section):
     lr: float = 5e-6  # constant after warm-up
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.01  # AdamW, on every parameter
@@ -139,7 +210,7 @@ class OptimConfig:
 
 
 @dataclass(frozen=True)
-class ActorConfig:
+class ActorConfig(_Section):
     optim: OptimConfig = field(default_factory=OptimConfig)
     # PPO mini-batch in trajectories (SimpleVLA-RL's unit: 512 / 128 = 4 optimizer steps per
     # training step). verl: counted in prompts and multiplied by rollout.n.
@@ -155,7 +226,9 @@ class ActorConfig:
     clip_ratio_high: float = 0.28
     clip_ratio_c: float = 3.0
     entropy_coeff: float = 0.0
-    use_kl_loss: bool = False  # needs a reference policy (a frozen copy of the initial weights)
+    # KL to the initial policy (vlajax.rl.learner): with LoRA the base model (adapters off, no extra
+    # memory); with full parameters a frozen copy in the compute dtype (+2 B/param: 15 GB for the 7B).
+    use_kl_loss: bool = False
     kl_loss_coef: float = 0.001
     kl_loss_type: str = "low_var_kl"
     grad_clip: Optional[float] = 1.0  # global-norm clip; None = off
@@ -176,7 +249,7 @@ class ActorConfig:
 
 
 @dataclass(frozen=True)
-class ValKwargsConfig:
+class ValKwargsConfig(_Section):
     # Validation decoding: greedy (argmax over the 256 bins) unless do_sample.
     do_sample: bool = False
     temperature: float = 0.0  # used only with do_sample
@@ -184,40 +257,40 @@ class ValKwargsConfig:
 
 
 @dataclass(frozen=True)
-class RolloutConfig:
+class RolloutConfig(_Section):
     n: int = 8  # rollouts per initial state (GRPO group size; SimpleVLA-RL: data.n_samples)
     temperature: float = 1.6
     val_kwargs: ValKwargsConfig = field(default_factory=ValKwargsConfig)
 
 
 @dataclass(frozen=True)
-class ActorRolloutRefConfig:
+class ActorRolloutRefConfig(_Section):
     model: ModelConfig = field(default_factory=ModelConfig)
     actor: ActorConfig = field(default_factory=ActorConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
 
 
 @dataclass(frozen=True)
-class AlgorithmConfig:
+class AlgorithmConfig(_Section):
     adv_estimator: str = "grpo"  # grpo | reinforce_plus_plus (vlajax.rl.advantages)
     norm_adv_by_std_in_grpo: bool = True
 
 
 @dataclass(frozen=True)
-class InitParamsConfig:
+class InitParamsConfig(_Section):
     camera_heights: int = 256
     camera_widths: int = 256
     camera_names: list[str] = field(default_factory=lambda: ["agentview"])
 
 
 @dataclass(frozen=True)
-class VideoConfig:
+class VideoConfig(_Section):
     save_video: bool = False  # verl: True; vlajax records the final evaluation's episodes
     video_base_dir: Optional[str] = None  # None = <trainer.default_local_dir>/videos
 
 
 @dataclass(frozen=True)
-class EnvTrainConfig:
+class EnvTrainConfig(_Section):
     simulator_type: str = "libero"  # libero | tabletop | isaac
     task_suite_name: str = "libero_10"  # LIBERO suite, or "tabletop"
     num_envs: int = 8  # envs per pipeline stage per simulator worker
@@ -230,30 +303,35 @@ class EnvTrainConfig:
 
 
 @dataclass(frozen=True)
-class EnvRolloutConfig:
+class EnvRolloutConfig(_Section):
     # Simulator groups per worker stepped in ping-pong with the policy (verl's pipeline).
     pipeline_stage_num: int = 2
+    # vlajax: an env call (one chunk of a stage's envs; a reset, including a restarted worker's
+    # start-up) that takes longer is a hung simulator: its worker is restarted and its episodes re-run.
+    # A LIBERO chunk with two cameras on a loaded node can take seconds; a reset rebuilds scenes.
+    step_timeout_s: float = 120.0
+    reset_timeout_s: float = 600.0
 
 
 @dataclass(frozen=True)
-class EnvActorModelConfig:
+class EnvActorModelConfig(_Section):
     num_action_chunks: int = 8  # actions per policy call (must match the checkpoint)
     action_dim: int = 7
 
 
 @dataclass(frozen=True)
-class EnvActorConfig:
+class EnvActorConfig(_Section):
     model: EnvActorModelConfig = field(default_factory=EnvActorModelConfig)
 
 
 @dataclass(frozen=True)
-class DisaggSimConfig:
+class DisaggSimConfig(_Section):
     enable: bool = False  # simulators on their own nodes (Ray resource "sim")
     nnodes: int = 1  # simulator nodes when enabled
 
 
 @dataclass(frozen=True)
-class EnvConfig:
+class EnvConfig(_Section):
     train: EnvTrainConfig = field(default_factory=EnvTrainConfig)
     rollout: EnvRolloutConfig = field(default_factory=EnvRolloutConfig)
     actor: EnvActorConfig = field(default_factory=EnvActorConfig)
@@ -261,14 +339,14 @@ class EnvConfig:
 
 
 @dataclass(frozen=True)
-class MeshConfig:
+class MeshConfig(_Section):
     # vlajax: learner device mesh axes ("data", "fsdp"); -1 = infer (both -1: all devices on fsdp).
     data: int = -1
     fsdp: int = -1
 
 
 @dataclass(frozen=True)
-class TrainerConfig:
+class TrainerConfig(_Section):
     nnodes: int = 1  # train/rollout nodes
     # Simulator workers per node (one Ray actor each; a GPU each for GPU simulators, a CPU
     # process group on CPU) and policy-rollout devices per node.
@@ -292,14 +370,14 @@ class TrainerConfig:
 
 
 @dataclass(frozen=True)
-class RayConfig:
+class RayConfig(_Section):
     address: Optional[str] = None  # None = start an embedded local Ray; "auto" or host:port = join
     num_cpus: Optional[int] = None  # embedded Ray only; None = all
     temp_dir: Optional[str] = None  # embedded Ray only; None = a fresh directory under /tmp
 
 
 @dataclass(frozen=True)
-class RunConfig:
+class RunConfig(_Section):
     data: DataConfig = field(default_factory=DataConfig)
     actor_rollout_ref: ActorRolloutRefConfig = field(default_factory=ActorRolloutRefConfig)
     algorithm: AlgorithmConfig = field(default_factory=AlgorithmConfig)
@@ -318,6 +396,15 @@ class RunConfig:
         One worker per env GPU; n_env_gpus_per_node = 0 means one CPU-only worker per node."""
         nodes = self.env.disagg_sim.nnodes if self.env.disagg_sim.enable else self.trainer.nnodes
         return max(1, self.trainer.n_env_gpus_per_node) * nodes
+
+    def placement(self):
+        """Where the simulator actors and the trainer go (`vlajax.distributed.ray_sim.PlacementOptions`)."""
+        from vlajax.distributed.ray_sim import PlacementOptions
+
+        t, dis = self.trainer, self.env.disagg_sim
+        return PlacementOptions(disagg_sim_enable=dis.enable, disagg_sim_nnodes=dis.nnodes, trainer_nnodes=t.nnodes,
+                                n_env_gpus_per_node=t.n_env_gpus_per_node,
+                                n_rollout_gpus_per_node=t.n_rollout_gpus_per_node)
 
     @property
     def num_rollout_workers(self) -> int:
@@ -504,7 +591,37 @@ def _to_run_config(merged: DictConfig, where: str) -> RunConfig:
         cfg = OmegaConf.to_object(merged)
     except oc_errors.OmegaConfBaseException as e:
         raise _wrap(e, where) from None
-    validate(cfg)
+    return validate(resolve_paths(cfg))
+
+
+def _get(cfg: RunConfig, key: str) -> Any:
+    node = cfg
+    for part in key.split("."):
+        node = getattr(node, part)
+    return node
+
+
+def _replace(node, key: str, value):
+    """A copy of the frozen tree `node` with the dotted `key` set to `value`."""
+    head, _, rest = key.partition(".")
+    child = value if not rest else _replace(getattr(node, head), rest, value)
+    return dataclasses.replace(node, **{head: child})
+
+
+def resolve_paths(cfg: RunConfig, cwd: str | os.PathLike | None = None) -> RunConfig:
+    """`PATH_KEYS` made absolute (`~` expanded) against `cwd` (default: the working directory).
+
+    Done once, where the config is read: orbax refuses relative checkpoint paths, and the run's saved
+    `config.yaml` must name the same files whatever directory it is read from later."""
+    base = Path(cwd or os.getcwd())
+    with _not_counted():
+        for key in PATH_KEYS:
+            value = _get(cfg, key)
+            if value is None or value in _NOT_PATHS or value.startswith(PRESET_PREFIX):
+                continue
+            resolved = os.path.normpath(base / Path(value).expanduser())
+            if resolved != value:
+                cfg = _replace(cfg, key, resolved)
     return cfg
 
 
@@ -536,6 +653,11 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
       ConfigError naming the key: unknown key (with a "did you mean"), wrong type, missing file,
       inconsistent combination.
     """
+    with _not_counted():  # loading copies and checks every value: that is not using one
+        return _load(path, overrides)
+
+
+def _load(path, overrides) -> RunConfig:
     src = _resolve_path(DEFAULT_CONFIG if path is None else path)
     try:
         loaded = OmegaConf.load(src)
@@ -550,13 +672,15 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
 
 def from_dict(d: Mapping[str, Any], overrides: Sequence[str] = ()) -> RunConfig:
     """Same as `load_config` from a nested dict (e.g. the config stored in a checkpoint)."""
-    merged = _merge(_schema(), OmegaConf.create(dict(d)), "in the given dict")
-    return _to_run_config(_apply(merged, overrides), "from a dict")
+    with _not_counted():
+        merged = _merge(_schema(), OmegaConf.create(dict(d)), "in the given dict")
+        return _to_run_config(_apply(merged, overrides), "from a dict")
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:
     """Nested plain dict (JSON/YAML-able)."""
-    return dataclasses.asdict(cfg)
+    with _not_counted():
+        return dataclasses.asdict(cfg)
 
 
 def flatten(cfg: RunConfig | Mapping[str, Any]) -> dict[str, Any]:
@@ -614,12 +738,17 @@ def _freq(value: int, key: str) -> None:
 
 def validate(cfg: RunConfig) -> RunConfig:
     """Check ranges and combinations; raises ConfigError naming the key. Returns cfg."""
+    with _not_counted():
+        _validate(cfg)
+    return cfg
+
+
+def _validate(cfg: RunConfig) -> None:
     d, m, a, r, env, t = (cfg.data, cfg.actor_rollout_ref.model, cfg.actor_rollout_ref.actor,
                           cfg.actor_rollout_ref.rollout, cfg.env, cfg.trainer)
 
     # data / dynamic sampling
     _positive(d.train_batch_size, "data.train_batch_size")
-    _positive(d.val_batch_size, "data.val_batch_size")
     _positive(d.max_sampling_rounds, "data.max_sampling_rounds")
     for k in ("accuracy_lower_bound", "accuracy_upper_bound"):
         v = getattr(d, k)
@@ -630,10 +759,12 @@ def validate(cfg: RunConfig) -> RunConfig:
     if d.val_num_trials_per_task is not None:
         _positive(d.val_num_trials_per_task, "data.val_num_trials_per_task")
 
-    # model
+    # model: the path first, since the other model keys are judged by what it names
     key = "actor_rollout_ref.model.path"
     _check(bool(m.path.strip()), key, "is empty")
     is_preset = m.path.startswith(PRESET_PREFIX)
+    if not is_preset:
+        _check(Path(m.path).exists(), key, f"checkpoint {m.path} does not exist")
     if is_preset:
         name = m.path[len(PRESET_PREFIX):]
         _check(name in MODEL_PRESETS, key,
@@ -745,12 +876,18 @@ def validate(cfg: RunConfig) -> RunConfig:
     _check(e.max_episode_steps % chunk == 0, "env.train.max_episode_steps",
            f"{e.max_episode_steps} is not a multiple of env.actor.model.num_action_chunks={chunk}")
     _positive(env.rollout.pipeline_stage_num, "env.rollout.pipeline_stage_num")
+    for k in ("step_timeout_s", "reset_timeout_s"):
+        _check(getattr(env.rollout, k) > 0, f"env.rollout.{k}", f"must be > 0 seconds, got {getattr(env.rollout, k)}")
     if env.disagg_sim.enable:
         _check(env.disagg_sim.nnodes >= 1, "env.disagg_sim.nnodes",
                f"env.disagg_sim.enable=true needs >= 1 simulator node, got {env.disagg_sim.nnodes}")
 
     # cluster
     _positive(t.nnodes, "trainer.nnodes")
+    _check(t.nnodes == 1, "trainer.nnodes",
+           f"multi-node training is not implemented yet: the learner and the policy rollout use the devices of "
+           f"the one process that runs `vlajax train`, so trainer.nnodes={t.nnodes} would leave the other nodes' "
+           "GPUs idle. Use trainer.nnodes=1 (simulators can still run on other nodes: env.disagg_sim.enable=true)")
     _check(t.n_env_gpus_per_node >= 0, "trainer.n_env_gpus_per_node",
            f"must be >= 0 (0 = CPU-only simulators), got {t.n_env_gpus_per_node}")
     _check(t.n_rollout_gpus_per_node >= 0, "trainer.n_rollout_gpus_per_node",
@@ -798,4 +935,13 @@ def validate(cfg: RunConfig) -> RunConfig:
         _positive(cfg.ray.num_cpus, "ray.num_cpus")
     if cfg.ray.address is not None:
         _check(bool(cfg.ray.address.strip()), "ray.address", "is empty (use null for an embedded local Ray)")
-    return cfg
+    _warn_unused_verl_keys(cfg)
+
+
+def _warn_unused_verl_keys(cfg: RunConfig) -> None:
+    defaults = flatten(RunConfig())
+    for key, why in VERL_COMPAT_KEYS.items():
+        value = _get(cfg, key)
+        if value != defaults[key]:
+            warnings.warn(f"config key '{key}'={value!r} does nothing in vlajax (accepted so that verl configs "
+                          f"load): {why}", UserWarning, stacklevel=4)

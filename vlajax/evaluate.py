@@ -92,24 +92,14 @@ def load_eval_policy(cfg: RunConfig, checkpoint: Path, step: int | None = None):
         policy.set_model(model)
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                           nnx.to_pure_dict(policy.state))
-    with CheckpointManager(checkpoint / "checkpoints") as mngr:
-        saved = None if step is None else _saved_step(mngr, step)
-        restored = mngr.restore(saved, params=target, restore_train_state=False)
+    # read-only: the run may still be training, and its in-progress saves must not be cleaned up
+    with CheckpointManager(checkpoint / "checkpoints", read_only=True) as mngr:
+        if step is not None and step not in mngr.all_steps():
+            raise FileNotFoundError(f"no checkpoint of training step {step} in {mngr.directory}; "
+                                    f"have training steps {mngr.all_steps()}")
+        restored = mngr.restore(step, params=target, restore_train_state=False)
     nnx.replace_by_pure_dict(policy.state, restored.params)
-    # the training step (the orbax step counts optimizer updates)
-    return policy, int((restored.data_state or {}).get("rl_step", restored.step))
-
-
-def _saved_step(mngr, training_step: int) -> int:
-    """The checkpoint (numbered by optimizer updates) written at the end of `training_step`."""
-    found = {}
-    for s in mngr.all_steps():
-        ds = mngr.restore(s, restore_params=False, restore_train_state=False).data_state or {}
-        found[int(ds.get("rl_step", s))] = s
-    if training_step not in found:
-        raise FileNotFoundError(f"no checkpoint of training step {training_step} in {mngr.directory}; "
-                                f"have training steps {sorted(found)}")
-    return found[training_step]
+    return policy, restored.step  # checkpoints are numbered by training step
 
 
 def select_pairs(tasks: Sequence[tuple], task_ids: Sequence[int | str] | None, trials: int | None) -> list[tuple[int, int]]:
@@ -145,10 +135,11 @@ def run_eval(checkpoint: str | Path, *, suite: str | None = None, trials: int | 
     from vlajax.metrics import Progress
     from vlajax.session import SimSession, val_temperature
 
-    checkpoint = Path(checkpoint)
+    checkpoint = Path(checkpoint).absolute()
     cfg = eval_config(checkpoint, suite, overrides)
     suite_name = cfg.env.train.task_suite_name
     out = Path(out_dir) if out_dir else (checkpoint / "eval" if is_run_dir(checkpoint) else Path("eval") / suite_name)
+    out = out.absolute()
     policy, ckpt_step = load_eval_policy(cfg, checkpoint, step)
     temp = val_temperature(cfg) if temperature is None else float(temperature)
     if temp < 0:

@@ -16,7 +16,7 @@ from typing import Callable, Sequence
 import jax.numpy as jnp
 import numpy as np
 
-from vlajax.config import ConfigError, RunConfig, to_dict
+from vlajax.config import ConfigError, RunConfig
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +26,17 @@ TABLETOP_STATS_KEY = "tabletop"
 
 def build_policy(cfg: RunConfig):
     """The policy named by `actor_rollout_ref.model.path`: `preset:<name>` (random init, the shipped
-    tiny tokenizer) or a HF / vlajax checkpoint directory."""
+    tiny tokenizer) or a HF / vlajax checkpoint directory; its chunk must be the config's."""
+    policy = _load_policy(cfg)
+    am = cfg.env.actor.model
+    if (policy.cfg.chunk, policy.cfg.action_dim) != (am.num_action_chunks, am.action_dim):
+        raise ConfigError(f"env.actor.model.num_action_chunks={am.num_action_chunks} and action_dim={am.action_dim}, "
+                          f"but the policy {cfg.actor_rollout_ref.model.path} decodes {policy.cfg.chunk} actions of "
+                          f"{policy.cfg.action_dim} dims per call", key="env.actor.model.num_action_chunks")
+    return policy
+
+
+def _load_policy(cfg: RunConfig):
     from vlajax.model import Policy, build_model, load_pretrained, preset
     from vlajax.model.init import apply_init
     from vlajax.model.tokenizer import load_tokenizer
@@ -93,7 +103,7 @@ def make_env_fn(cfg: RunConfig, video_dir: str | None = None) -> Callable:
     """`env_fn(num_envs, *, name) -> VectorEnv` for the simulator in the config (picklable);
     `video_dir`: one mp4 per episode there."""
     t = cfg.env.train
-    size = t.init_params.camera_heights
+    size = (t.init_params.camera_heights, t.init_params.camera_widths)
     video = {"video_dir": video_dir} if video_dir else {}
     if t.simulator_type == "tabletop":
         from vlajax.envs.tabletop import make_tabletop_vector_env
@@ -156,7 +166,7 @@ class SimSession(Closing):
     seen by the next rollout without any weight copy."""
 
     def __init__(self, cfg: RunConfig, policy, *, video_dir: str | None = None):
-        from vlajax.distributed.ray_sim import PlacementOptions, SimPool, init_ray
+        from vlajax.distributed.ray_sim import SimPool, init_ray
         from vlajax.rl.policy_step import PolicyDecoder
         from vlajax.rl.rollout import RolloutConfig, RolloutEngine
 
@@ -170,7 +180,7 @@ class SimSession(Closing):
             n_img = cfg.actor_rollout_ref.actor.num_images_in_input
             self.pool = SimPool(make_env_fn(cfg, video_dir), num_envs=t.num_envs,
                                 num_stages=cfg.env.rollout.pipeline_stage_num,
-                                placement=PlacementOptions.from_config(to_dict(cfg)),
+                                placement=cfg.placement(),
                                 cameras=tuple(t.init_params.camera_names[:n_img]))
             self._closers.insert(0, self.pool.close)
             unnorm = None
@@ -180,8 +190,10 @@ class SimSession(Closing):
                 unnorm = TABLETOP_STATS_KEY
             self.decoder = PolicyDecoder(policy, flip=image_flip(cfg), center_crop=True, unnorm_key=unnorm,
                                          gripper="libero" if libero else None, capacity=self.pool.capacity)
+            er = cfg.env.rollout
             self.engine = RolloutEngine(self.pool, self.decoder, RolloutConfig(
-                temperature=cfg.actor_rollout_ref.rollout.temperature, seed=cfg.trainer.seed))
+                temperature=cfg.actor_rollout_ref.rollout.temperature, seed=cfg.trainer.seed,
+                step_timeout_s=er.step_timeout_s, reset_timeout_s=er.reset_timeout_s))
         except BaseException:
             self.close()
             raise

@@ -14,7 +14,10 @@ One training step (SimpleVLA-RL's recipe):
 
 Exact resume: rollout sampling keys derive from (seed, step, round), env starts from (task, state,
 seed), the sampler position and the learner state are checkpointed; so a run resumed after step k
-computes the same steps as one that never stopped (bit-identical on CPU). Groups carried over by
+computes the same steps as one that never stopped: bit-identical on CPU when a rollout round decodes
+at most 32 rows (the demo's 16; `policy_step.default_buckets` says why), else the rollout's log-probs
+can differ at float32 rounding, depending on how simulator timing groups the decodes. On GPUs only
+the data order, sampling keys and restored state are exact. Groups carried over by
 `data.keep_excess_groups=true` are not checkpointed, so exactness needs it false (the default,
 and what SimpleVLA-RL's code does).
 """
@@ -52,6 +55,22 @@ def learner_config(cfg: RunConfig, num_devices: int, flip: bool):
         remat=m.enable_gradient_checkpointing, compute_dtype=m.compute_dtype, lora=lora,
         image_flip=flip, image_center_crop=True, seed=cfg.trainer.seed,
     )
+
+
+def trajectory_advantages(cfg: RunConfig, traj, *, action_dim: int, chunk_len: int) -> np.ndarray:
+    """(N,) advantage per trajectory by `algorithm.adv_estimator`: GRPO within groups; REINFORCE++
+    whitened over all valid *tokens* of the batch, as verl does (each trajectory weighted by its
+    valid-token count, `samples.token_mask`)."""
+    from vlajax.rl.advantages import compute_advantages
+    from vlajax.rl.samples import token_mask
+
+    rewards = traj.success.astype(np.float32) * cfg.env.train.reward_coef
+    name = cfg.algorithm.adv_estimator
+    if name == "grpo":
+        kw = {"norm_by_std": cfg.algorithm.norm_adv_by_std_in_grpo}
+    else:
+        kw = {"weights": token_mask(traj, action_dim=action_dim, chunk_len=chunk_len).sum(axis=(1, 2))}
+    return compute_advantages(name, rewards, traj.group_id, **kw)
 
 
 def learning_rate(cfg: RunConfig, step: int) -> float:
@@ -134,14 +153,43 @@ class Trainer(Closing):
 
     # -- lifecycle ------------------------------------------------------------------------------
     def maybe_resume(self) -> None:
+        """Continue from a checkpoint as `trainer.resume` says: `auto` = the run directory's latest
+        (if any), `disable` = start fresh (an error if the run directory already has checkpoints,
+        which the new run's would collide with), or a path (a run directory, its `checkpoints/`, or
+        one step folder) to start from; its checkpoints are only read. Prints what it resumed."""
+        from vlajax.rl.checkpoint import CheckpointManager, locate_checkpoint
+
         r = self.cfg.trainer.resume
-        if r == "disable" or self.ckpt.latest_step() is None:
+        own = self.ckpt.latest_step()
+        key = "trainer.resume"
+        if r == "disable":
+            if own is not None:
+                raise ConfigError(f"is 'disable' but the run directory {self.run_dir} already has checkpoints (latest "
+                                  f"step {own}) that the new run would collide with: use trainer.resume=auto to "
+                                  "continue it, or another trainer.default_local_dir", key=key)
             return
-        restored = self.learner.restore(self.ckpt)
+        if r == "auto":
+            if own is None:
+                return
+            root, step = self.ckpt.directory, own
+        else:
+            root, step = locate_checkpoint(r)
+            if own is not None and Path(root) != Path(self.ckpt.directory):
+                raise ConfigError(f"names {r}, but the run directory {self.run_dir} already has checkpoints of its "
+                                  f"own (latest step {own}): use trainer.resume=auto to continue this run, or "
+                                  "another trainer.default_local_dir to start from that checkpoint", key=key)
+        if Path(root) == Path(self.ckpt.directory):
+            restored = self.learner.restore(self.ckpt, step)
+        else:
+            with CheckpointManager(root, read_only=True) as source:
+                restored = self.learner.restore(source, step)
         ds = restored.data_state or {}
+        if "rl_step" not in ds or "sampler" not in ds:
+            raise ConfigError(f"checkpoint {root}/{restored.step} has no training data state (sampler, RL step): "
+                              "it is not a `vlajax train` checkpoint", key=key)
         self.sampler.load_state_dict(ds["sampler"])
         self.step = int(ds["rl_step"])
-        log.info("resumed from %s at training step %d", self.run_dir / "checkpoints", self.step)
+        print(f"vlajax train: resumed from checkpoint {root}/{restored.step} at training step {self.step}", flush=True)
 
     # -- rollouts -------------------------------------------------------------------------------
     def _round_groups(self):
@@ -199,15 +247,12 @@ class Trainer(Closing):
 
     # -- update ---------------------------------------------------------------------------------
     def update(self, batch) -> list[dict]:
-        from vlajax.rl.advantages import compute_advantages
         from vlajax.rl.samples import make_samples, pad_samples
 
         cfg, pc = self.cfg, self.policy.cfg
         tr = batch.trajectories
         traj = tr["traj"]
-        rewards = traj.success.astype(np.float32) * cfg.env.train.reward_coef
-        kw = {"norm_by_std": cfg.algorithm.norm_adv_by_std_in_grpo} if cfg.algorithm.adv_estimator == "grpo" else {}
-        adv = compute_advantages(cfg.algorithm.adv_estimator, rewards, traj.group_id, **kw)
+        adv = trajectory_advantages(cfg, traj, action_dim=pc.action_dim, chunk_len=pc.chunk)
         n_traj = len(traj.success)
         mb = min(cfg.actor_rollout_ref.actor.ppo_mini_batch_size, n_traj)
         self.learner.set_lr(learning_rate(cfg, self.step))
@@ -290,7 +335,8 @@ def train(cfg: RunConfig) -> TrainResult:
     history = []
     with Trainer(cfg) as tr:
         tr.maybe_resume()
-        logger = MetricsLogger(run_dir, backends=tuple(cfg.trainer.logger), experiment_name=cfg.trainer.experiment_name,
+        logger = MetricsLogger(run_dir, backends=tuple(cfg.trainer.logger), wandb_project=cfg.trainer.project_name,
+                               experiment_name=cfg.trainer.experiment_name,
                                config=to_dict(cfg), start_step=tr.step + 1 if tr.step else 0,  # keep the resumed step's own record
                                total_steps=cfg.trainer.total_training_steps)
         total = cfg.trainer.total_training_steps
@@ -316,7 +362,8 @@ def train(cfg: RunConfig) -> TrainResult:
                 last = tr.step == total
                 if (cfg.trainer.save_freq > 0 and tr.step % cfg.trainer.save_freq == 0) or last:
                     with timer("checkpoint"):
-                        tr.learner.save(tr.ckpt, data_state=tr.data_state(), config=to_dict(cfg), force=True)
+                        tr.learner.save(tr.ckpt, step=tr.step, data_state=tr.data_state(), config=to_dict(cfg),
+                                        force=True)
                 m = _step_metrics(tr, rounds, batch, upd, timer.breakdown())
                 if val_due:  # validation uses the same envs, so the next resets wait for it
                     v = tr.validate()

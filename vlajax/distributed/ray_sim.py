@@ -52,6 +52,7 @@ import tempfile
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
@@ -141,7 +142,10 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpu
     kw: dict[str, Any] = {"log_to_driver": log_to_driver}
     if address is None or address == "local":
         owns = temp_dir is None
-        temp_dir = temp_dir or tempfile.mkdtemp(prefix="vlajax_ray_", dir="/tmp")
+        if owns:
+            remove_stale_temp_dirs()
+            temp_dir = tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=TEMP_ROOT)
+            _write_owner(temp_dir)
         if object_store_memory is not None:
             kw["object_store_memory"] = int(object_store_memory)
         with _keep_sigterm_handler():
@@ -155,6 +159,43 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpu
     with _keep_sigterm_handler():
         ray.init(address=address, **kw)
     return RaySession(address=address, started=False, connected=True)
+
+
+TEMP_ROOT = "/tmp"
+TEMP_PREFIX = "vlajax_ray_"  # short: Ray's unix socket paths must fit 107 bytes
+OWNER_FILE = "vlajax_owner"  # "<pid> <process start time>" of the run that made the directory
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time of process `pid` (clock ticks since boot, /proc/<pid>/stat field 22), or None
+    if there is no such process. With the pid it names one process: pids are reused, start times not."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _write_owner(temp_dir: str) -> None:
+    (Path(temp_dir) / OWNER_FILE).write_text(f"{os.getpid()} {_process_start(os.getpid())}\n")
+
+
+def remove_stale_temp_dirs(root: str = TEMP_ROOT) -> list[str]:
+    """Remove the embedded-Ray session folders (`/tmp/vlajax_ray_*`) that runs killed without
+    unwinding (SIGKILL, OOM) left behind: only those whose owner process is gone. Folders without an
+    owner record, or on a system without /proc, are left alone. Returns the removed paths."""
+    if _process_start(os.getpid()) is None:
+        return []
+    removed = []
+    for d in Path(root).glob(TEMP_PREFIX + "*"):
+        try:
+            pid, start = (d / OWNER_FILE).read_text().split()
+            alive = _process_start(int(pid)) == start
+        except (OSError, ValueError):
+            continue
+        if not alive:
+            shutil.rmtree(d, ignore_errors=True)
+            removed.append(str(d))
+    return removed
 
 
 @contextlib.contextmanager
@@ -186,43 +227,30 @@ def _probe(address: str, timeout_s: float) -> None:
 
 
 # ---- placement -----------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class PlacementOptions:
-    """Where sim actors and the trainer go. Field <-> config key table in the module docstring."""
+    """Where sim actors and the trainer go. Field <-> config key table in the module docstring.
 
-    disagg_sim_enable: bool = False
-    disagg_sim_nnodes: int = 1
-    trainer_nnodes: int = 1
-    n_env_gpus_per_node: int = 0
-    n_rollout_gpus_per_node: int = 0
+    The fields named by config keys have no defaults here: a run builds this from its config
+    (`RunConfig.placement()`), whose defaults are the only ones; `standalone()` is the layout of a
+    pool used on its own (tests, benchmarks)."""
+
+    disagg_sim_enable: bool
+    disagg_sim_nnodes: int
+    trainer_nnodes: int
+    n_env_gpus_per_node: int
+    n_rollout_gpus_per_node: int
     env_workers_per_node: int | None = None
     env_cpus_per_worker: float = 1.0
     trainer_cpus_per_node: float = 0.0
     placement_timeout_s: float = 60.0
 
     @classmethod
-    def from_config(cls, cfg: Mapping, **overrides) -> "PlacementOptions":
-        """Read the reference keys from a nested mapping (dict or OmegaConf): env.disagg_sim.enable,
-        env.disagg_sim.nnodes, trainer.nnodes, trainer.n_env_gpus_per_node,
-        trainer.n_rollout_gpus_per_node. Missing keys keep their defaults."""
-        def get(path: str, default):
-            node: Any = cfg
-            for part in path.split("."):
-                if node is None or part not in node:
-                    return default
-                node = node[part]
-            return default if node is None else node
-
-        d = cls()
-        kw = dict(
-            disagg_sim_enable=bool(get("env.disagg_sim.enable", d.disagg_sim_enable)),
-            disagg_sim_nnodes=int(get("env.disagg_sim.nnodes", d.disagg_sim_nnodes)),
-            trainer_nnodes=int(get("trainer.nnodes", d.trainer_nnodes)),
-            n_env_gpus_per_node=int(get("trainer.n_env_gpus_per_node", d.n_env_gpus_per_node)),
-            n_rollout_gpus_per_node=int(get("trainer.n_rollout_gpus_per_node", d.n_rollout_gpus_per_node)),
-        )
-        kw.update(overrides)
-        return cls(**kw)
+    def standalone(cls, **overrides) -> "PlacementOptions":
+        """One node, CPU-only simulators, no trainer reservation; `overrides` set any field."""
+        base = dict(disagg_sim_enable=False, disagg_sim_nnodes=1, trainer_nnodes=1, n_env_gpus_per_node=0,
+                    n_rollout_gpus_per_node=0)
+        return cls(**{**base, **overrides})
 
     @property
     def sim_nnodes(self) -> int:
@@ -566,7 +594,7 @@ class SimPool:
             raise RuntimeError("SimPool needs Ray: call vlajax.distributed.ray_sim.init_ray() first")
         if num_envs < 1 or num_stages < 1:
             raise ValueError(f"SimPool: num_envs and num_stages must be >= 1, got {num_envs}, {num_stages}")
-        self.placement = placement or PlacementOptions()
+        self.placement = placement or PlacementOptions.standalone()
         self.num_envs, self.num_stages = int(num_envs), int(num_stages)
         self.cameras = tuple(cameras)
         self._actor_args = (env_fn, self.num_envs, self.num_stages)

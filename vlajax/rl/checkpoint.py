@@ -20,6 +20,11 @@ into a copy of the target State. Typed PRNG keys are saved as their raw key data
 from __future__ import annotations
 
 import dataclasses
+import gc
+import os
+import re
+import sys
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -28,7 +33,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, Sharding
 
-__all__ = ["CheckpointManager", "CheckpointMismatchError", "Restored"]
+__all__ = ["CheckpointManager", "CheckpointMismatchError", "CheckpointReadError", "Restored", "locate_checkpoint"]
 
 _ARRAY_ITEMS = ("params", "train_state")
 _JSON_ITEMS = ("data_state", "config")
@@ -36,6 +41,47 @@ _JSON_ITEMS = ("data_state", "config")
 
 class CheckpointMismatchError(ValueError):
     """The checkpoint's tree structure or shapes differ from the restore target."""
+
+
+class CheckpointReadError(OSError):
+    """A checkpoint's files cannot be read (truncated or damaged); the message names the step, the
+    tensor and the file, and the steps that remain."""
+
+
+def _quiet_failed_reads() -> None:
+    """orbax reads tensors concurrently; after the first failed read, the other reads die with errors
+    of their own, which Python prints as hundreds of lines ('Exception ignored in <coroutine ...>',
+    'Event loop is closed') whenever it collects them, up to the process's exit. From now on, those
+    are not printed (the error raised names the first failure); anything else still is."""
+    hook = sys.unraisablehook
+    if getattr(hook, "_vlajax_quiet", False):
+        return
+
+    def quiet(u):
+        closed_loop = isinstance(u.exc_value, RuntimeError) and "Event loop is closed" in str(u.exc_value)
+        if not (closed_loop or "_read_array" in repr(u.object) or "orbax" in repr(u.object)):
+            hook(u)
+
+    quiet._vlajax_quiet = True
+    sys.unraisablehook = quiet
+    gc.collect()
+
+
+def locate_checkpoint(path: str | os.PathLike) -> tuple[str, int | None]:
+    """(checkpoint root, step or None = latest) for what a user may name as "a checkpoint": a run
+    directory (holding `checkpoints/`), a checkpoint root (holding step folders), or one step folder
+    (`<root>/<step>`)."""
+    p = Path(path).expanduser().absolute()
+    if not p.is_dir():
+        raise FileNotFoundError(f"checkpoint {p} does not exist")
+    if (p / "checkpoints").is_dir():
+        return str(p / "checkpoints"), None
+    if p.name.isdigit() and (p / "params").is_dir():
+        return str(p.parent), int(p.name)
+    if any(c.name.isdigit() and c.is_dir() for c in p.iterdir()):
+        return str(p), None
+    raise FileNotFoundError(f"{p} holds no vlajax checkpoint: expected a run directory (with checkpoints/), "
+                            f"a checkpoints/ folder of step folders, or one step folder (<...>/checkpoints/<step>)")
 
 
 @dataclasses.dataclass
@@ -114,6 +160,8 @@ class CheckpointManager:
       max_to_keep: keep the last N finished checkpoints.
       keep_period: additionally keep every checkpoint whose step % keep_period == 0.
       async_save: write in a background thread (`wait_until_finished` to block).
+      read_only: open someone else's checkpoints (another run, a run still training): nothing is
+        created, deleted or cleaned up there.
     """
 
     def __init__(
@@ -124,16 +172,24 @@ class CheckpointManager:
         max_to_keep: int | None = 3,
         keep_period: int | None = None,
         async_save: bool = True,
+        read_only: bool = False,
     ):
-        self.directory = str(directory)
-        options = ocp.CheckpointManagerOptions(
-            save_interval_steps=save_interval_steps,
-            max_to_keep=max_to_keep,
-            keep_period=keep_period,
-            enable_async_checkpointing=async_save,
-            cleanup_tmp_directories=True,
-            create=True,
-        )
+        # orbax refuses relative paths; a library caller may still pass one
+        self.directory = os.path.abspath(os.path.expanduser(str(directory)))
+        if read_only and not Path(self.directory).is_dir():
+            raise FileNotFoundError(f"checkpoint directory {self.directory} does not exist")
+        if read_only:  # what orbax's read-only mode requires (it warns about each value it changes)
+            options = ocp.CheckpointManagerOptions(save_interval_steps=0, max_to_keep=None, create=False,
+                                                   cleanup_tmp_directories=False, read_only=True)
+        else:
+            options = ocp.CheckpointManagerOptions(
+                save_interval_steps=save_interval_steps,
+                max_to_keep=max_to_keep,
+                keep_period=keep_period,
+                enable_async_checkpointing=async_save,
+                cleanup_tmp_directories=True,
+                create=True,
+            )
         handlers = {k: ocp.StandardCheckpointHandler() for k in _ARRAY_ITEMS}
         handlers.update({k: ocp.JsonCheckpointHandler() for k in _JSON_ITEMS})
         self._mngr = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
@@ -216,11 +272,45 @@ class CheckpointManager:
                 args[item] = ocp.args.StandardRestore(abstract)
         for item in _JSON_ITEMS:
             args[item] = ocp.args.JsonRestore()
-        out = self._mngr.restore(step, args=ocp.args.Composite(**args))
+        err = None
+        try:
+            out = self._mngr.restore(step, args=ocp.args.Composite(**args))
+        except Exception as e:  # noqa: BLE001 - re-raised unless it is a damaged file
+            err = self._read_error(step, e)
+            if err is e:
+                raise
+        if err is not None:
+            _quiet_failed_reads()
+            raise err
         res = Restored(step=step, data_state=out["data_state"], config=out["config"])
         for item, fix in post.items():
             setattr(res, item, fix(out[item]))
         return res
+
+    _TS_READ_ERROR = re.compile(r'(OUT_OF_RANGE|DATA_LOSS|NOT_FOUND|FAILED_PRECONDITION|INVALID_ARGUMENT): '
+                                r'Error reading "([^"]+)" in \w+ database at local file "([^"]+)"[^\n]*')
+
+    def _read_error(self, step: int, error: BaseException) -> BaseException:
+        """One clear error for a checkpoint whose files cannot be read (TensorStore's message is
+        buried in an asyncio traceback); any other error is returned unchanged."""
+        seen, todo = set(), [error]
+        while todo:
+            e = todo.pop()
+            if e is None or id(e) in seen:
+                continue
+            seen.add(id(e))
+            m = self._TS_READ_ERROR.search(str(e))
+            if m:
+                tensor = m.group(2).rsplit("/", 1)[0]
+                others = [s for s in self.all_steps() if s != step]
+                hint = (f"; restore an earlier step instead (have {others}, e.g. `vlajax eval RUN --step "
+                        f"{max(others)}`, or delete {self.directory}/{step} so that trainer.resume=auto takes "
+                        f"{max(others)})") if others else "; no other checkpoint is left"
+                return CheckpointReadError(
+                    f"checkpoint {self.directory} step {step} is damaged: tensor {tensor!r} cannot be read from "
+                    f"{m.group(3)} ({m.group(1)}: {m.group(0).split(': ', 2)[-1]}){hint}")
+            todo += [e.__cause__, e.__context__]
+        return error
 
     def _abstract_target(self, step: int, item: str, meta: Any, target: Any):
         """(abstract tree for orbax, function mapping the restored tree to the output)."""

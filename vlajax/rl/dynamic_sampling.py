@@ -111,7 +111,7 @@ class GroupBuffer:
         lower: float = 0.1,
         upper: float = 0.9,
         max_rounds: int = 8,
-        keep_excess: bool = True,
+        keep_excess: bool = False,
     ):
         if groups_per_batch < 1 or max_rounds < 1:
             raise ValueError(

@@ -36,7 +36,14 @@ Batch (a dict; numpy or jax arrays, M = mini-batch size, a multiple of `batch_mu
   advantages     float32 (M,) or (M, 56)
   mask           float32 (M, 56) 1 = valid token. Padding samples (`samples.pad_samples`) have
                  mask 0: they add nothing (their pixels are zeroed, NaN there cannot leak).
-  ref_logp       float32 (M, 56), only with kl_coef > 0
+  ref_logp       float32 (M, 56), optional with kl_coef > 0: the reference policy's log-probs; when
+                 absent the learner computes them with its own reference (below)
+
+KL to a reference policy (kl_coef > 0, verl's `use_kl_loss`): the reference is the policy as the
+learner got it. With LoRA it is the base model with the adapters off (the adapters zeroed: no extra
+memory, one more forward per mini-batch); with full parameters it is a frozen copy of the initial
+weights in the compute dtype: 2 B/param, 15.0 GB for the 7B in bf16 (so 120 + 15 GB + activations
+on one H200), plus one more forward per mini-batch (~1/3 of an update's compute).
 
 Memory plan (OpenVLA-OFT 7B: 7.50e9 parameters in the model, 6.74e9 of them in the LLM)
 ------------------------------------------------------------------------------------------
@@ -373,9 +380,19 @@ class Learner:
         self.state = TrainState(params, opt_state, scalar(cfg.lr, jnp.float32), scalar(0, jnp.int32),
                                 scalar(0, jnp.int32))
         self.rng = jax.random.key(cfg.seed)
+        self.ref_params = self._reference(params) if cfg.kl_coef else None
         del model, trainable, frozen
         policy.set_model(nnx.merge(graphdef, self.state.params, self.frozen))
         self._static = dict(graphdef=graphdef, cfg=cfg.static(), mesh=self.mesh)
+
+    def _reference(self, params: dict) -> dict:
+        """Trained-parameter tree of the KL reference (see module docstring): zeroed adapters with
+        LoRA; else a copy of the initial weights in the compute dtype (a new buffer: the step donates
+        the live ones)."""
+        if self.lora:
+            return jax.tree.map(jnp.zeros_like, params)
+        dtype = jnp.dtype(self.cfg.compute_dtype)
+        return jax.tree.map(lambda x: jnp.array(x, dtype=dtype, copy=True), params)
 
     # -- info ------------------------------------------------------------------------------------
     @property
@@ -407,8 +424,6 @@ class Learner:
             raise KeyError(f"batch is missing {missing}; it has {sorted(batch)}")
         if ("images" in batch) == ("pixel_values" in batch):
             raise KeyError("batch needs exactly one of 'images' (uint8) and 'pixel_values' (float32)")
-        if self.cfg.kl_coef and "ref_logp" not in batch:
-            raise KeyError("kl_coef > 0 needs batch['ref_logp']")
         dtypes = {"input_ids": np.int32, "attention_mask": np.int32, "tokens": np.int32, "old_logp": np.float32,
                   "advantages": np.float32, "mask": np.float32, "ref_logp": np.float32, "proprio": np.float32,
                   "pixel_values": np.float32}
@@ -449,6 +464,8 @@ class Learner:
         valid_samples, adv_mean/std/min/max, num_micro_batches, skipped (this step), skipped_total,
         step, lr."""
         batch = self.prepare_batch(batch)
+        if self.cfg.kl_coef and "ref_logp" not in batch:
+            batch["ref_logp"] = self._ref_logp(batch)
         self.state, metrics = _update(self.state, self.frozen, batch, **self._static)
         self._sync_policy()
         return metrics
@@ -462,6 +479,16 @@ class Learner:
         """(logp, entropy), each (M, 56) f32, of batch['tokens'] under the current parameters at the
         rollout temperature (verl's compute_log_prob). Needs the same keys as `update`."""
         return _logprobs(self.state.params, self.frozen, self.prepare_batch(batch), **self._static)
+
+    def ref_logprobs(self, batch: dict) -> jax.Array:
+        """(M, 56) f32 log-probs of batch['tokens'] under the KL reference policy (kl_coef > 0 only)."""
+        return self._ref_logp(self.prepare_batch(batch))
+
+    def _ref_logp(self, prepared: dict) -> jax.Array:
+        if self.ref_params is None:
+            raise ValueError("this learner has no reference policy: it is built only with kl_coef > 0")
+        logp, _ = _logprobs(self.ref_params, self.frozen, prepared, **self._static)
+        return logp
 
     def set_lr(self, lr: float) -> None:
         """Change the learning rate (no recompilation)."""
@@ -482,9 +509,10 @@ class Learner:
         s = self.state
         return {"opt_state": s.opt_state, "lr": s.lr, "step": s.step, "skipped": s.skipped, "rng": self.rng}
 
-    def save(self, manager: CheckpointManager, *, data_state: dict | None = None, config: dict | None = None,
-             force: bool = False) -> bool:
-        """Save at step `self.step` (async; see CheckpointManager): params (trained + frozen, the policy
+    def save(self, manager: CheckpointManager, *, step: int | None = None, data_state: dict | None = None,
+             config: dict | None = None, force: bool = False) -> bool:
+        """Save as checkpoint `step` (default: the update count `self.step`; a trainer passes its
+        RL step) (async; see CheckpointManager): params (trained + frozen, the policy
         weights), opt_state, lr, step, skipped, rng; `data_state` (sampler position...) and `config`
         as JSON. The learner config is added to `config` under "learner". Returns False if the
         manager's save interval skipped this step.
@@ -492,8 +520,8 @@ class Learner:
         The arrays are copied to host memory before this returns, so the next update may donate them."""
         cfg = dict(config or {})
         cfg["learner"] = _jsonable(dataclasses.asdict(self.cfg))
-        saved = manager.save(self.step, self.params(), self._train_state_tree(), data_state=data_state,
-                             config=cfg, force=force)
+        saved = manager.save(self.step if step is None else step, self.params(), self._train_state_tree(),
+                             data_state=data_state, config=cfg, force=force)
         return saved
 
     def restore(self, manager: CheckpointManager, step: int | None = None, *, free_memory: bool = True) -> Restored:

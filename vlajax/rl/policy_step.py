@@ -76,12 +76,21 @@ class Decoder(Protocol):
     def fetch(self, handle: Any) -> DecodeOutputs: ...
 
 
+MIN_BUCKET = 4
+
+
 def default_buckets(capacity: int) -> tuple[int, ...]:
-    """Powers of two below `capacity`, then `capacity`: at most log2(capacity)+1 compiled shapes,
-    and a batch is padded to less than twice its size."""
+    """Powers of two from `MIN_BUCKET` below `capacity`, then `capacity`: at most log2(capacity)
+    compiled shapes, and a batch is padded to less than twice its size (or to 4 rows).
+
+    Why not 1 and 2: XLA's CPU matmuls take another code path for 1 or 2 rows, whose log-probs
+    differ from a larger batch's by ~1e-6. Which rows share a decode depends on simulator timing, so
+    a straggler decoded alone in one run and with others in another made a resumed run differ from
+    an uninterrupted one. From 4 to 32 rows a row's result does not depend on its batch (tested; on
+    2 cores, 48 rows and more take yet another path)."""
     if capacity < 1:
         raise ValueError(f"decode capacity must be >= 1, got {capacity}")
-    out, b = [], 1
+    out, b = [], MIN_BUCKET
     while b < capacity:
         out.append(b)
         b *= 2
