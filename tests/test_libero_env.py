@@ -5,7 +5,7 @@ The reference for faithfulness is LIBERO itself, used the way its evaluations us
 set_init_state`, 10 no-op steps, then the actions one `step` at a time.
 
 How success is produced (for early stop): in "put the bowl on the plate" (libero_goal) the test
-writes an init state in which the black bowl is 10 cm above the plate centre moving up at 2.6 m/s.
+writes an init state in which the black bowl is 10 cm above the plate centre moving up at 3.0 m/s.
 It is in flight during the 10 settle steps and lands on the plate a few steps later, so LIBERO's
 own predicate `On(akita_black_bowl_1, plate_1)` becomes true in the middle of a chunk through
 physics alone; the step at which it does is taken from the vanilla LIBERO rollout, not hard-coded.
@@ -236,7 +236,7 @@ def test_single_env_errors(goal_env, bowl_task, assets):
 
 # ---- through SubprocVectorEnv -------------------------------------------------------------------
 def _toss_state(vanilla, init_state):
-    """init_state with the bowl 10 cm above the plate centre, moving up at 2.6 m/s."""
+    """init_state with the bowl 10 cm above the plate centre, moving up at 3.0 m/s."""
     inner = vanilla.env
     vanilla.seed(0)
     vanilla.reset()
@@ -245,7 +245,7 @@ def _toss_state(vanilla, init_state):
     qpos = np.array(inner.sim.data.get_joint_qpos(joint))
     qpos[:3] = inner.sim.data.body_xpos[inner.obj_body_id["plate_1"]] + [0.0, 0.0, 0.10]
     inner.sim.data.set_joint_qpos(joint, qpos)
-    inner.sim.data.set_joint_qvel(joint, [0.0, 0.0, 2.6, 0.0, 0.0, 0.0])
+    inner.sim.data.set_joint_qvel(joint, [0.0, 0.0, 3.0, 0.0, 0.0, 0.0])
     inner.sim.forward()
     return vanilla.get_sim_state().copy()
 

@@ -15,7 +15,8 @@ One `LiberoEnv` is one `OffScreenRenderEnv` in one worker process of a `SubprocV
   robosuite samples observations at an inner MuJoCo step *before* a control step ends (inner step
   23 of 25), so rendering after `step` returns gives different images. Instead, each camera
   observable keeps its normal robosuite sampling schedule but its sensor is replaced by one that
-  copies `MjData` (`mj_copyData`, ~40 us) at its sampling instant; after the chunk, the snapshot
+  copies `MjData` (`mj_copyData`, ~40 us; bindings without it, e.g. the pinned 3.3.2, copy the
+  model-sized arrays rendering reads, ~0.15 ms) at its sampling instant; after the chunk, the snapshot
   of the last executed sub-step -- planned or cut short by success -- is rendered with robosuite's
   own camera sensor. The images are bit-identical to rendering every sub-step
   (`render_every_substep=True`, which runs robosuite's sensors unmodified).
@@ -31,6 +32,9 @@ One `LiberoEnv` is one `OffScreenRenderEnv` in one worker process of a `SubprocV
 - Proprio (8,) float32 as OpenVLA-OFT: eef_pos (3) + axis-angle of eef_quat (3) + gripper_qpos (2).
 - Task tables and init states come from the installed LIBERO package, read without importing
   torch (see `libero_setup`).
+- MuJoCo: LIBERO settles its init states and renders its floors as in its training data only on
+  the validated releases (`libero_setup.VALIDATED_MUJOCO`; vlajax pins 3.3.2); on any other the env
+  warns (`MujocoVersionWarning` and a log line).
 """
 
 from __future__ import annotations
@@ -98,6 +102,45 @@ def proprio_from_obs(obs: Mapping[str, np.ndarray]) -> np.ndarray:
     ).astype(np.float32)
 
 
+def _libero_reset(env):
+    """`env.reset()` retrying only on RandomizationError (a failed object placement), as LIBERO
+    means to. LIBERO's own loop ends in `finally: continue`, which retries on every exception, so
+    an error inside reset (e.g. a MuJoCo API a release lacks) would hang the worker forever."""
+    from robosuite.utils.errors import RandomizationError
+
+    while True:
+        try:
+            return env.env.reset()
+        except RandomizationError:
+            continue
+
+
+def _data_copier(model):
+    """`copy(dst, model, src)`: what rendering reads from MjData `src`, into `dst` (same model).
+
+    `mj_copyData` where the bindings have it (not up to 3.4.0). Otherwise every array whose size the
+    model fixes (poses, cameras, lights, ...; 0.5 MB and ~0.15 ms for a LIBERO scene): copy.copy
+    would allocate a whole MjData (~6 ms). Contacts and constraint rows live in MjData's arena and
+    are left out (robosuite's renderer does not draw them); so is `plugin_data`, which holds the
+    source's plugin instances."""
+    import mujoco
+
+    if hasattr(mujoco, "mj_copyData"):
+        return mujoco.mj_copyData
+    fresh = mujoco.MjData(model)  # arena arrays are empty here, model-sized ones are not
+    names = tuple(
+        n for n in dir(fresh)
+        if not n.startswith("_") and n != "plugin_data"
+        and isinstance(getattr(fresh, n), np.ndarray) and getattr(fresh, n).size
+    )
+
+    def copy(dst, model, src):
+        for n in names:
+            np.copyto(getattr(dst, n), getattr(src, n))
+
+    return copy
+
+
 class _DataView:
     """Stands in for robosuite's MjData wrapper inside its render context (it reads only `._data`)."""
 
@@ -154,6 +197,7 @@ class LiberoEnv(SingleEnv):
         self.hard_reset = bool(hard_reset)
         self.split_physics = bool(split_physics)
         self.assets_dir = libero_setup.setup_libero(assets_dir, mujoco_gl)
+        libero_setup.warn_mujoco_version_once()
 
         self._libero_tasks = suite_tasks(suite)
         n = len(self._libero_tasks)
@@ -182,6 +226,7 @@ class LiberoEnv(SingleEnv):
         self._real_sensors: dict[str, Any] = {}  # camera observable -> robosuite's render sensor
         self._snapshot = None  # MjData copied at the cameras' last sampling instant
         self._snapshot_model = None  # the MjModel it was allocated for
+        self._copy_data = None  # copies what rendering reads from one MjData into another
         self.num_builds = 0  # scenes built so far (a task switch builds one; a fast reset does not)
 
     # ---- SingleEnv API --------------------------------------------------------------------------
@@ -204,7 +249,7 @@ class LiberoEnv(SingleEnv):
         self._ready = False
         env = self._env
         env.seed(int(seed))
-        env.reset()
+        _libero_reset(env)
         # With hard_reset=False robosuite keeps the gripper's command ramp from the last episode;
         # a fresh env starts it at zero (GripperModel.__init__), so zero it for identical dynamics.
         gripper = env.robots[0].gripper
@@ -243,6 +288,20 @@ class LiberoEnv(SingleEnv):
             images, proprio_from_obs(obs), self._tasks[self._task_id].instruction, success, steps,
             substep_images=substep_images,
         )
+
+    def object_poses(self) -> dict[str, np.ndarray]:
+        """Object name -> (7,) world position and quaternion (w, x, y, z) of the task's objects, now.
+
+        For checking where reset left them: LIBERO's init states keep some objects above or inside
+        their support, and the settle steps decide where they end up (see tests/test_libero_simulator.py)."""
+        if self._env is None:
+            raise EnvError(f"LIBERO {self.suite}: object_poses before reset")
+        inner = self._env.env
+        data = inner.sim.data
+        return {
+            name: np.concatenate([data.body_xpos[body], data.body_xquat[body]])
+            for name, body in inner.obj_body_id.items()
+        }
 
     def close(self) -> None:
         if self._env is not None:
@@ -351,10 +410,11 @@ class LiberoEnv(SingleEnv):
         model = inner.sim.model._model
         if self._snapshot is None or self._snapshot_model is not model:  # new scene or hard reset
             self._snapshot, self._snapshot_model = mujoco.MjData(model), model
+            self._copy_data = _data_copier(model)
         h, w = self.image_hw
 
-        def snapshot(obs_cache, _env=inner, _snap=self._snapshot):
-            mujoco.mj_copyData(_snap, _env.sim.model._model, _env.sim.data._data)
+        def snapshot(obs_cache, _env=inner, _snap=self._snapshot, _copy=self._copy_data):
+            _copy(_snap, _env.sim.model._model, _env.sim.data._data)
             return np.zeros((h, w, 3), dtype=np.uint8)
 
         for cam in self.cameras:
@@ -411,6 +471,7 @@ def make_libero_vector_env(
     if suite not in SUITES:
         raise EnvError(f"unknown LIBERO suite {suite!r}; valid suites: {', '.join(SUITES)}")
     assets = libero_setup.resolve_assets_dir(assets_dir)
+    libero_setup.warn_mujoco_version_once()  # here too: the workers' warnings may go unseen
     factory = functools.partial(
         _make_env,
         suite=suite,

@@ -12,23 +12,40 @@ Importing `libero.libero` and `libero.libero.envs` does not import torch; LIBERO
 `libero.libero.benchmark` does (`import torch` at module level, and `torch.load` for init states),
 so vlajax reads the suite tables and init states itself (see `load_suite_task_names`,
 `load_init_states`).
+
+LIBERO's results depend on the MuJoCo release: `check_mujoco_version` warns outside
+`VALIDATED_MUJOCO` (the reasons are in its comment).
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import importlib.util
 import io
+import logging
 import os
 import pickle
+import re
 import shutil
 import sys
 import tarfile
 import tempfile
+import warnings
 import zipfile
 from pathlib import Path
 
 import numpy as np
+
+log = logging.getLogger(__name__)
+
+# MuJoCo releases (inclusive) on which LIBERO settles and renders as before the two changes below
+# (tests/test_libero_simulator.py passes on 3.3.0, 3.3.1 and 3.3.2); pyproject.toml pins the upper
+# end. 3.3.3 added texture colour spaces (default: from the file), and LIBERO's floor PNGs, which
+# carry an sRGB chunk, render darker (LIBERO #88). 3.4.0 fixed the box-box distance, and objects
+# built from boxes settle differently in reset (libero_spatial task 5's bowl ends on the ramekin's
+# rim, RLinf #1460: a checkpoint's success on that task 98% -> 12%).
+VALIDATED_MUJOCO = ("3.3.0", "3.3.2")
 
 ASSETS_ENV = "VLAJAX_LIBERO_ASSETS"  # folder with LIBERO's assets, or a .tar.xz pack of them
 CACHE_ENV = "VLAJAX_LIBERO_CACHE"  # where config.yaml and extracted packs live
@@ -39,6 +56,10 @@ _PACK_SUFFIXES = (".tar.xz", ".txz", ".tar.gz", ".tgz", ".tar")
 
 class LiberoAssetsError(FileNotFoundError):
     """LIBERO's scene assets were not found; the message says how to provide them."""
+
+
+class MujocoVersionWarning(UserWarning):
+    """LIBERO runs on a MuJoCo release outside `VALIDATED_MUJOCO`."""
 
 
 def cache_dir() -> Path:
@@ -172,6 +193,50 @@ def set_gl_backend(mujoco_gl: str | None = None) -> str | None:
     if backend in ("egl", "osmesa"):  # robosuite's EGL context insists PyOpenGL agrees
         os.environ.setdefault("PYOPENGL_PLATFORM", backend)
     return backend
+
+
+def _release(version: str) -> tuple[int, int, int]:
+    found = re.match(r"(\d+)\.(\d+)\.(\d+)", version)
+    if found is None:
+        raise ValueError(f"not a MuJoCo version: {version!r}")
+    return tuple(int(x) for x in found.groups())
+
+
+def installed_mujoco_version() -> str:
+    """The imported mujoco's version, else the installed distribution's (without importing it: the
+    GL backend must be chosen before the first import)."""
+    if "mujoco" in sys.modules:
+        return sys.modules["mujoco"].__version__
+    from importlib.metadata import version
+
+    return version("mujoco")
+
+
+def check_mujoco_version(version: str | None = None, stacklevel: int = 2) -> str | None:
+    """Warn (`MujocoVersionWarning` and a log warning) when `version` (default: the installed
+    mujoco) is outside `VALIDATED_MUJOCO`; returns the message, or None inside the range."""
+    version = version or installed_mujoco_version()
+    low, high = VALIDATED_MUJOCO
+    if _release(low) <= _release(version) <= _release(high):
+        return None
+    msg = (
+        f"LIBERO is running on mujoco {version}, outside the validated range {low}..{high}; "
+        "checkpoints trained on LIBERO data may score below their published success rates. "
+        "(1) Init states settle differently during reset (from 3.4.0: libero_spatial task 5's black "
+        "bowl ends on the ramekin's rim instead of resting on it, and libero_10's living-room objects "
+        "are thrown off the table). (2) Floors render darker than in the training images (from 3.3.3, "
+        "which decodes LIBERO's floor textures as sRGB). "
+        f"Install the validated simulator: pip install 'mujoco=={high}' (vlajax pins it)."
+    )
+    warnings.warn(msg, MujocoVersionWarning, stacklevel=stacklevel)
+    log.warning(msg)
+    return msg
+
+
+@functools.cache
+def warn_mujoco_version_once() -> str | None:
+    """`check_mujoco_version()` for the installed mujoco, once per process (reported at the caller's caller)."""
+    return check_mujoco_version(stacklevel=4)
 
 
 def setup_libero(assets: str | os.PathLike | None = None, mujoco_gl: str | None = None) -> Path:
