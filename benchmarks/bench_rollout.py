@@ -2,7 +2,11 @@
 
     python benchmarks/bench_rollout.py [--env tabletop|libero] [--workers 1] [--stages 2] [--envs 1]
         [--max-steps 64] [--image-size 128] [--render-every-substep] [--policy-image 56]
-        [--rounds 3] [--pin]
+        [--rounds 3] [--pin] [--policy CKPT] [--mujoco-gl egl|osmesa] [--json OUT]
+
+`--stages 1,2 --envs 16,8` measures several pool layouts in one process with one policy (the same
+decode shapes when stages x envs is equal). `--policy` loads a checkpoint (HF or vlajax; bf16 compute)
+instead of the small random preset, e.g. the 7B made by make_random_checkpoint.py.
 
 One run measures, on the same requests and the same sampling key (so all loops produce the same
 trajectories, which is checked):
@@ -12,8 +16,9 @@ trajectories, which is checked):
              (wall time of the simulation alone, Ray round trips included)
   decode     bound 2: every policy call of the rollout decoded back to back, per (worker, stage)
              unit and call, with no simulator running (host gather + device + un-normalise)
-and prints pipelined / max(sim, decode) and the sim actors' busy fraction during the pipelined
-run (time an env call ran / wall time, mean over actors), for each loop's best round (on a shared
+and prints pipelined / max(sim, decode), the sim actors' busy fraction during the pipelined
+run (time an env call ran / wall time, mean over actors) and the decoder's (its calls' device time,
+timed per batch size before the rollouts, / wall time), for each loop's best round (on a shared
 machine other load only ever adds time) and for the medians; the loops take turns round by round.
 Every decode bucket is compiled before timing. Resets are excluded: each timed rollout
 starts after `start_reset` + `reset_ready` (in training they overlap the learner's update).
@@ -126,50 +131,63 @@ def pin(pool: SimPool) -> None:
             _pin_process(pid, set(cpus[1:]))
 
 
-def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--env", choices=("tabletop", "libero"), default="tabletop")
-    p.add_argument("--suite", default="libero_spatial")
-    p.add_argument("--assets", default=None, help="LIBERO assets (else $VLAJAX_LIBERO_ASSETS)")
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--stages", type=int, default=2)
-    p.add_argument("--envs", type=int, default=1, help="envs per stage per worker")
-    p.add_argument("--max-steps", type=int, default=64)
-    p.add_argument("--image-size", type=int, default=128, help="camera resolution")
-    p.add_argument("--render-every-substep", action="store_true", help="render all 8 sub-steps of a chunk")
-    p.add_argument("--policy-image", type=int, default=56, help="policy input resolution (small preset)")
-    p.add_argument("--temperature", type=float, default=1.6)
-    p.add_argument("--rounds", type=int, default=3)
-    p.add_argument("--pin", action="store_true")
-    args = p.parse_args(argv)
+def decode_times(dec: PolicyDecoder, image_hw, temperature: float, key, reps: int = 3) -> dict[int, float]:
+    """Seconds per decode call at each bucket size (median of `reps`, compiled first): with the
+    rollout's calls per bucket, the decoder's busy time."""
+    h, w = image_hw
+    ids, mask = dec.encode_prompts(["pick up the black bowl and place it on the plate"])
+    out = {}
+    for b in dec.buckets:
+        x = DecodeInputs(images=np.random.default_rng(b).integers(0, 255, (b, dec.num_images, h, w, 3), np.uint8),
+                         input_ids=np.repeat(ids, b, 0), attention_mask=np.repeat(mask, b, 0),
+                         proprio=np.zeros((b, 8), np.float32), rows=np.arange(b, dtype=np.int32),
+                         calls=np.zeros(b, np.int32))
+        dec.fetch(dec.dispatch(x, temperature=temperature, key=key))
+        ts = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            dec.fetch(dec.dispatch(x, temperature=temperature, key=key))
+            ts.append(time.perf_counter() - t0)
+        out[b] = statistics.median(ts)
+    return out
 
+
+def load_policy(args) -> Policy:
+    if args.policy is None:
+        return random_policy(args.policy_image)
+    from vlajax.model import load_pretrained
+
+    return load_pretrained(args.policy, dtype="bfloat16", compute_dtype="bfloat16")
+
+
+def measure_layout(args, policy, stages: int, envs: int, key) -> dict:
+    """Serial / pipelined / sim-bound / decode-bound rollouts of one pool layout (module docstring)."""
     n_cpus = len(os.sched_getaffinity(0))
-    session = init_ray(num_cpus=n_cpus, log_to_driver=False)
     if args.env == "tabletop":
         from vlajax.envs.tabletop import make_tabletop_vector_env
 
         env_fn = functools.partial(make_tabletop_vector_env, image_size=args.image_size,
                                    max_episode_steps=args.max_steps)
-        n_tasks, flip, gripper = 3, False, None
+        n_tasks, flip, gripper, unnorm = 3, False, None, None
     else:
         from vlajax.envs.libero import make_libero_vector_env
 
         env_fn = functools.partial(make_libero_vector_env, args.suite, assets_dir=args.assets,
                                    image_size=args.image_size, max_episode_steps=args.max_steps)
         n_tasks, flip, gripper = 10, True, "libero"
+        unnorm = args.suite if policy.dataset_statistics else None
     placement = PlacementOptions.standalone(env_workers_per_node=args.workers, env_cpus_per_worker=n_cpus / args.workers)
-    pool = SimPool(env_fn, num_envs=args.envs, num_stages=args.stages, placement=placement,
-                   render_every_substep=args.render_every_substep)
+    pool = SimPool(env_fn, num_envs=envs, num_stages=stages, placement=placement,
+                   render_every_substep=args.render_every_substep, mujoco_gl=args.mujoco_gl)
     try:
         if args.pin:
             pin(pool)
-        policy = random_policy(args.policy_image)
-        dec = PolicyDecoder(policy, prompt_len=48, flip=flip, gripper=gripper, capacity=pool.capacity)
-        dec.warmup((args.image_size, args.image_size), proprio_dim=8, temperatures=(args.temperature,))
+        dec = PolicyDecoder(policy, prompt_len=64 if args.policy else 48, flip=flip, gripper=gripper,
+                            unnorm_key=unnorm, capacity=pool.capacity)
+        per_call = decode_times(dec, (args.image_size, args.image_size), args.temperature, key)
         load0 = f"{os.getloadavg()[0]:.2f}"
         n = pool.capacity
         tasks, states = np.arange(n) % n_tasks, np.arange(n) // n_tasks
-        key = jax.random.key(0)
         cfg = RolloutConfig(temperature=args.temperature)
         serial_eng = RolloutEngine(pool, dec, dataclass_replace(cfg, pipelined=False))
         pipe_eng = RolloutEngine(pool, dec, cfg)
@@ -182,7 +200,7 @@ def main(argv=None):
             eng.reset_ready()
             return eng.rollout(key=key)
 
-        rows = {k: [] for k in ("serial", "pipelined", "sim", "decode", "busy", "busy_s", "sim_busy_s")}
+        rows = {k: [] for k in ("serial", "pipelined", "sim", "decode", "busy", "busy_s", "sim_busy_s", "dec_busy_s")}
         ref = None
         for _ in range(args.rounds):
             a = run(serial_eng)
@@ -202,37 +220,84 @@ def main(argv=None):
             rows["decode"].append(decode_bound(dec, b, pool, args.temperature, key))
             rows["busy"].append(b.stats.sim_busy_fraction)
             rows["busy_s"].append(float(np.mean(b.stats.sim_busy_s)))
+            rows["dec_busy_s"].append(sum(per_call[k] * v for k, v in b.stats.decode_buckets.items()))
         tr = ref.trajectories
-        print(f"env={args.env} workers={args.workers} stages={args.stages} envs/stage={args.envs} "
+        print(f"env={args.env} workers={args.workers} stages={stages} envs/stage={envs} "
               f"({n} trajectories) camera={args.image_size}px render_every_substep={args.render_every_substep} "
-              f"max_steps={args.max_steps} policy=small@{args.policy_image}px pin={args.pin} cpus={n_cpus}")
+              f"max_steps={args.max_steps} policy={args.policy or f'small@{args.policy_image}px'} pin={args.pin} "
+              f"cpus={n_cpus} renderer={pool.infos[0].get('renderer')}")
+        print("decode seconds per call by batch size: " + ", ".join(f"{k}: {v * 1e3:.1f} ms" for k, v in per_call.items()))
         # Calls a stage made after the other stages of its actor had no running env left: there is
         # nothing to overlap them with (early-finished envs leave the batch).
-        calls = tr.chunk_valid.sum(1).reshape(args.workers, args.stages, args.envs).max(-1)
-        alone = int((calls.max(1) - np.sort(calls, 1)[:, -2]).sum()) if args.stages > 1 else int(calls.sum())
+        calls = tr.chunk_valid.sum(1).reshape(args.workers, stages, envs).max(-1)
+        alone = int((calls.max(1) - np.sort(calls, 1)[:, -2]).sum()) if stages > 1 else int(calls.sum())
         print(f"stage calls with no other stage of the actor left to overlap: {alone} of {int(calls.sum())}")
         print(f"policy calls per rollout: {int(tr.chunk_valid.sum())}, env steps: {int(tr.finish_step.sum())}, "
               f"successes: {int(tr.success.sum())}, decode calls (pipelined): {ref.stats.decode_calls}; "
               f"load average before/after: {load0} / {os.getloadavg()[0]:.2f}")
+        summary = {"stages": stages, "envs_per_stage": envs, "trajectories": n, "decode_s_per_call": per_call,
+                   "env_steps": int(tr.finish_step.sum()), "per_round": rows}
         # Each loop's best round (other load on a shared machine only ever adds time), and medians.
         for name, agg in (("best", min), ("median", statistics.median)):
             m = {k: agg(v) for k, v in rows.items()}
             m["busy"] = max(rows["busy"]) if name == "best" else m["busy"]
             bound = max(m["sim"], m["decode"])
             which = "sim" if m["sim"] >= m["decode"] else "decode"
+            dec_frac = m["dec_busy_s"] / m["pipelined"]
             print(f"{name} of {args.rounds} rounds (s/rollout): serial {m['serial']:.3f} | pipelined "
                   f"{m['pipelined']:.3f} ({m['serial'] / m['pipelined']:.2f}x serial) | sim bound {m['sim']:.3f} "
                   f"(actors busy {m['sim_busy_s']:.3f}) | decode bound {m['decode']:.3f}")
             print(f"  pipelined / max(sim, decode) = {m['pipelined'] / bound:.3f} ({which}-bound); "
-                  f"sim busy fraction (pipelined) = {m['busy']:.3f} (busy {m['busy_s']:.3f} s)")
+                  f"sim busy fraction (pipelined) = {m['busy']:.3f} (busy {m['busy_s']:.3f} s); "
+                  f"decoder busy fraction = {dec_frac:.3f} ({m['dec_busy_s']:.3f} s)")
+            summary[name] = {**m, "ratio": m["pipelined"] / bound, "bound": which, "decoder_busy_fraction": dec_frac,
+                             "env_steps_per_s": summary["env_steps"] / m["pipelined"]}
         ratios = [pl / max(si, de) for pl, si, de in zip(rows["pipelined"], rows["sim"], rows["decode"])]
         print(f"per-round pipelined / max(sim, decode): median {statistics.median(ratios):.3f} "
               f"(min {min(ratios):.3f}, max {max(ratios):.3f}); per-round busy fraction: median "
               f"{statistics.median(rows['busy']):.3f} (min {min(rows['busy']):.3f})")
-        print("per round:", {k: [round(x, 3) for x in v] for k, v in rows.items()})
+        print("per round:", {k: [round(x, 3) for x in v] for k, v in rows.items()}, flush=True)
+        return summary
     finally:
         pool.close()
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--env", choices=("tabletop", "libero"), default="tabletop")
+    p.add_argument("--suite", default="libero_spatial")
+    p.add_argument("--assets", default=None, help="LIBERO assets (else $VLAJAX_LIBERO_ASSETS)")
+    p.add_argument("--workers", type=int, default=1)
+    p.add_argument("--stages", default="2", help="pipeline stages per worker; a comma list runs each")
+    p.add_argument("--envs", default="1", help="envs per stage per worker; a comma list pairs with --stages")
+    p.add_argument("--max-steps", type=int, default=64)
+    p.add_argument("--image-size", type=int, default=128, help="camera resolution")
+    p.add_argument("--render-every-substep", action="store_true", help="render all 8 sub-steps of a chunk")
+    p.add_argument("--policy-image", type=int, default=56, help="policy input resolution (small preset)")
+    p.add_argument("--policy", default=None, help="checkpoint to decode with (HF or vlajax), bf16")
+    p.add_argument("--mujoco-gl", default=None, help="egl | osmesa for the sim workers (default: as the env finds)")
+    p.add_argument("--temperature", type=float, default=1.6)
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--pin", action="store_true")
+    p.add_argument("--json", default=None, help="write the summaries here")
+    args = p.parse_args(argv)
+    stages = [int(x) for x in args.stages.split(",")]
+    envs = [int(x) for x in args.envs.split(",")]
+    if len(envs) == 1:
+        envs = envs * len(stages)
+    n_cpus = len(os.sched_getaffinity(0))
+    session = init_ray(num_cpus=n_cpus, log_to_driver=False)
+    try:
+        policy = load_policy(args)
+        key = jax.random.key(0)
+        out = [measure_layout(args, policy, s, e, key) for s, e in zip(stages, envs)]
+    finally:
         session.shutdown()
+    if args.json:
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump({"args": vars(args), "layouts": out}, f, indent=1, default=str)
 
 
 def dataclass_replace(obj, **kw):

@@ -298,6 +298,10 @@ class EnvTrainConfig(_Section):
     num_trials_per_task: int = 50  # vlajax (SimpleVLA-RL: data.): init states per task
     seed: int = 42
     reward_coef: float = 1.0  # success reward scale (cancels out under GRPO)
+    # vlajax: MuJoCo's GL in the simulator workers (vlajax.envs.gl): "egl" renders on the GPU the
+    # worker was given (else the node's first GPU; Mesa's llvmpipe where there is none), "osmesa" on
+    # the CPU (leaves the GPU's memory to the learner).
+    mujoco_gl: str = "egl"
     init_params: InitParamsConfig = field(default_factory=InitParamsConfig)
     video_cfg: VideoConfig = field(default_factory=VideoConfig)
 
@@ -863,6 +867,9 @@ def _validate(cfg: RunConfig) -> None:
                    f"LIBERO has {LIBERO_TRIALS_PER_TASK} init states per task, got {d.val_num_trials_per_task}")
     for k in ("num_envs", "max_episode_steps", "num_trials_per_task"):
         _positive(getattr(e, k), f"env.train.{k}")
+    from vlajax.envs.gl import BACKENDS  # no GL import
+
+    _check(e.mujoco_gl in BACKENDS, "env.train.mujoco_gl", f"{e.mujoco_gl!r} is not one of {', '.join(BACKENDS)}")
     for k in ("camera_heights", "camera_widths"):
         _positive(getattr(e.init_params, k), f"env.train.init_params.{k}")
     cams = e.init_params.camera_names

@@ -181,7 +181,8 @@ class SimSession(Closing):
             self.pool = SimPool(make_env_fn(cfg, video_dir), num_envs=t.num_envs,
                                 num_stages=cfg.env.rollout.pipeline_stage_num,
                                 placement=cfg.placement(),
-                                cameras=tuple(t.init_params.camera_names[:n_img]))
+                                cameras=tuple(t.init_params.camera_names[:n_img]),
+                                mujoco_gl=t.mujoco_gl if t.simulator_type in ("libero", "tabletop") else None)
             self._closers.insert(0, self.pool.close)
             unnorm = None
             if libero and policy.dataset_statistics:

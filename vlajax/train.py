@@ -296,6 +296,18 @@ class Trainer(Closing):
         return {"episodes": results, "success_rate": float(np.mean([r["success"] for r in results]))}
 
 
+def resource_metrics() -> dict:
+    """Peak accelerator memory (GB, largest over the local devices; absent on CPU) and this process's
+    peak resident memory (GB; the simulators' processes not included)."""
+    import resource
+
+    out = {"perf/host_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.local_devices()]
+    if any(p is not None for p in peaks):
+        out["perf/device_peak_gb"] = max(p or 0 for p in peaks) / 1e9
+    return out
+
+
 def _step_metrics(trainer: Trainer, rounds, batch, upd: list[dict], timing: dict) -> dict:
     from vlajax.model.flops import forward_flops
 
@@ -311,7 +323,13 @@ def _step_metrics(trainer: Trainer, rounds, batch, upd: list[dict], timing: dict
          "perf/policy_tflops": decoded * forward_flops(trainer.policy.cfg, 1, trainer.sim.decoder.prompt_len) / 1e12
          / max(sum(rb.stats.decode_wait_s + rb.stats.dispatch_s for rb in rounds), 1e-9),
          "rollout/rounds": len(rounds), "rollout/restarts": sum(rb.stats.restarts for rb in rounds),
-         "rollout/sim_busy_fraction": float(np.nanmean([rb.stats.sim_busy_fraction for rb in rounds]))}
+         "rollout/sim_busy_fraction": float(np.nanmean([rb.stats.sim_busy_fraction for rb in rounds])),
+         "rollout/wall_s": sim_s, "rollout/first_result_s": rounds[0].stats.first_result_s,
+         "rollout/sim_busy_s": float(sum(np.nanmax(rb.stats.sim_busy_s) for rb in rounds if rb.stats.sim_busy_s)),
+         **resource_metrics()}
+    for rb in rounds:
+        for b, n in rb.stats.decode_buckets.items():
+            m[f"rollout/decode_calls_b{b}"] = m.get(f"rollout/decode_calls_b{b}", 0) + n
     for ti in np.unique(tasks):
         m[f"train/success_rate/{trainer.tasks[int(ti)][0]}"] = float(succ[tasks == ti].mean())
     if batch is not None:

@@ -60,6 +60,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from vlajax.envs import gl
 from vlajax.envs.base import EnvError
 from vlajax.envs.subproc import EnvWorkerError
 
@@ -73,7 +74,7 @@ __all__ = [
 ]
 
 
-class PlacementError(RuntimeError):
+class PlacementError(ValueError):
     """The cluster cannot host the requested placement; the message names resource and node kind."""
 
 
@@ -439,11 +440,13 @@ class SimWorker:
 
     def __init__(self, env_fn: Callable[..., Any], num_envs: int, num_stages: int, worker_index: int,
                  cameras: Sequence[str] = ("agentview",), render_every_substep: bool = False,
-                 concurrent_stages: bool = False):
-        gpu_ids = ray.get_gpu_ids() if ray.is_initialized() else []
-        if gpu_ids:  # EGL on the GPU Ray gave this actor (MuJoCo reads these at import)
-            os.environ.setdefault("MUJOCO_GL", "egl")
-            os.environ["MUJOCO_EGL_DEVICE_ID"] = str(int(float(gpu_ids[0])))
+                 concurrent_stages: bool = False, mujoco_gl: str | None = None):
+        self.renderer = None
+        if mujoco_gl:  # before any env process starts: they inherit it, and MuJoCo reads it at import
+            gpu_ids = [str(g) for g in ray.get_gpu_ids()] if ray.is_initialized() else []
+            where = f"sim worker {worker_index} (pid {os.getpid()}, Ray GPUs {gpu_ids or 'none'})"
+            gl_env, self.renderer = gl.setup(mujoco_gl, gpu_ids, what=where)
+            gl.apply(gl_env)
         self.worker_index = int(worker_index)
         self.num_envs = int(num_envs)
         self.cameras = tuple(cameras)
@@ -475,6 +478,7 @@ class SimWorker:
             "action_dim": int(getattr(env, "action_dim", 7)),
             "max_episode_steps": getattr(env, "max_episode_steps", None),
             "gpu_ids": [str(g) for g in (ray.get_gpu_ids() if ray.is_initialized() else [])],
+            "renderer": self.renderer,
         }
 
     def _env(self, stage: int):
@@ -589,7 +593,7 @@ class SimPool:
     def __init__(self, env_fn: Callable[..., Any], *, num_envs: int, num_stages: int = 2,
                  placement: PlacementOptions | None = None, cameras: Sequence[str] = ("agentview",),
                  render_every_substep: bool = False, concurrent_stages: bool = False,
-                 start_timeout_s: float = 300.0):
+                 mujoco_gl: str | None = None, start_timeout_s: float = 300.0):
         if not ray.is_initialized():
             raise RuntimeError("SimPool needs Ray: call vlajax.distributed.ray_sim.init_ray() first")
         if num_envs < 1 or num_stages < 1:
@@ -599,7 +603,7 @@ class SimPool:
         self.cameras = tuple(cameras)
         self._actor_args = (env_fn, self.num_envs, self.num_stages)
         self._actor_kw = {"cameras": tuple(cameras), "render_every_substep": render_every_substep,
-                          "concurrent_stages": concurrent_stages}
+                          "concurrent_stages": concurrent_stages, "mujoco_gl": mujoco_gl}
         self._max_concurrency = self.num_stages + 2  # stages + control calls (stats, close)
         self.start_timeout_s = float(start_timeout_s)
         self.driver_node_id = ray.get_runtime_context().get_node_id()

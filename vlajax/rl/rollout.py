@@ -116,7 +116,10 @@ class RolloutStats:
     dispatch_s: host time issuing decodes (gathering rows, and compiling a new shape if any).
     decode_calls / decoded_rows / padded_rows: jitted calls, real rows decoded, rows incl. padding.
     env_calls: actor step calls; restarts: actor replacements in this rollout.
-    sim_busy_s: per worker, seconds its envs were simulating during the rollout."""
+    sim_busy_s: per worker, seconds its envs were simulating during the rollout.
+    first_result_s: from the start until the first reset result (near 0 when the resets were issued
+    before, e.g. overlapping the update, and are done). decode_buckets: decode calls per padded size
+    (with a per-size decode time, the decoder's busy time)."""
 
     wall_s: float = 0.0
     env_wait_s: float = 0.0
@@ -128,6 +131,8 @@ class RolloutStats:
     env_calls: int = 0
     restarts: int = 0
     sim_busy_s: list[float] = dataclasses.field(default_factory=list)
+    first_result_s: float = float("nan")  # until the first env result (resets done, when issued earlier)
+    decode_buckets: dict[int, int] = dataclasses.field(default_factory=dict)  # padded batch size -> calls
 
     @property
     def sim_busy_fraction(self) -> float:
@@ -441,6 +446,8 @@ class RolloutEngine:
                         continue
                     if u.kind == "step":
                         stats.env_calls += 1
+                    elif math.isnan(stats.first_result_s):  # the first reset result
+                        stats.first_result_s = time.perf_counter() - t0
                     on_result(u, res)
                 now = time.perf_counter()
                 for u in units:
@@ -470,6 +477,7 @@ class RolloutEngine:
                 stats.decode_calls += 1
                 stats.decoded_rows += len(rows)
                 stats.padded_rows += bucket
+                stats.decode_buckets[bucket] = stats.decode_buckets.get(bucket, 0) + 1
                 segs = []
                 off = 0
                 for u, r, _, _ in batch_units:
