@@ -52,11 +52,11 @@ from vlajax.distributed.ray_sim import PlacementOptions, SimPool, init_ray  # no
 from vlajax.model import Policy, build_model, preset  # noqa: E402
 from vlajax.model.pretrained import abstract_params  # noqa: E402
 from vlajax.model.tokenizer import load_tokenizer  # noqa: E402
-from vlajax.rl.policy_step import DecodeInputs, DecodeOutputs, PolicyDecoder  # noqa: E402
+from vlajax.rl.policy_step import DecodeInputs, DecodeOutputs, Decoder, PolicyDecoder  # noqa: E402
 from vlajax.rl.rollout import RolloutConfig, RolloutEngine  # noqa: E402
 
 
-class ReplayDecoder:
+class ReplayDecoder(Decoder):
     """Returns the actions a previous rollout sent, instantly: the simulation-only bound."""
 
     def __init__(self, batch, like):

@@ -86,7 +86,7 @@ fi
 if has rollout; then
   log "pipelined rollout with the 7B: 1 and 2 stages, serial"
   $PY benchmarks/bench_rollout.py --env libero --suite libero_10 --policy "$CKPT" --image-size 256 \
-    --stages 2,1 --envs 8,16 --max-steps "${ROLLOUT_STEPS:-128}" --rounds 1 --mujoco-gl egl \
+    --stages "${ROLLOUT_STAGES:-2,1}" --envs "${ROLLOUT_ENVS:-8,16}" --max-steps "${ROLLOUT_STEPS:-128}" --rounds 1 --mujoco-gl egl \
     --json "$OUT/rollout.json" > "$OUT/rollout.log" 2>&1 || log "rollout bench failed"
 fi
 $PY benchmarks/e2e_report.py runs/e2e ${OUT:+--decode-times "$OUT/rollout.json"} > "$OUT/report.md" 2>&1 \

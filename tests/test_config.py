@@ -283,13 +283,14 @@ def test_hard_coded_names_match_the_modules():
     import jax.numpy as jnp
 
     from vlajax.envs.libero import SUITES
+    from vlajax.envs.simulators import simulator
     from vlajax.envs.tabletop import SUITES as TABLETOP
     from vlajax.model.config import PRESETS
     from vlajax.model.init import INIT_SCHEMES
     from vlajax.rl.loss import kl_penalty
 
     assert sorted(C.MODEL_PRESETS) == sorted(PRESETS)
-    assert C.TABLETOP_SUITES == tuple(TABLETOP) and C.INIT_SCHEMES == INIT_SCHEMES
+    assert simulator("tabletop").suites == tuple(TABLETOP) and C.INIT_SCHEMES == INIT_SCHEMES
     for t in C.KL_TYPES:
         kl_penalty(jnp.zeros(2), jnp.ones(2), t)  # raises for an unknown type
     for s in SUITES:
@@ -338,3 +339,20 @@ def test_read_tracking_records_leaf_reads_but_not_copies_or_checks():
         _ = cfg.trajectories_per_step  # a derived size reads its leaves
     assert reads == {"data.train_batch_size", "env.train.init_params.camera_names",
                      "actor_rollout_ref.rollout.n"}
+
+
+def test_init_states_option_is_checked_and_named():
+    assert C.from_dict({}).env.train.init_states == "fixed"
+    cfg = load_config("libero_grpo", LIBERO + ["env.train.init_states=sampled", "env.train.num_trials_per_task=200"])
+    assert cfg.env.train.init_states == "sampled"  # sampled slots per task are not capped at LIBERO's 50
+    bad = [
+        (LIBERO + ["env.train.init_states=random"], "'random' is not one of fixed, sampled"),
+        (["env.train.init_states=sampled"], "the simulator's placement sampler; env.train.simulator_type=tabletop has none"),
+    ]
+    for overrides, message in bad:
+        with pytest.raises(ConfigError, match=message) as e:
+            load_config("libero_grpo" if overrides[0] in LIBERO else "demo", overrides)
+        assert e.value.key == "env.train.init_states"
+    with pytest.raises(ConfigError, match="init states per task, got 51") as e:
+        load_config("libero_grpo", LIBERO + ["env.train.num_trials_per_task=51"])
+    assert e.value.key == "env.train.num_trials_per_task"

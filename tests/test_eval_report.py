@@ -100,3 +100,11 @@ def test_mapping_inputs_and_errors(tmp_path):
         R.summarize([])
     with pytest.raises(ValueError, match="episode 1: needs 'task' and 'success'"):
         R.summarize([{"task": "a", "success": 1}, {"task": "a"}])
+
+
+def test_notes_go_between_title_and_table(tmp_path):
+    notes = ["init states: LIBERO's 50 fixed states per task (ids 0..49 used)", "trained on: sampled states"]
+    rep = R.write_eval_report(_episodes(), tmp_path, name="final", title="final evaluation", notes=notes)
+    lines = rep.paths["markdown"].read_text().splitlines()
+    assert lines[:5] == ["### final evaluation", "", notes[0] + "  ", notes[1], ""]
+    assert lines[5].startswith("| task |")

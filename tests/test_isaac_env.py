@@ -137,23 +137,19 @@ def test_missing_isaac_python_says_what_to_install(monkeypatch, tmp_path):
 
 
 def test_vector_env_fn_for_the_trainer_checks_suite_and_interpreter(monkeypatch):
-    from types import SimpleNamespace
-
     from vlajax.envs.isaac import ISAAC_ROBOT_USD_ENV, vector_env_fn
 
-    def cfg(suite):
-        init = SimpleNamespace(camera_heights=96, camera_widths=128, camera_names=["agentview"])
-        return SimpleNamespace(env=SimpleNamespace(train=SimpleNamespace(
-            task_suite_name=suite, init_params=init, max_episode_steps=64)))
+    def args(suite):
+        return {"suite": suite, "image_size": (96, 128), "cameras": ("agentview",), "max_episode_steps": 64}
 
     monkeypatch.delenv(ISAAC_ROBOT_USD_ENV, raising=False)
     monkeypatch.delenv(ISAAC_PYTHON_ENV, raising=False)
     with pytest.raises(EnvError, match="pip install isaaclab"):
-        vector_env_fn(cfg("isaac_stack"))
+        vector_env_fn(**args("isaac_stack"))
     monkeypatch.setenv(ISAAC_PYTHON_ENV, sys.executable)
     with pytest.raises(EnvError, match="unknown Isaac suite 'libero_10'"):
-        vector_env_fn(cfg("libero_10"))
-    fn = vector_env_fn(cfg("isaac_stack"))
+        vector_env_fn(**args("libero_10"))
+    fn = vector_env_fn(**args("isaac_stack"))
     assert fn.keywords["image_size"] == (96, 128) and fn.keywords["max_episode_steps"] == 64
     assert fn.keywords["python"] == sys.executable and fn.keywords["camera"] == "agentview"
 

@@ -27,7 +27,7 @@ from vlajax.model.pretrained import abstract_params
 from vlajax.model.actions import token_logprobs
 from vlajax.model.preprocess import preprocess_images
 from vlajax.model.tokenizer import load_tokenizer
-from vlajax.rl.policy_step import default_buckets, DecodeInputs, DecodeOutputs, PolicyDecoder
+from vlajax.rl.policy_step import default_buckets, DecodeInputs, DecodeOutputs, Decoder, PolicyDecoder
 from vlajax.rl.rollout import RolloutConfig, RolloutEngine, RolloutError
 
 K = 8  # actions per policy call
@@ -39,7 +39,7 @@ HANG_STATE, CRASH_STATE, SLOW_STATE = 901, 902, 903
 
 
 # ---- a scripted policy and an in-process replay ------------------------------------------------
-class DirectedDecoder:
+class DirectedDecoder(Decoder):
     """`Decoder` that moves each gripper straight to its target block at SPEED x full speed.
     Its tokens record (row, call) of every policy call, so tests can see where each call landed."""
 

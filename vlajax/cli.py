@@ -1,5 +1,8 @@
 """The `vlajax` command: `train` (config-driven GRPO runs), `eval` (greedy success tables),
 `convert` (HF <-> vlajax checkpoints) and `demo` (the untrained policy on the built-in task).
+
+Each subcommand imports its own stack (JAX, Ray, simulators) when it runs, so `vlajax --help` and a
+mistyped argument answer at once.
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ def _absolute(path: str | None) -> Path | None:
 
 
 def _convert(args) -> int:
+    import jax
+
     from vlajax.model import load_pretrained
     from vlajax.model.pretrained import MARKER
 
@@ -28,7 +33,7 @@ def _convert(args) -> int:
         policy.save(dst)
     else:
         policy.export_hf(dst, dtype=args.export_dtype)
-    n = sum(x.size for x in __import__("jax").tree.leaves(policy.params()))
+    n = sum(x.size for x in jax.tree.leaves(policy.params()))
     print(f"converted {src} -> {dst} ({to}); {n:,} parameters used by the model"
           + (f", {len(policy.unused)} unused tensors kept" if policy.unused else ""))
     return 0

@@ -17,8 +17,8 @@ Defaults are the SimpleVLA-RL LIBERO recipe (openvla_oft.md §6) with verl's spe
 Keys that are vlajax's own (verl has no equivalent) are marked "vlajax:" in the field comments:
 `data.max_sampling_rounds`, `data.keep_excess_groups`, `data.val_num_trials_per_task`,
 `actor_rollout_ref.model.{param_dtype,compute_dtype,image_size}`, `env.train.num_trials_per_task`
-(SimpleVLA-RL has it under `data.`), `trainer.resume` (verl: `resume_mode` + `resume_from_path`),
-`trainer.mesh.*`, `ray.*`.
+(SimpleVLA-RL has it under `data.`), `env.train.init_states`, `trainer.resume` (verl: `resume_mode` +
+`resume_from_path`), `trainer.mesh.*`, `ray.*`.
 
 The YAML files ship inside the package (`vlajax/configs/*.yaml`; the repository's `configs/` is a
 link to that folder), so `load_config("libero_grpo")` works from an installed wheel too.
@@ -42,14 +42,18 @@ from typing import Any, Mapping, Optional, Sequence
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf import errors as oc_errors
 
+from vlajax.envs import simulators
+from vlajax.envs.gl import BACKENDS as GL_BACKENDS  # no GL import
+from vlajax.rl.advantages import ADVANTAGE_ESTIMATORS  # numpy only
+from vlajax.rl.data import INIT_STATES  # numpy only
+
 __all__ = [
     "ConfigError", "RunConfig", "load_config", "from_dict", "validate", "save_config", "to_dict", "flatten",
-    "config_diff", "packaged_configs", "DEFAULT_CONFIG", "SIMULATORS", "LOGGERS", "MODEL_PRESETS",
+    "config_diff", "packaged_configs", "DEFAULT_CONFIG", "LOGGERS", "MODEL_PRESETS",
 ]
 
 DEFAULT_CONFIG = "demo"  # what `vlajax train` runs without arguments
 CONFIG_FILE = "config.yaml"  # name written by `save_config` in the run directory
-SIMULATORS = ("libero", "tabletop", "isaac")
 LOGGERS = ("console", "tensorboard", "jsonl", "wandb")
 # Names of `vlajax.model.config.PRESETS`, repeated here so that loading a config does not import jax
 # (a test keeps the two equal).
@@ -57,9 +61,7 @@ MODEL_PRESETS = ("openvla-oft-7b", "small")
 PRESET_PREFIX = "preset:"
 DTYPES = ("float32", "bfloat16", "float16")
 KL_TYPES = ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3")  # vlajax.rl.loss.kl_penalty
-TABLETOP_SUITES = ("tabletop", "tabletop_anchored")  # vlajax.envs.tabletop.SUITES (no mujoco import here)
 INIT_SCHEMES = ("normal", "scratch")  # vlajax.model.init.INIT_SCHEMES (no jax import here)
-LIBERO_TRIALS_PER_TASK = 50  # init states per task in every LIBERO suite
 PATCH_SIZE = 14  # both vision towers of OpenVLA-OFT
 # Keys accepted so that a verl / SimpleVLA-RL config loads key by key, but that vlajax does not use.
 # Setting one to a non-default value warns (with the reason); a test holds every other key to being read.
@@ -296,6 +298,11 @@ class EnvTrainConfig(_Section):
     num_envs: int = 8  # envs per pipeline stage per simulator worker
     max_episode_steps: int = 512  # env steps (= 64 chunks of 8)
     num_trials_per_task: int = 50  # vlajax (SimpleVLA-RL: data.): init states per task
+    # vlajax: where training episodes start. "fixed": the task's stored init states (LIBERO's 50, which
+    # evaluation uses too); "sampled": states LIBERO's placement sampler draws, one fresh seeded state
+    # per (task, trial) slot and epoch (num_trials_per_task slots per task), settled like the stored
+    # ones. Evaluation and validation always use the fixed states.
+    init_states: str = "fixed"
     seed: int = 42
     reward_coef: float = 1.0  # success reward scale (cancels out under GRPO)
     # vlajax: MuJoCo's GL in the simulator workers (vlajax.envs.gl): "egl" renders on the GPU the
@@ -400,6 +407,14 @@ class RunConfig(_Section):
         One worker per env GPU; n_env_gpus_per_node = 0 means one CPU-only worker per node."""
         nodes = self.env.disagg_sim.nnodes if self.env.disagg_sim.enable else self.trainer.nnodes
         return max(1, self.trainer.n_env_gpus_per_node) * nodes
+
+    @property
+    def simulator(self) -> simulators.SimulatorSpec:
+        """What vlajax knows of `env.train.simulator_type` (`vlajax.envs.simulators`)."""
+        try:
+            return simulators.simulator(self.env.train.simulator_type)
+        except ValueError as e:
+            raise ConfigError(str(e), "env.train.simulator_type") from None
 
     def placement(self):
         """Where the simulator actors and the trainer go (`vlajax.distributed.ray_sim.PlacementOptions`)."""
@@ -834,8 +849,6 @@ def _validate(cfg: RunConfig) -> None:
     if r.val_kwargs.do_sample:
         _check(r.val_kwargs.temperature > 0, "actor_rollout_ref.rollout.val_kwargs.temperature",
                f"must be > 0 with val_kwargs.do_sample=true, got {r.val_kwargs.temperature}")
-    from vlajax.rl.advantages import ADVANTAGE_ESTIMATORS  # numpy only
-
     _check(cfg.algorithm.adv_estimator in ADVANTAGE_ESTIMATORS, "algorithm.adv_estimator",
            f"{cfg.algorithm.adv_estimator!r} is not one of {', '.join(sorted(ADVANTAGE_ESTIMATORS))}")
     if cfg.algorithm.adv_estimator == "grpo":
@@ -844,32 +857,27 @@ def _validate(cfg: RunConfig) -> None:
 
     # env
     e = env.train
-    _check(e.simulator_type in SIMULATORS, "env.train.simulator_type",
-           f"{e.simulator_type!r} is not one of {', '.join(SIMULATORS)}")
-    key = "env.train.task_suite_name"
-    if e.simulator_type == "tabletop":
-        _check(e.task_suite_name in TABLETOP_SUITES, key,
-               f"{e.task_suite_name!r} is not a tabletop suite ({', '.join(TABLETOP_SUITES)})")
-    elif e.simulator_type == "isaac":
-        from vlajax.envs.isaac import ISAAC_SUITES  # no Isaac import
-
-        _check(e.task_suite_name in ISAAC_SUITES, key,
-               f"{e.task_suite_name!r} is not an Isaac suite ({', '.join(ISAAC_SUITES)})")
-    else:
-        from vlajax.envs.libero import SUITES  # no simulator import
-
-        _check(e.task_suite_name in SUITES, key,
-               f"{e.task_suite_name!r} is not a LIBERO suite ({', '.join(SUITES)})")
-        _check(e.num_trials_per_task <= LIBERO_TRIALS_PER_TASK, "env.train.num_trials_per_task",
-               f"LIBERO has {LIBERO_TRIALS_PER_TASK} init states per task, got {e.num_trials_per_task}")
+    sim = cfg.simulator
+    try:
+        sim.check_suite(e.task_suite_name)
+    except ValueError as err:
+        raise ConfigError(str(err), "env.train.task_suite_name") from None
+    n_states = sim.init_states_per_task
+    if n_states is not None:
+        _check(e.num_trials_per_task <= n_states or e.init_states == "sampled", "env.train.num_trials_per_task",
+               f"{sim.label} has {n_states} init states per task, got {e.num_trials_per_task}")
         if d.val_num_trials_per_task is not None:
-            _check(d.val_num_trials_per_task <= LIBERO_TRIALS_PER_TASK, "data.val_num_trials_per_task",
-                   f"LIBERO has {LIBERO_TRIALS_PER_TASK} init states per task, got {d.val_num_trials_per_task}")
+            _check(d.val_num_trials_per_task <= n_states, "data.val_num_trials_per_task",
+                   f"{sim.label} has {n_states} init states per task, got {d.val_num_trials_per_task}")
     for k in ("num_envs", "max_episode_steps", "num_trials_per_task"):
         _positive(getattr(e, k), f"env.train.{k}")
-    from vlajax.envs.gl import BACKENDS  # no GL import
-
-    _check(e.mujoco_gl in BACKENDS, "env.train.mujoco_gl", f"{e.mujoco_gl!r} is not one of {', '.join(BACKENDS)}")
+    _check(e.init_states in INIT_STATES, "env.train.init_states",
+           f"{e.init_states!r} is not one of {', '.join(INIT_STATES)}")
+    _check(e.init_states == "fixed" or sim.sampled_init_states, "env.train.init_states",
+           f"'sampled' draws states with the simulator's placement sampler; env.train.simulator_type="
+           f"{e.simulator_type} has none (use 'fixed')")
+    _check(e.mujoco_gl in GL_BACKENDS, "env.train.mujoco_gl",
+           f"{e.mujoco_gl!r} is not one of {', '.join(GL_BACKENDS)}")
     for k in ("camera_heights", "camera_widths"):
         _positive(getattr(e.init_params, k), f"env.train.init_params.{k}")
     cams = e.init_params.camera_names

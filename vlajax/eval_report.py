@@ -16,6 +16,8 @@ import textwrap
 from pathlib import Path
 from typing import Any, Iterable, Mapping, Sequence
 
+from matplotlib.figure import Figure  # object API: no pyplot state, renders with Agg
+
 __all__ = ["EpisodeResult", "TaskSummary", "EvalReport", "summarize", "overall", "wilson_interval",
            "to_markdown", "write_csv", "plot_success_bars", "write_eval_report"]
 
@@ -107,9 +109,12 @@ def _pct(x: float) -> str:
     return f"{100 * x:.1f}%"
 
 
-def to_markdown(tasks: Sequence[TaskSummary], title: str | None = None) -> str:
-    """A GitHub-flavoured markdown table, one row per task and a final pooled row."""
+def to_markdown(tasks: Sequence[TaskSummary], title: str | None = None, notes: Sequence[str] = ()) -> str:
+    """A GitHub-flavoured markdown table, one row per task and a final pooled row; `notes` (e.g. which
+    initial states the episodes started from) are lines between the title and the table."""
     lines = [f"### {title}", ""] if title else []
+    if notes:
+        lines += [f"{n}  " for n in notes[:-1]] + [notes[-1], ""]  # two trailing spaces: a markdown line break
     lines += ["| task | episodes | successes | success rate | 95% CI | mean length |",
               "|---|---:|---:|---:|---|---:|"]
     for t, pooled in [(t, False) for t in tasks] + [(overall(tasks), True)]:
@@ -137,8 +142,6 @@ def write_csv(tasks: Sequence[TaskSummary], path: str | os.PathLike) -> Path:
 
 def plot_success_bars(tasks: Sequence[TaskSummary], path: str | os.PathLike, title: str | None = None) -> Path:
     """Horizontal bars of per-task success (%) with 95% intervals and the pooled rate as a line."""
-    from matplotlib.figure import Figure  # object API: no pyplot state, renders with Agg
-
     n = len(tasks)
     fig = Figure(figsize=(9, 1.2 + 0.42 * n), dpi=110, layout="constrained")
     ax = fig.add_subplot()
@@ -171,17 +174,19 @@ def write_eval_report(
     *,
     name: str = "eval",
     title: str | None = None,
+    notes: Sequence[str] = (),
 ) -> EvalReport:
     """Write `<name>.md`, `<name>.csv`, `<name>.png` and `<name>_episodes.csv` into out_dir.
 
     episodes: `EpisodeResult`s or mappings with "task", "success" and optionally "length"
     (or "episode_length" / "finish_step") and "state_id".
+    notes: lines printed under the title of the markdown table.
     """
     eps = [_episode(e, i) for i, e in enumerate(episodes)]
     tasks = summarize(eps)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    md = to_markdown(tasks, title)
+    md = to_markdown(tasks, title, notes)
     paths = {"markdown": out / f"{name}.md", "csv": out / f"{name}.csv", "png": out / f"{name}.png",
              "episodes_csv": out / f"{name}_episodes.csv"}
     paths["markdown"].write_text(md, encoding="utf-8")

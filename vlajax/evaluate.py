@@ -7,7 +7,8 @@ CHECKPOINT is either
     config rebuilds the policy (LoRA adapters included) and the latest (or `step`) checkpoint's
     parameters are loaded into it; or
   * a vlajax policy checkpoint or a Hugging Face OpenVLA-OFT directory (`load_pretrained`), evaluated
-    with the simulator settings of `libero_grpo.yaml` (LIBERO suites) or `demo.yaml` (tabletop).
+    with the simulator settings of the suite's simulator's `eval_config` (`vlajax.envs.simulators`:
+    `libero_grpo.yaml` for LIBERO and Isaac, `demo.yaml` for tabletop).
 Episodes run through the same Ray simulators and pipelined rollout loop as training.
 """
 
@@ -18,7 +19,18 @@ import logging
 from pathlib import Path
 from typing import Sequence
 
-from vlajax.config import TABLETOP_SUITES, ConfigError, RunConfig, load_config
+import jax
+from flax import nnx
+
+from vlajax.config import ConfigError, RunConfig, load_config
+from vlajax.envs.base import TaskSpec
+from vlajax.envs.simulators import simulator, simulator_of_suite
+from vlajax.eval_report import write_eval_report
+from vlajax.metrics import Progress
+from vlajax.model import load_pretrained
+from vlajax.rl.checkpoint import CheckpointManager
+from vlajax.rl.lora import apply_lora
+from vlajax.session import SimSession, build_policy, lora_config, val_temperature
 
 log = logging.getLogger(__name__)
 
@@ -38,19 +50,11 @@ def is_run_dir(path: Path) -> bool:
 def _suite_overrides(suite: str | None) -> list[str]:
     if suite is None:
         return []
-    from vlajax.envs.isaac import ISAAC_SUITES
-    from vlajax.envs.libero import SUITES
-
-    if suite in SUITES:
-        sim = "libero"
-    elif suite in TABLETOP_SUITES:
-        sim = "tabletop"
-    elif suite in ISAAC_SUITES:
-        sim = "isaac"
-    else:
-        raise ConfigError(f"--suite {suite!r} is not a known suite; choose one of "
-                          f"{', '.join(SUITES + TABLETOP_SUITES + tuple(ISAAC_SUITES))}", key="env.train.task_suite_name")
-    return [f"env.train.simulator_type={sim}", f"env.train.task_suite_name={suite}"]
+    try:
+        sim = simulator_of_suite(suite)
+    except ValueError as e:
+        raise ConfigError(f"--suite {e}", key="env.train.task_suite_name") from None
+    return [f"env.train.simulator_type={sim.name}", f"env.train.task_suite_name={suite}"]
 
 
 def eval_config(checkpoint: Path, suite: str | None, overrides: Sequence[str] = ()) -> RunConfig:
@@ -61,7 +65,10 @@ def eval_config(checkpoint: Path, suite: str | None, overrides: Sequence[str] = 
     if not checkpoint.exists():
         raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
     hf = (checkpoint / "config.json").exists()
-    base = "demo" if suite in TABLETOP_SUITES or (suite is None and not hf) else "libero_grpo"
+    if suite is not None:
+        base = simulator_of_suite(suite).eval_config
+    else:
+        base = "libero_grpo" if hf else "demo"
     ckpt = [f"actor_rollout_ref.model.path={checkpoint}", "actor_rollout_ref.model.image_size=null",
             "actor_rollout_ref.model.init_scheme=normal", "actor_rollout_ref.model.action_queries=false"]
     return load_config(base, ckpt + extra)
@@ -70,20 +77,10 @@ def eval_config(checkpoint: Path, suite: str | None, overrides: Sequence[str] = 
 def load_eval_policy(cfg: RunConfig, checkpoint: Path, step: int | None = None):
     """(policy, training step or None). A run directory's checkpoint is restored into the policy its
     config builds; a policy checkpoint is loaded as is."""
-    from flax import nnx
-
-    from vlajax.model import load_pretrained
-    from vlajax.session import build_policy, lora_config
-
     m = cfg.actor_rollout_ref.model
     if not is_run_dir(checkpoint):
         return load_pretrained(checkpoint, dtype=m.param_dtype, compute_dtype=m.compute_dtype,
                                num_images=cfg.actor_rollout_ref.actor.num_images_in_input), None
-    import jax
-
-    from vlajax.rl.checkpoint import CheckpointManager
-    from vlajax.rl.lora import apply_lora
-
     policy = build_policy(cfg)
     lora = lora_config(cfg)
     if lora is not None:  # the run trained adapters: its checkpoint holds them
@@ -102,9 +99,11 @@ def load_eval_policy(cfg: RunConfig, checkpoint: Path, step: int | None = None):
     return policy, restored.step  # checkpoints are numbered by training step
 
 
-def select_pairs(tasks: Sequence[tuple], task_ids: Sequence[int | str] | None, trials: int | None) -> list[tuple[int, int]]:
-    """(task_id, state_id) pairs: the first `trials` init states of each selected task (by id or name)."""
-    names = [t[0] for t in tasks]
+def select_pairs(tasks: Sequence[TaskSpec], task_ids: Sequence[int | str] | None, trials: int | None) -> list[tuple[int, int]]:
+    """(task_id, state_id) pairs: the first `trials` init states of each selected task (by id or name).
+    Every evaluation (`vlajax eval`, training's validation and final evaluation) starts from these
+    stored states, whatever `env.train.init_states` says."""
+    names = [t.name for t in tasks]
     if task_ids:
         chosen = []
         for t in task_ids:
@@ -121,7 +120,29 @@ def select_pairs(tasks: Sequence[tuple], task_ids: Sequence[int | str] | None, t
         chosen = list(range(len(tasks)))
     if trials is not None and trials < 1:
         raise ValueError(f"--trials must be >= 1, got {trials}")
-    return [(ti, s) for ti in chosen for s in range(min(trials or tasks[ti][2], tasks[ti][2]))]
+    stored = [t.num_init_states for t in tasks]
+    return [(ti, s) for ti in chosen for s in range(min(trials or stored[ti], stored[ti]))]
+
+
+def eval_states_line(simulator_type: str, tasks: Sequence[TaskSpec], state_ids: Sequence[int]) -> str:
+    """The evaluation table's line on where its episodes started (always stored states: see
+    `env.train.init_states`, which only moves training off them)."""
+    ids = sorted({int(s) for s in state_ids})
+    used = f"ids {ids[0]}..{ids[-1]}" if ids == list(range(ids[0], ids[-1] + 1)) else f"{len(ids)} ids"
+    spec = simulator(simulator_type)
+    if spec.init_states_per_task is not None:
+        return f"init states: {spec.label}'s {min(t.num_init_states for t in tasks)} fixed states per task ({used} used)"
+    return f"init states: the {spec.label} simulator's seeded states ({used} per task)"
+
+
+def train_states_line(simulator_type: str, init_states: str, trials: int) -> str:
+    """The final evaluation table's line on which states the run trained on."""
+    spec = simulator(simulator_type)
+    if init_states == "sampled":
+        return (f"trained on: states {spec.label}'s placement sampler drew, a fresh seeded one per task and "
+                "trial slot each epoch (env.train.init_states=sampled), none of the fixed ones")
+    what = "fixed states" if spec.init_states_per_task is not None else "seeded states"
+    return f"trained on: the {what} 0..{trials - 1} per task (env.train.init_states=fixed)"
 
 
 def run_eval(checkpoint: str | Path, *, suite: str | None = None, trials: int | None = None,
@@ -131,10 +152,6 @@ def run_eval(checkpoint: str | Path, *, suite: str | None = None, trials: int | 
     """Evaluate `checkpoint`; see the module docstring. `trials` defaults to every init state of a LIBERO
     task (50) and to `data.val_num_trials_per_task` (else 50) elsewhere. `temperature`: 0 = greedy;
     default the config's validation decoding (`val_kwargs`; greedy in the LIBERO recipe)."""
-    from vlajax.eval_report import write_eval_report
-    from vlajax.metrics import Progress
-    from vlajax.session import SimSession, val_temperature
-
     checkpoint = Path(checkpoint).absolute()
     cfg = eval_config(checkpoint, suite, overrides)
     suite_name = cfg.env.train.task_suite_name
@@ -144,7 +161,7 @@ def run_eval(checkpoint: str | Path, *, suite: str | None = None, trials: int | 
     temp = val_temperature(cfg) if temperature is None else float(temperature)
     if temp < 0:
         raise ValueError(f"--temperature must be >= 0 (0 = greedy), got {temp}")
-    if trials is None and cfg.env.train.simulator_type != "libero":
+    if trials is None and cfg.simulator.init_states_per_task is None:
         trials = cfg.data.val_num_trials_per_task or 50
     video_dir = str(out / "videos") if video else None
     with SimSession(cfg, policy, video_dir=video_dir) as sim:
@@ -162,5 +179,12 @@ def run_eval(checkpoint: str | Path, *, suite: str | None = None, trials: int | 
     at = f" at step {ckpt_step}" if ckpt_step is not None else ""
     name = suite_name if ckpt_step is None else f"{suite_name}_step{ckpt_step}"
     how = f"sampled (temperature {temp:g})" if temp else "greedy"
-    report = write_eval_report(episodes, out, name=name, title=f"{checkpoint.name}{at}: {how} success on {suite_name}")
+    t = cfg.env.train
+    notes = [eval_states_line(t.simulator_type, sim.tasks, [s for _, s in pairs])]
+    if ckpt_step is not None:  # a training run: say what it trained on
+        from vlajax.train import training_trials
+
+        notes.append(train_states_line(t.simulator_type, t.init_states, training_trials(cfg, sim.tasks)))
+    report = write_eval_report(episodes, out, name=name, title=f"{checkpoint.name}{at}: {how} success on {suite_name}",
+                               notes=notes)
     return EvalResult(report, episodes, out, ckpt_step)

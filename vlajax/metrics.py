@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
+from matplotlib.figure import Figure  # object API: no pyplot state, renders with Agg
+from tqdm import tqdm
 
 __all__ = [
     "MetricsLogger", "Progress", "Timer", "plot_learning_curve", "read_metrics", "flatten_metrics",
@@ -225,8 +227,6 @@ def _summary_writer_cls():
 
 
 def _write_console(line: str) -> None:
-    from tqdm import tqdm
-
     tqdm.write(line, file=sys.stdout)  # does not tear an active progress bar
 
 
@@ -285,8 +285,6 @@ class Progress:
 
     def __init__(self, total: int | None, desc: str = "rollout", unit: str = "traj", *,
                  disable: bool | None = None, leave: bool = False):
-        from tqdm import tqdm
-
         self._bar = tqdm(total=total, desc=desc, unit=unit, disable=disable, leave=leave, dynamic_ncols=True)
         self._t0 = time.perf_counter()
         self.successes = 0
@@ -407,8 +405,6 @@ def plot_learning_curve(
 
     Raises ValueError naming the keys if the file has none of them.
     """
-    from matplotlib.figure import Figure  # object API: no pyplot state, renders with Agg
-
     records = read_metrics(metrics_jsonl)
     keys = list(keys)
     series = []

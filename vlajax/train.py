@@ -27,13 +27,26 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import resource
 from pathlib import Path
 
 import jax
 import numpy as np
 
 from vlajax.config import ConfigError, RunConfig, save_config, to_dict
-from vlajax.session import Closing, SimSession, build_policy, image_flip, lora_config, val_temperature
+from vlajax.distributed.sharding import make_mesh, maybe_initialize_distributed
+from vlajax.eval_report import write_eval_report
+from vlajax.evaluate import select_pairs
+from vlajax.metrics import TRAIN_SUCCESS, VAL_SUCCESS, MetricsLogger, Progress, Timer, plot_learning_curve
+from vlajax.model.flops import forward_flops
+from vlajax.rl.advantages import compute_advantages
+from vlajax.rl.checkpoint import CheckpointManager, locate_checkpoint
+from vlajax.rl.data import StateSampler
+from vlajax.rl.dynamic_sampling import GroupBuffer
+from vlajax.rl.learner import Learner, LearnerConfig
+from vlajax.rl.policy_step import bucket_size
+from vlajax.rl.samples import make_samples, pad_samples, token_mask
+from vlajax.session import Closing, SimSession, build_policy, lora_config, val_temperature
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +55,6 @@ log = logging.getLogger(__name__)
 
 
 def learner_config(cfg: RunConfig, num_devices: int, flip: bool):
-    from vlajax.rl.learner import LearnerConfig
-
     a, m = cfg.actor_rollout_ref.actor, cfg.actor_rollout_ref.model
     lora = lora_config(cfg)
     return LearnerConfig(
@@ -53,7 +64,7 @@ def learner_config(cfg: RunConfig, num_devices: int, flip: bool):
         clip_high=a.clip_ratio_high, dual_clip_c=a.clip_ratio_c, entropy_coef=a.entropy_coeff,
         kl_coef=a.kl_loss_coef if a.use_kl_loss else 0.0, kl_type=a.kl_loss_type,
         remat=m.enable_gradient_checkpointing, compute_dtype=m.compute_dtype, lora=lora,
-        image_flip=flip, image_center_crop=True, seed=cfg.trainer.seed,
+        image_flip=flip, image_center_crop=True,
     )
 
 
@@ -61,9 +72,6 @@ def trajectory_advantages(cfg: RunConfig, traj, *, action_dim: int, chunk_len: i
     """(N,) advantage per trajectory by `algorithm.adv_estimator`: GRPO within groups; REINFORCE++
     whitened over all valid *tokens* of the batch, as verl does (each trajectory weighted by its
     valid-token count, `samples.token_mask`)."""
-    from vlajax.rl.advantages import compute_advantages
-    from vlajax.rl.samples import token_mask
-
     rewards = traj.success.astype(np.float32) * cfg.env.train.reward_coef
     name = cfg.algorithm.adv_estimator
     if name == "grpo":
@@ -86,10 +94,11 @@ def video_dir(cfg: RunConfig) -> str | None:
     return (v.video_base_dir or str(cfg.run_dir / "videos")) if v.save_video else None
 
 
-def _bucket(n: int, multiple: int) -> int:
-    """Pad sample counts to multiple * 2^k so the update compiles for few shapes."""
-    units = max(1, math.ceil(n / multiple))
-    return multiple * (1 << (units - 1).bit_length())
+def training_trials(cfg: RunConfig, tasks) -> int:
+    """(task, trial) slots per task in a sampler epoch: `env.train.num_trials_per_task`, at most the
+    stored states of the task that has fewest when training starts from stored states."""
+    t = cfg.env.train
+    return t.num_trials_per_task if t.init_states == "sampled" else min(t.num_trials_per_task, min(x.num_init_states for x in tasks))
 
 
 def trim_prompts(ids: np.ndarray, mask: np.ndarray, multiple: int = 8) -> tuple[np.ndarray, np.ndarray]:
@@ -116,11 +125,6 @@ class Trainer(Closing):
     """Owns everything a run starts (Ray session, sim pool, learner) and closes it on exit."""
 
     def __init__(self, cfg: RunConfig):
-        from vlajax.distributed.sharding import make_mesh, maybe_initialize_distributed
-        from vlajax.rl.checkpoint import CheckpointManager
-        from vlajax.rl.data import StateSampler
-        from vlajax.rl.learner import Learner
-
         self.cfg = cfg
         self.run_dir = cfg.run_dir
         self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -130,7 +134,7 @@ class Trainer(Closing):
         self.n = cfg.actor_rollout_ref.rollout.n
         self.policy = build_policy(cfg)
         self.mesh = make_mesh(cfg.trainer.mesh.data, cfg.trainer.mesh.fsdp)
-        self.learner = Learner(self.policy, learner_config(cfg, self.mesh.size, image_flip(cfg)), self.mesh)
+        self.learner = Learner(self.policy, learner_config(cfg, self.mesh.size, cfg.simulator.image_flip), self.mesh)
         self.sim = SimSession(cfg, self.policy)
         self._closers.append(self.sim.close)
         try:  # from here on, a failure closes the simulators it started
@@ -138,8 +142,8 @@ class Trainer(Closing):
             if self.sim.capacity % self.n:
                 raise ConfigError(f"a rollout round runs {self.sim.capacity} trajectories, not a multiple of "
                                   f"actor_rollout_ref.rollout.n={self.n}", key="actor_rollout_ref.rollout.n")
-            trials = min(t.num_trials_per_task, min(x[2] for x in self.tasks))
-            self.sampler = StateSampler(len(self.tasks), trials, seed=t.seed, shuffle=cfg.data.shuffle)
+            self.sampler = StateSampler(len(self.tasks), training_trials(cfg, self.tasks), seed=t.seed,
+                                        shuffle=cfg.data.shuffle, init_states=t.init_states)
             self.ckpt = CheckpointManager(self.run_dir / "checkpoints", save_interval_steps=1,
                                           max_to_keep=cfg.trainer.max_actor_ckpt_to_keep)
             self._closers.insert(0, self.ckpt.close)
@@ -157,8 +161,6 @@ class Trainer(Closing):
         (if any), `disable` = start fresh (an error if the run directory already has checkpoints,
         which the new run's would collide with), or a path (a run directory, its `checkpoints/`, or
         one step folder) to start from; its checkpoints are only read. Prints what it resumed."""
-        from vlajax.rl.checkpoint import CheckpointManager, locate_checkpoint
-
         r = self.cfg.trainer.resume
         own = self.ckpt.latest_step()
         key = "trainer.resume"
@@ -208,8 +210,6 @@ class Trainer(Closing):
 
     def collect(self, timer):
         """Roll out until the batch is full (dynamic sampling). Returns (GroupBatch, round stats)."""
-        from vlajax.rl.dynamic_sampling import GroupBuffer
-
         d = self.cfg.data
         lower, upper = (d.accuracy_lower_bound, d.accuracy_upper_bound) if d.filter_accuracy else (0.0, 1.0)
         if self.buffer is None:
@@ -247,8 +247,6 @@ class Trainer(Closing):
 
     # -- update ---------------------------------------------------------------------------------
     def update(self, batch) -> list[dict]:
-        from vlajax.rl.samples import make_samples, pad_samples
-
         cfg, pc = self.cfg, self.policy.cfg
         tr = batch.trajectories
         traj = tr["traj"]
@@ -265,7 +263,7 @@ class Trainer(Closing):
                 s = make_samples(sub["traj"], adv[idx], action_dim=pc.action_dim, chunk_len=pc.chunk)
                 if len(s) == 0:
                     continue
-                s = pad_samples(s, _bucket(len(s), self.learner.batch_multiple))
+                s = pad_samples(s, bucket_size(len(s), self.learner.batch_multiple))
                 ids, mask = trim_prompts(sub["prompt_ids"][s.traj_index], sub["prompt_mask"][s.traj_index])
                 b = {"images": sub["images"][s.traj_index, s.chunk_index], "input_ids": ids,
                      "attention_mask": mask, "tokens": s.tokens,
@@ -279,13 +277,13 @@ class Trainer(Closing):
     # -- validation -----------------------------------------------------------------------------
     def validate(self, num_trials: int | None = None, video_dir: str | None = None) -> dict:
         """Validation episodes (`val_kwargs`: greedy by default, or `n` sampled ones per state) from
-        every task's first `num_trials` init states (padded to whole rounds).
+        every task's first `num_trials` stored init states (padded to whole rounds), also when training
+        starts from sampled states (`env.train.init_states`).
         With `video_dir` they run in a fresh simulator session that records them (the training
         session is closed first: this is for the final evaluation)."""
         n_trials = num_trials or self.cfg.data.val_num_trials_per_task or self.sampler.num_trials
         reps = self.cfg.actor_rollout_ref.rollout.val_kwargs.n
-        pairs = [(ti, s) for ti in range(len(self.tasks)) for s in range(min(n_trials, self.tasks[ti][2]))
-                 for _ in range(reps)]
+        pairs = [p for p in select_pairs(self.tasks, None, n_trials) for _ in range(reps)]
         temp = val_temperature(self.cfg)
         if video_dir is None:
             results = self.sim.evaluate(pairs, temperature=temp)
@@ -299,8 +297,6 @@ class Trainer(Closing):
 def resource_metrics() -> dict:
     """Peak accelerator memory (GB, largest over the local devices; absent on CPU) and this process's
     peak resident memory (GB; the simulators' processes not included)."""
-    import resource
-
     out = {"perf/host_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
     peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.local_devices()]
     if any(p is not None for p in peaks):
@@ -309,8 +305,6 @@ def resource_metrics() -> dict:
 
 
 def _step_metrics(trainer: Trainer, rounds, batch, upd: list[dict], timing: dict) -> dict:
-    from vlajax.model.flops import forward_flops
-
     succ = np.concatenate([rb.trajectories.success for rb in rounds])
     tasks = np.concatenate([rb.trajectories.task_id for rb in rounds])
     length = np.concatenate([rb.trajectories.finish_step for rb in rounds])
@@ -331,7 +325,7 @@ def _step_metrics(trainer: Trainer, rounds, batch, upd: list[dict], timing: dict
         for b, n in rb.stats.decode_buckets.items():
             m[f"rollout/decode_calls_b{b}"] = m.get(f"rollout/decode_calls_b{b}", 0) + n
     for ti in np.unique(tasks):
-        m[f"train/success_rate/{trainer.tasks[int(ti)][0]}"] = float(succ[tasks == ti].mean())
+        m[f"train/success_rate/{trainer.tasks[int(ti)].name}"] = float(succ[tasks == ti].mean())
     if batch is not None:
         m.update({f"sampling/{k}": v for k, v in batch.metrics.items()})
     if upd:
@@ -344,8 +338,7 @@ def _step_metrics(trainer: Trainer, rounds, batch, upd: list[dict], timing: dict
 
 def train(cfg: RunConfig) -> TrainResult:
     """Run (or resume) the GRPO run described by `cfg`; returns its history."""
-    from vlajax.eval_report import write_eval_report
-    from vlajax.metrics import TRAIN_SUCCESS, VAL_SUCCESS, MetricsLogger, Progress, Timer, plot_learning_curve
+    from vlajax.evaluate import eval_states_line, train_states_line
 
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -393,7 +386,10 @@ def train(cfg: RunConfig) -> TrainResult:
             tr.ckpt.wait_until_finished()
             final = tr.validate(video_dir=video_dir(cfg))
             t = val_temperature(cfg)
-            write_eval_report(final["episodes"], run_dir / "eval", name="final",
+            e = cfg.env.train
+            notes = [eval_states_line(e.simulator_type, tr.tasks, [ep["state_id"] for ep in final["episodes"]]),
+                     train_states_line(e.simulator_type, e.init_states, tr.sampler.num_trials)]
+            write_eval_report(final["episodes"], run_dir / "eval", name="final", notes=notes,
                               title="final evaluation, " + (f"sampled at temperature {t:g}" if t else "greedy"))
         finally:
             progress.close()

@@ -1,10 +1,11 @@
 """Simulators as Ray actors: start or join a cluster, place the actors, check resources, restart.
 
 Layers: `init_ray` (embedded local Ray, or join a cluster by address) -> `SimPool` (placement
-groups + one `SimWorker` actor per sim slot) -> `SimWorker` (one actor: `num_stages` vector envs of
-`num_envs` envs each, e.g. `SubprocVectorEnv`s, one process per env). The rollout loop
-(`vlajax.rl.rollout`) drives the pool; this module knows nothing of models and never imports JAX,
-so actor processes stay light.
+groups + one `RaySimWorker` actor per sim slot) -> `RaySimWorker` (a `vlajax.envs.sim_worker.SimWorker`
+as an actor: `num_stages` vector envs of `num_envs` envs each, e.g. `SubprocVectorEnv`s, one process
+per env). The rollout loop (`vlajax.rl.rollout`) drives the pool through `SimPoolAPI` (issue, wait,
+result; Ray's errors become `SimFailure`), so it never sees Ray; this module knows nothing of models
+and never imports JAX, so actor processes stay light.
 
 Placement (`PlacementOptions`), with the reference recipe's config keys (verl VLA recipe §4-5):
 
@@ -50,7 +51,6 @@ import signal
 import socket
 import tempfile
 import threading
-import time
 import uuid
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -60,16 +60,15 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from vlajax.envs import gl
 from vlajax.envs.base import EnvError
-from vlajax.envs.subproc import EnvWorkerError
+from vlajax.envs.sim_worker import SimFailure, SimResult, SimWorker
 
 SIM_RESOURCE = "sim"
 TRAIN_RESOURCE = "train_rollout"
 MARKER_SHARE = 1e-4  # share of the marker resource per bundle, as the reference recipe uses
 
 __all__ = [
-    "PlacementOptions", "PlacementError", "RayConnectError", "RaySession", "SimEnvFailure", "SimPool", "SimWorker",
+    "PlacementOptions", "PlacementError", "RayConnectError", "RaySession", "RaySimWorker", "SimPool",
     "check_cluster_resources", "init_ray", "SIM_RESOURCE", "TRAIN_RESOURCE",
 ]
 
@@ -80,12 +79,6 @@ class PlacementError(ValueError):
 
 class RayConnectError(ConnectionError):
     """The Ray cluster at the given address cannot be reached."""
-
-
-class SimEnvFailure(EnvError):
-    """A simulator process of a sim actor crashed or hung (`EnvWorkerError` inside the actor).
-    Picklable with its message (EnvWorkerError carries a StepResult and does not round-trip through
-    Ray's exception serialisation); the rollout treats it like a dead actor."""
 
 
 # ---- Ray session ---------------------------------------------------------------------------------
@@ -300,6 +293,11 @@ class PlacementOptions:
             b[TRAIN_RESOURCE] = MARKER_SHARE
         return {k: v for k, v in b.items() if v > 0}
 
+    def colocated_bundle(self) -> dict[str, float]:
+        """Colocated placement: one bundle per trainer node holding its sim actors and the trainer."""
+        sim, trainer = self.sim_bundle(), self.trainer_bundle()
+        return {r: sim.get(r, 0) + trainer.get(r, 0) for r in sim.keys() | trainer.keys()}
+
 
 def _node_label(node: Mapping) -> str:
     res = node.get("Resources", {})
@@ -358,10 +356,8 @@ def check_cluster_resources(nodes: Sequence[Mapping], opts: PlacementOptions,
                     f"the trainer runs in this process, on {_node_label(me[0])}, which does not carry "
                     f"{TRAIN_RESOURCE!r}: in disaggregated mode start vlajax on a train_rollout node")
     else:
-        need = {r: opts.sim_bundle().get(r, 0) + opts.trainer_bundle().get(r, 0)
-                for r in set(opts.sim_bundle()) | set(opts.trainer_bundle())}
         problems += _requirement_problems(
-            nodes, "trainer (colocated sim + train_rollout)", None, need, opts.trainer_nnodes,
+            nodes, "trainer (colocated sim + train_rollout)", None, opts.colocated_bundle(), opts.trainer_nnodes,
             f"colocated placement with trainer.nnodes={opts.trainer_nnodes}, trainer.n_env_gpus_per_node="
             f"{opts.n_env_gpus_per_node} + trainer.n_rollout_gpus_per_node={opts.n_rollout_gpus_per_node}, "
             f"{opts.workers_per_node} sim worker(s) x {opts.env_cpus_per_worker:g} CPU")
@@ -390,194 +386,25 @@ def _make_pg(bundles: list[dict], name: str, target_node: str | None, timeout_s:
 
 
 # ---- the actor -----------------------------------------------------------------------------------
-class _BusyClock:
-    """Union of the time intervals during which at least one env call runs (thread-safe)."""
+class RaySimWorker(SimWorker):
+    """A `SimWorker` as a Ray actor: renders on the GPU Ray gave it, reports its node."""
 
-    def __init__(self):
-        self._lock = threading.Lock()
-        self._running = 0
-        self._since = 0.0
-        self._total = 0.0
-
-    def __enter__(self):
-        with self._lock:
-            if self._running == 0:
-                self._since = time.perf_counter()
-            self._running += 1
-
-    def __exit__(self, *exc):
-        with self._lock:
-            self._running -= 1
-            if self._running == 0:
-                self._total += time.perf_counter() - self._since
-
-    def take(self) -> float:
-        with self._lock:
-            now = time.perf_counter()
-            total = self._total + (now - self._since if self._running else 0.0)
-            self._total = 0.0
-            if self._running:
-                self._since = now
-            return total
-
-
-class SimWorker:
-    """One sim actor: `num_stages` vector envs ("stages") of `num_envs` envs each.
-
-    env_fn: picklable `env_fn(num_envs, *, name) -> VectorEnv`, e.g.
-        `functools.partial(make_tabletop_vector_env, image_size=64)` or
-        `functools.partial(make_libero_vector_env, "libero_10")`.
-    cameras: the cameras returned to the host (others are not sent).
-    concurrent_stages: False (default) runs one stage's env call at a time: the simulator's
-        resources (cores, or the EGL GPU) are sized for one stage and the other stages' steps wait
-        while the host decodes for them (the reference's ping-pong). True lets stages simulate at
-        the same time, for nodes with cores for all stages' env processes.
-
-    Every env slot carries its trajectory ids (row, group, task, state) from `reset` on; `step`
-    addresses envs by trajectory row and echoes the ids, so results are matched by id, never by
-    position.
-    """
-
-    def __init__(self, env_fn: Callable[..., Any], num_envs: int, num_stages: int, worker_index: int,
-                 cameras: Sequence[str] = ("agentview",), render_every_substep: bool = False,
-                 concurrent_stages: bool = False, mujoco_gl: str | None = None):
-        self.renderer = None
-        if mujoco_gl:  # before any env process starts: they inherit it, and MuJoCo reads it at import
-            gpu_ids = [str(g) for g in ray.get_gpu_ids()] if ray.is_initialized() else []
-            where = f"sim worker {worker_index} (pid {os.getpid()}, Ray GPUs {gpu_ids or 'none'})"
-            gl_env, self.renderer = gl.setup(mujoco_gl, gpu_ids, what=where)
-            gl.apply(gl_env)
-        self.worker_index = int(worker_index)
-        self.num_envs = int(num_envs)
-        self.cameras = tuple(cameras)
-        self.render_every_substep = bool(render_every_substep)
-        self._lock = None if concurrent_stages else threading.Lock()
-        self._busy = _BusyClock()
-        self._envs: list[Any] = []
-        try:
-            for s in range(num_stages):
-                self._envs.append(env_fn(self.num_envs, name=f"sim{worker_index}.stage{s}"))
-        except BaseException:
-            self.close()
-            raise
-        for s, env in enumerate(self._envs):
-            if env.num_envs != self.num_envs:
-                raise EnvError(f"sim worker {worker_index} stage {s}: env_fn made {env.num_envs} envs, "
-                               f"asked for {self.num_envs}")
-        self._ids: list[dict[str, np.ndarray] | None] = [None] * num_stages
-        self._done = [np.ones(self.num_envs, bool) for _ in range(num_stages)]
+    def __init__(self, *args, **kw):
+        super().__init__(*args, gpu_ids=[str(g) for g in ray.get_gpu_ids()], **kw)
 
     def info(self) -> dict:
-        env = self._envs[0]
-        tasks = [(t.name, t.instruction, t.num_init_states, t.max_episode_steps) for t in env.tasks]
-        return {
-            "node_id": ray.get_runtime_context().get_node_id() if ray.is_initialized() else None,
-            "pid": os.getpid(),
-            "env_pids": [p for e in self._envs for p in getattr(e, "pids", []) if p is not None],
-            "tasks": tasks,
-            "action_dim": int(getattr(env, "action_dim", 7)),
-            "max_episode_steps": getattr(env, "max_episode_steps", None),
-            "gpu_ids": [str(g) for g in (ray.get_gpu_ids() if ray.is_initialized() else [])],
-            "renderer": self.renderer,
-        }
-
-    def _env(self, stage: int):
-        if not 0 <= stage < len(self._envs):
-            raise EnvError(f"sim worker {self.worker_index}: stage {stage} out of range (0..{len(self._envs) - 1})")
-        return self._envs[stage]
-
-    def _run(self, stage: int, fn):
-        try:
-            if self._lock is None:
-                with self._busy:
-                    return fn()
-            with self._lock, self._busy:
-                return fn()
-        except EnvWorkerError as e:
-            raise SimEnvFailure(f"sim worker {self.worker_index} stage {stage}: {e}") from None
-
-    def _obs(self, obs, idx) -> tuple[dict[str, np.ndarray], np.ndarray]:
-        missing = [c for c in self.cameras if c not in obs.images]
-        if missing:
-            raise EnvError(f"sim worker {self.worker_index}: cameras {missing} not rendered; the env returns "
-                           f"{sorted(obs.images)}")
-        return ({c: np.ascontiguousarray(obs.images[c][idx], dtype=np.uint8) for c in self.cameras},
-                np.asarray(obs.proprio[idx], np.float32))
-
-    def reset(self, stage: int, rows, task_ids, state_ids, group_ids, seed: int) -> dict:
-        """Reset stage `stage` (all its envs) to these trajectories. Returns ids, images
-        {camera: (E, H, W, 3) uint8}, proprio (E, D), instructions."""
-        env = self._env(stage)
-        ids = {"rows": np.asarray(rows, np.int64), "task_id": np.asarray(task_ids, np.int64),
-               "state_id": np.asarray(state_ids, np.int64), "group_id": np.asarray(group_ids, np.int64)}
-        for k, v in ids.items():
-            if v.shape != (self.num_envs,):
-                raise EnvError(f"sim worker {self.worker_index} stage {stage}: reset got {k} of shape {v.shape}, "
-                               f"expected ({self.num_envs},)")
-        self._ids[stage] = None
-        obs = self._run(stage, lambda: env.reset(ids["task_id"].tolist(), ids["state_id"].tolist(), seed=int(seed)))
-        self._ids[stage] = ids
-        self._done[stage] = np.zeros(self.num_envs, bool)
-        images, proprio = self._obs(obs, np.arange(self.num_envs))
-        return {**ids, "images": images, "proprio": proprio, "instructions": list(obs.instructions)}
-
-    def step(self, stage: int, rows, actions) -> dict:
-        """Step the envs of trajectory `rows` (n,) by `actions` (n, K, A) float32; every other env of
-        the stage must already be finished. Returns, for those rows: ids, reward, terminated,
-        truncated, elapsed_steps, steps; and `active` (n,) bool with images / proprio of the rows
-        still running (the next policy input)."""
-        env = self._env(stage)
-        ids = self._ids[stage]
-        if ids is None:
-            raise EnvError(f"sim worker {self.worker_index} stage {stage}: step before reset")
-        rows = np.asarray(rows, np.int64)
-        actions = np.asarray(actions, np.float32)
-        slot_of = {int(r): i for i, r in enumerate(ids["rows"])}
-        unknown = [int(r) for r in rows if int(r) not in slot_of]
-        if unknown:
-            raise EnvError(f"sim worker {self.worker_index} stage {stage}: trajectory rows {unknown} are not held "
-                           f"here (this stage holds rows {ids['rows'].tolist()})")
-        slots = np.array([slot_of[int(r)] for r in rows], np.int64)
-        running = np.flatnonzero(~self._done[stage])
-        if sorted(slots.tolist()) != running.tolist():
-            raise EnvError(f"sim worker {self.worker_index} stage {stage}: asked to step rows {rows.tolist()}, but "
-                           f"the running envs hold rows {ids['rows'][running].tolist()}")
-        if actions.ndim != 3 or actions.shape[0] != len(rows):
-            raise EnvError(f"sim worker {self.worker_index} stage {stage}: actions must be (n={len(rows)}, K, A), "
-                           f"got {actions.shape}")
-        full = np.zeros((self.num_envs,) + actions.shape[1:], np.float32)
-        full[slots] = actions
-        res = self._run(stage, lambda: env.chunk_step(full, render_every_substep=self.render_every_substep))
-        done = np.asarray(res.done, bool)
-        self._done[stage] = done.copy()
-        active = ~done[slots]
-        images, proprio = self._obs(res.obs, slots[active])
-        return {
-            **{k: v[slots] for k, v in ids.items()},
-            "reward": np.asarray(res.reward, np.float32)[slots],
-            "terminated": np.asarray(res.terminated, bool)[slots],
-            "truncated": np.asarray(res.truncated, bool)[slots],
-            "elapsed_steps": np.asarray(res.info["elapsed_steps"], np.int32)[slots],
-            "steps": np.asarray(res.info["steps"], np.int32)[slots],
-            "active": active,
-            "images": images,
-            "proprio": proprio,
-        }
-
-    def take_busy(self) -> float:
-        """Seconds during which an env call ran since the last call (union over stages)."""
-        return self._busy.take()
-
-    def close(self) -> None:
-        for env in self._envs:
-            try:
-                env.close()
-            except Exception:  # noqa: BLE001 - best effort at shutdown
-                pass
-        self._envs = []
+        return {**super().info(), "node_id": ray.get_runtime_context().get_node_id()}
 
 
-_RemoteSimWorker = ray.remote(SimWorker)
+_RemoteSimWorker = ray.remote(RaySimWorker)
+
+
+@dataclasses.dataclass(eq=False)  # hashed by identity: an opaque handle
+class _RayCall:
+    worker: int
+    stage: int
+    kind: str
+    ref: Any
 
 
 # ---- the pool ------------------------------------------------------------------------------------
@@ -644,9 +471,8 @@ class SimPool:
             self._pgs.append(_make_pg([p.trainer_bundle()] * p.trainer_nnodes, "vlajax_trainer",
                                       self.driver_node_id, timeout))
         else:  # one bundle per trainer node with the sim actors' share and the trainer's reservation
-            need = {r: p.sim_bundle().get(r, 0) + p.trainer_bundle().get(r, 0)
-                    for r in set(p.sim_bundle()) | set(p.trainer_bundle())}
-            self._sim_pg = _make_pg([need] * p.trainer_nnodes, "vlajax_colocated", self.driver_node_id, timeout)
+            self._sim_pg = _make_pg([p.colocated_bundle()] * p.trainer_nnodes, "vlajax_colocated",
+                                    self.driver_node_id, timeout)
             self._pgs.append(self._sim_pg)
 
     def _create(self, w: int):
@@ -680,10 +506,55 @@ class SimPool:
         self.generation[w] += 1
         self.restarts += 1
 
+    # ---- SimPoolAPI: the rollout loop's view, free of Ray ---------------------------------------------
+    def issue_reset(self, worker: int, stage: int, rows: np.ndarray, task_ids: np.ndarray, state_ids: np.ndarray,
+                    group_ids: np.ndarray, seed: int) -> _RayCall:
+        ref = self.actors[worker].reset.remote(stage, rows, task_ids, state_ids, group_ids, seed)
+        return _RayCall(worker, stage, "reset", ref)
+
+    def issue_step(self, worker: int, stage: int, rows: np.ndarray, actions: np.ndarray) -> _RayCall:
+        return _RayCall(worker, stage, "step", self.actors[worker].step.remote(stage, rows, actions))
+
+    def wait(self, handles: Sequence[_RayCall], *, timeout_s: float | None, wait_all: bool = False) -> list[_RayCall]:
+        """Block until one handle (all, with `wait_all`) is done or `timeout_s` passed; every handle done by then."""
+        if not handles:
+            return []
+        by_ref = {h.ref: h for h in handles}
+        refs = list(by_ref)
+        done, rest = ray.wait(refs, num_returns=len(refs) if wait_all else 1, timeout=timeout_s)
+        if done and rest:  # the others that are done too
+            more, _ = ray.wait(rest, num_returns=len(rest), timeout=0)
+            done += more
+        return [by_ref[r] for r in done]
+
+    def result(self, handle: _RayCall) -> SimResult:
+        """The call's result. A dead actor or a failed simulator process raises `SimFailure`; the
+        worker's other errors are raised as it raised them."""
+        where = f"sim worker {handle.worker} stage {handle.stage}"
+        try:
+            return ray.get(handle.ref)
+        except ray.exceptions.RayTaskError as e:
+            cause = getattr(e, "cause", None)
+            if isinstance(cause, SimFailure):
+                raise cause from None
+            if isinstance(e, SimFailure):  # a cause Ray could not keep
+                raise SimFailure(str(e), worker=handle.worker, stage=handle.stage) from e
+            if isinstance(cause, Exception):
+                raise cause from e
+            raise
+        except ray.exceptions.RayError as e:  # actor died, node lost, ...
+            raise SimFailure(f"{where}: {type(e).__name__} during {handle.kind}", worker=handle.worker,
+                             stage=handle.stage) from e
+
+    def clear_busy(self) -> None:
+        """Start the busy clocks afresh; returns at once."""
+        for a in self.actors:
+            a.take_busy.remote()
+
     @property
     def infos(self) -> list[dict]:
-        """Per worker: node_id, pid, env_pids, tasks (name, instruction, num_init_states,
-        max_episode_steps), action_dim, max_episode_steps, gpu_ids. Waits for restarted workers."""
+        """Per worker: node_id, pid, env_pids, tasks (`TaskSpec`s), action_dim, max_episode_steps,
+        gpu_ids. Waits for restarted workers."""
         for w, ref in list(self._info_refs.items()):
             try:
                 self._infos[w] = ray.get(ref, timeout=self.start_timeout_s)

@@ -56,6 +56,7 @@ from typing import Any, Sequence
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 __all__ = [
@@ -217,7 +218,6 @@ def state_shardings(
     ``nnx.get_named_sharding``), so the result has the input's pytree structure and can
     be passed to ``jax.jit(in_shardings/out_shardings=...)`` or ``jax.device_put``.
     """
-    from flax import nnx
 
     def one(path, x):
         where = jax.tree_util.keystr(path)

@@ -6,6 +6,8 @@ backend can still be chosen before MuJoCo is imported. LIBERO lives in `vlajax.e
 imported explicitly by whoever needs it.
 """
 
+import importlib
+
 from vlajax.envs.base import (
     NOOP_ACTION,
     EnvError,
@@ -31,8 +33,6 @@ _LAZY = {
 
 def __getattr__(name: str):
     if name in _LAZY:
-        import importlib
-
         return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'vlajax.envs' has no attribute {name!r}")
 

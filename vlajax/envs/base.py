@@ -18,6 +18,27 @@ import numpy as np
 # The no-op action used to let physics settle after a reset (LIBERO: gripper open = -1).
 NOOP_ACTION = np.array([0, 0, 0, 0, 0, 0, -1], dtype=np.float32)
 
+# State ids from SAMPLED_STATE_BASE on name initial states the simulator draws itself (LIBERO: its
+# object placement sampler) from seed `state_id - SAMPLED_STATE_BASE`, instead of a task's stored
+# states 0..num_init_states-1. Training can so start from states that evaluation never uses, through
+# the int64 state ids every layer (rollout engine, Ray actors, worker processes) already carries.
+# Decimal, so that an id reads as "1" + the zero-padded seed; seeds fit numpy's legacy seeding.
+SAMPLED_STATE_BASE = 10**10
+NUM_SAMPLED_SEEDS = 2**32
+
+
+def sampled_state_id(seed: int) -> int:
+    """The state id of the initial state the simulator samples from `seed` (0 <= seed < 2**32)."""
+    if not 0 <= int(seed) < NUM_SAMPLED_SEEDS:
+        raise ValueError(f"a sampled state's seed must be in [0, 2**32), got {seed}")
+    return SAMPLED_STATE_BASE + int(seed)
+
+
+def sampled_state_seed(state_id: int) -> int | None:
+    """The seed of a sampled state id, or None for any other id (e.g. a stored state's)."""
+    s = int(state_id) - SAMPLED_STATE_BASE
+    return s if 0 <= s < NUM_SAMPLED_SEEDS else None
+
 
 class EnvError(RuntimeError):
     """A simulator failed (crashed, hung, or was given bad input). The message names env and task."""
@@ -29,8 +50,21 @@ class TaskSpec:
 
     name: str
     instruction: str  # the language instruction shown to the policy
-    num_init_states: int  # valid initial-state ids are 0 .. num_init_states-1
+    num_init_states: int  # stored initial states: ids 0 .. num_init_states-1
     max_episode_steps: int  # env steps (not chunks) before truncation
+    sampled_states: bool = False  # also starts from states it samples (ids from SAMPLED_STATE_BASE)
+
+    def has_state(self, state_id) -> bool:
+        """`state_id` names a start of this task: a stored state, or a sampled one if supported."""
+        if not isinstance(state_id, (int, np.integer)):
+            return False
+        return 0 <= state_id < self.num_init_states or (
+            self.sampled_states and sampled_state_seed(state_id) is not None)
+
+    def state_range(self) -> str:
+        """The valid state ids, for error messages."""
+        sampled = f", or a sampled state id >= {SAMPLED_STATE_BASE}" if self.sampled_states else ""
+        return f"(0..{self.num_init_states - 1}){sampled}"
 
 
 @dataclasses.dataclass

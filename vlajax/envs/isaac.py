@@ -24,7 +24,7 @@ How it differs from LIBERO, and why it is built this way:
 Machines without NVIDIA's asset server: set ISAACSIM_ASSET_ROOT to a local copy of it, or pass
 `local_robot_usd=build_local_franka_usd()` (a Franka built from robosuite's Panda MJCF), which also
 swaps each task's other remote assets (table, blocks, ground) for primitive shapes. The trainer's
-entry point is `vector_env_fn(cfg)`; there $VLAJAX_ISAAC_ROBOT_USD gives the local robot USD.
+entry point is `vector_env_fn(...)`; there $VLAJAX_ISAAC_ROBOT_USD gives the local robot USD.
 """
 
 from __future__ import annotations
@@ -139,6 +139,7 @@ ISAAC_SUITES: dict[str, tuple[str, ...]] = {
     "isaac_stack": tuple(n for n in ISAAC_TASKS if n.startswith("stack_")),
     "isaac_reach": ("reach",),
 }
+SUITES = ISAAC_SUITES  # the name every simulator module gives its suites (vlajax.envs.simulators)
 
 
 def suite_tasks(suite: str) -> list[IsaacTask]:
@@ -653,19 +654,19 @@ def make_isaac_vector_env(num_envs: int, *, suite: str = "isaac_stack", name: st
     return IsaacVectorEnv(suite_tasks(suite), num_envs, name=name, **kw)
 
 
-def vector_env_fn(cfg) -> functools.partial:
-    """`env_fn(num_envs, *, name)` for a run config with env.train.simulator_type == "isaac".
-
-    Suite: env.train.task_suite_name (one of ISAAC_SUITES); camera: init_params.camera_names[0]
-    at camera_heights x camera_widths; episode limit: max_episode_steps. The interpreter is resolved
-    here, on the driver, so a missing Isaac Lab fails before any actor starts; a local robot USD for
-    machines without NVIDIA's asset server comes from $VLAJAX_ISAAC_ROBOT_USD."""
-    t = cfg.env.train
-    suite_tasks(t.task_suite_name)  # validates the suite name
+def vector_env_fn(*, suite: str, image_size: tuple[int, int], cameras: Sequence[str], max_episode_steps: int,
+                  video_dir: str | None = None) -> functools.partial:
+    """The run's picklable `env_fn(num_envs, *, name)` (`vlajax.envs.simulators`): `suite` (one of
+    ISAAC_SUITES), the first of `cameras` at `image_size` (height, width), `max_episode_steps` per
+    episode; no videos yet. The interpreter is resolved here, on the driver, so a missing Isaac Lab
+    fails before any actor starts; a local robot USD for machines without NVIDIA's asset server comes
+    from $VLAJAX_ISAAC_ROBOT_USD."""
+    if video_dir:
+        raise EnvError("the Isaac simulator cannot record videos yet")
+    suite_tasks(suite)  # validates the suite name
     usd = os.environ.get(ISAAC_ROBOT_USD_ENV) or None
     if usd is not None and not os.path.exists(usd):
         raise EnvError(f"{ISAAC_ROBOT_USD_ENV}={usd} does not exist (build it with build_local_franka_usd())")
     return functools.partial(
-        make_isaac_vector_env, suite=t.task_suite_name, python=resolve_isaac_python(),
-        image_size=(t.init_params.camera_heights, t.init_params.camera_widths),
-        camera=t.init_params.camera_names[0], max_episode_steps=t.max_episode_steps, local_robot_usd=usd)
+        make_isaac_vector_env, suite=suite, python=resolve_isaac_python(), image_size=tuple(image_size),
+        camera=cameras[0], max_episode_steps=max_episode_steps, local_robot_usd=usd)

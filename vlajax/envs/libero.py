@@ -9,6 +9,11 @@ One `LiberoEnv` is one `OffScreenRenderEnv` in one worker process of a `SubprocV
   `hard_reset=False` path is used (here 0.4-0.6 s per reset including the settle steps and one
   render, vs 1.4-2.7 s for a hard reset or rebuild on one CPU core), with the Panda gripper's command
   ramp zeroed after `reset()` so a reused env follows the same trajectory as a fresh one.
+- Sampled initial states (for training apart from the 50 evaluation states): a state id from
+  `base.SAMPLED_STATE_BASE` on means "the state LIBERO's placement sampler draws after
+  `seed(state_id - SAMPLED_STATE_BASE)`", settled like a stored one. The bodies are put back at their
+  compiled poses first (LIBERO places objects on fixtures where the last reset left the fixtures), so
+  the state depends on the seed alone, in a reused or a fresh env.
 - `chunk_step` runs (K, 7) actions open-loop and stops after the sub-step at which LIBERO's own
   success predicate holds (the `done` of `env.step`).
 - Cameras are rendered for the last executed sub-step only (rendering is 80-90% of a step on CPU).
@@ -49,7 +54,8 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 
 from vlajax.envs import libero_setup
-from vlajax.envs.base import NOOP_ACTION, EnvError, EnvOutput, SingleEnv, TaskSpec
+from vlajax.envs.base import NOOP_ACTION, EnvError, EnvOutput, SingleEnv, TaskSpec, sampled_state_seed
+from vlajax.envs.subproc import SubprocVectorEnv
 
 SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90")
 ACTION_DIM = 7
@@ -216,7 +222,8 @@ class LiberoEnv(SingleEnv):
             if t not in self._init_states:
                 self._init_states[t] = libero_setup.load_init_states(task.init_states_file)
         self._tasks = tuple(
-            TaskSpec(task.name, task.instruction, len(self._init_states[t]), int(max_episode_steps))
+            TaskSpec(task.name, task.instruction, len(self._init_states[t]), int(max_episode_steps),
+                     sampled_states=True)
             for t, task in enumerate(self._libero_tasks)
         )
 
@@ -227,6 +234,7 @@ class LiberoEnv(SingleEnv):
         self._snapshot = None  # MjData copied at the cameras' last sampling instant
         self._snapshot_model = None  # the MjModel it was allocated for
         self._copy_data = None  # copies what rendering reads from one MjData into another
+        self._built_body_poses = None  # (body_pos, body_quat) of the scene as compiled (sampled resets)
         self.num_builds = 0  # scenes built so far (a task switch builds one; a fast reset does not)
 
     # ---- SingleEnv API --------------------------------------------------------------------------
@@ -242,13 +250,20 @@ class LiberoEnv(SingleEnv):
         return view
 
     def reset(self, task_id: int, state_id: int, seed: int = 0) -> EnvOutput:
-        """Reset to init state `state_id` of task `task_id` and settle; images of the last settle step."""
+        """Reset task `task_id` to its init state `state_id` and settle; images of the last settle step.
+
+        A sampled state id (`vlajax.envs.base.sampled_state_id(s)`) starts instead from the state
+        LIBERO's placement sampler draws after `seed(s)` (then `seed` is unused: the id fixes the
+        state), settled the same way; it is the same in any env and process."""
         task_id, state_id = self._check_ids(task_id, state_id)
         if self._env is None or task_id != self._task_id:
             self._build(task_id)
         self._ready = False
         env = self._env
-        env.seed(int(seed))
+        sample_seed = sampled_state_seed(state_id)
+        if sample_seed is not None:
+            self._restore_body_poses()
+        env.seed(int(seed if sample_seed is None else sample_seed))
         _libero_reset(env)
         # With hard_reset=False robosuite keeps the gripper's command ramp from the last episode;
         # a fresh env starts it at zero (GripperModel.__init__), so zero it for identical dynamics.
@@ -256,7 +271,9 @@ class LiberoEnv(SingleEnv):
         gripper.current_action = np.zeros_like(gripper.current_action)
         if self.hard_reset:  # robosuite's hard reset reinstalled its own camera sensors
             self._install_snapshot_sensors()
-        obs = env.set_init_state(self._init_states[task_id][state_id])
+        # A sampled state goes through set_init_state too, so both kinds are observed and settled alike.
+        state = env.get_sim_state() if sample_seed is not None else self._init_states[task_id][state_id]
+        obs = env.set_init_state(state)
         with self._physics():
             for _ in range(self.num_settle_steps):
                 obs, _, _, _ = env.step(NOOP_ACTION)
@@ -322,11 +339,8 @@ class LiberoEnv(SingleEnv):
         if not isinstance(task_id, (int, np.integer)) or not 0 <= task_id < n:
             raise EnvError(f"LIBERO {self.suite}: task id {task_id!r} out of range (0..{n - 1})")
         spec = self._tasks[task_id]
-        if not isinstance(state_id, (int, np.integer)) or not 0 <= state_id < spec.num_init_states:
-            raise EnvError(
-                f"{self._describe(int(task_id))}: state id {state_id!r} out of range "
-                f"(0..{spec.num_init_states - 1})"
-            )
+        if not spec.has_state(state_id):
+            raise EnvError(f"{self._describe(int(task_id))}: state id {state_id!r} out of range {spec.state_range()}")
         return int(task_id), int(state_id)
 
     def _check_actions(self, actions) -> np.ndarray:
@@ -364,9 +378,31 @@ class LiberoEnv(SingleEnv):
                 f"the scene's state {state_dim}"
             )
         self._env, self._task_id = env, task_id
+        self._built_body_poses = None  # the scene's body poses as compiled, read when first needed
         self._real_sensors = {}
         self._install_snapshot_sensors()
         self.num_builds += 1
+
+    def _restore_body_poses(self) -> None:
+        """Put every body (the fixtures: cabinet, stove, ...) back at its compiled pose before a sampled
+        reset. LIBERO's reset places objects on fixtures at the fixtures' poses left in the model by the
+        previous reset (and by the one robosuite's constructor runs unseeded), before it moves the
+        fixtures; restored, a sampled state depends on its seed only, as in LIBERO's own hard reset."""
+        import mujoco
+
+        inner = self._env.env
+        model = inner.sim.model._model
+        if self._built_body_poses is None:
+            xml = inner.model.get_xml()
+            if getattr(inner, "_xml_processor", None) is not None:
+                xml = inner._xml_processor(xml)
+            compiled = mujoco.MjModel.from_xml_string(xml)  # ~0.1-0.2 s, once per scene
+            if compiled.body_pos.shape != model.body_pos.shape:
+                raise EnvError(f"{self._describe()}: the recompiled scene has {compiled.nbody} bodies, "
+                               f"the live one {model.nbody}")
+            self._built_body_poses = (compiled.body_pos.copy(), compiled.body_quat.copy())
+        np.copyto(model.body_pos, self._built_body_poses[0])
+        np.copyto(model.body_quat, self._built_body_poses[1])
 
     @contextlib.contextmanager
     def _physics(self):
@@ -443,6 +479,11 @@ class LiberoEnv(SingleEnv):
             ctx.data = live
 
 
+def _check_suite(suite: str) -> None:
+    if suite not in SUITES:
+        raise EnvError(f"unknown LIBERO suite {suite!r}; valid suites: {', '.join(SUITES)}")
+
+
 def _make_env(index: int, **kwargs) -> LiberoEnv:
     del index  # every worker builds the same kind of env; tasks are chosen at reset
     return LiberoEnv(**kwargs)
@@ -466,10 +507,7 @@ def make_libero_vector_env(
     The assets folder is resolved (and a pack extracted) here, once, before workers start.
     env_kwargs: further `LiberoEnv` arguments (num_settle_steps, init_states_override, hard_reset,
     mujoco_gl)."""
-    from vlajax.envs.subproc import SubprocVectorEnv
-
-    if suite not in SUITES:
-        raise EnvError(f"unknown LIBERO suite {suite!r}; valid suites: {', '.join(SUITES)}")
+    _check_suite(suite)
     assets = libero_setup.resolve_assets_dir(assets_dir)
     libero_setup.warn_mujoco_version_once()  # here too: the workers' warnings may go unseen
     factory = functools.partial(
@@ -484,3 +522,13 @@ def make_libero_vector_env(
     return SubprocVectorEnv(
         factory, num_envs, timeout_s=timeout_s, video_dir=video_dir, name=name or suite
     )
+
+
+def vector_env_fn(*, suite: str, image_size: tuple[int, int], cameras: Sequence[str], max_episode_steps: int,
+                  video_dir: str | None = None) -> functools.partial:
+    """The run's picklable `env_fn(num_envs, *, name)` (`vlajax.envs.simulators`); the assets are
+    resolved where it is called (`make_libero_vector_env`, in each simulator worker)."""
+    _check_suite(suite)
+    video = {"video_dir": video_dir} if video_dir else {}
+    return functools.partial(make_libero_vector_env, suite, cameras=tuple(cameras), image_size=tuple(image_size),
+                             max_episode_steps=max_episode_steps, **video)

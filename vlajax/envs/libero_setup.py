@@ -33,9 +33,12 @@ import tarfile
 import tempfile
 import warnings
 import zipfile
+from importlib import metadata
 from pathlib import Path
 
 import numpy as np
+
+from vlajax.envs.subproc import set_default_gl_backend
 
 log = logging.getLogger(__name__)
 
@@ -179,8 +182,6 @@ def ensure_config() -> Path:
 def set_gl_backend(mujoco_gl: str | None = None) -> str | None:
     """Choose MuJoCo's GL backend before robosuite is imported: `mujoco_gl` if given, else the
     user's MUJOCO_GL, else EGL (OSMesa where no libEGL exists; `subproc.set_default_gl_backend`)."""
-    from vlajax.envs.subproc import set_default_gl_backend
-
     current = os.environ.get("MUJOCO_GL")
     if mujoco_gl and mujoco_gl != current:
         if "robosuite" in sys.modules or "mujoco" in sys.modules:
@@ -207,9 +208,7 @@ def installed_mujoco_version() -> str:
     GL backend must be chosen before the first import)."""
     if "mujoco" in sys.modules:
         return sys.modules["mujoco"].__version__
-    from importlib.metadata import version
-
-    return version("mujoco")
+    return metadata.version("mujoco")
 
 
 def check_mujoco_version(version: str | None = None, stacklevel: int = 2) -> str | None:

@@ -33,6 +33,7 @@ from vlajax.envs.base import (
     VectorEnv,
     check_actions,
 )
+from vlajax.envs.video import EpisodeVideoWriter
 
 
 def set_default_gl_backend() -> str | None:
@@ -210,8 +211,6 @@ class SubprocVectorEnv(VectorEnv):
 
         self._video = None
         if video_dir is not None:
-            from vlajax.envs.video import EpisodeVideoWriter
-
             self._video = EpisodeVideoWriter(video_dir, fps=video_fps, camera=video_camera, prefix=name)
 
         for i in range(n):
@@ -259,10 +258,10 @@ class SubprocVectorEnv(VectorEnv):
                     f"{self.name}: env {i}: task id {t!r} out of range (0..{len(self._tasks) - 1})"
                 )
             spec = self._tasks[t]
-            if not isinstance(s, (int, np.integer)) or not 0 <= s < spec.num_init_states:
+            if not spec.has_state(s):
                 raise EnvError(
                     f"{self.name}: env {i} (task {spec.name}): state id {s!r} out of range "
-                    f"(0..{spec.num_init_states - 1})"
+                    f"{spec.state_range()}"
                 )
         self._check_usable(idx)
 

@@ -17,13 +17,14 @@ and only the language tells the target apart.
 
 from __future__ import annotations
 
+import functools
 import os
 import weakref
 from typing import Any, Sequence
 
 import numpy as np
 
-from vlajax.envs.subproc import set_default_gl_backend
+from vlajax.envs.subproc import SubprocVectorEnv, set_default_gl_backend
 
 set_default_gl_backend()  # must precede `import mujoco`: the GL backend is chosen at import time
 import mujoco  # noqa: E402
@@ -284,6 +285,11 @@ def directed_actions(gripper_xy: np.ndarray, target_xy: np.ndarray, k: int, max_
     return out
 
 
+def _check_suite(suite: str) -> None:
+    if suite not in SUITES:
+        raise ValueError(f"unknown tabletop suite {suite!r}; choose one of {sorted(SUITES)}")
+
+
 def make_tabletop_env(index: int = 0, **kw) -> TabletopEnv:
     """Picklable factory for `SubprocVectorEnv` (use functools.partial to bind keyword args)."""
     return TabletopEnv(**kw)
@@ -300,15 +306,31 @@ def make_tabletop_vector_env(
 ):
     """A `SubprocVectorEnv` of `num_envs` tabletop envs of `suite` (`SUITES`); `kw` go to
     `SubprocVectorEnv`, `env_kwargs` to `TabletopEnv` (e.g. max_step, success_radius, render)."""
-    import functools
-
-    from vlajax.envs.subproc import SubprocVectorEnv
-
-    if suite not in SUITES:
-        raise ValueError(f"unknown tabletop suite {suite!r}; choose one of {sorted(SUITES)}")
+    _check_suite(suite)
     factory = functools.partial(
         make_tabletop_env, image_size=image_size, max_episode_steps=max_episode_steps,
         **{**SUITES[suite], **(env_kwargs or {})},
     )
     kw.setdefault("name", suite)
     return SubprocVectorEnv(factory, num_envs, max_episode_steps=max_episode_steps, **kw)
+
+
+def vector_env_fn(*, suite: str, image_size: tuple[int, int], cameras: Sequence[str], max_episode_steps: int,
+                  video_dir: str | None = None) -> functools.partial:
+    """The run's picklable `env_fn(num_envs, *, name)` (`vlajax.envs.simulators`). The task has one
+    camera (`CAMERA`), so `cameras` is not used: the Ray pool checks the policy's are there."""
+    del cameras
+    _check_suite(suite)
+    video = {"video_dir": video_dir} if video_dir else {}
+    return functools.partial(make_tabletop_vector_env, image_size=tuple(image_size),
+                             max_episode_steps=max_episode_steps, suite=suite, **video)
+
+
+def scratch_statistics(action_dim: int, key: str) -> dict:
+    """`dataset_statistics.json` content (under `key`) for a policy trained from scratch here: identity
+    actions ([-1, 1] kept, the gripper not un-normalised: `vlajax.model.actions.ActionStats.identity`)
+    and this env's proprio ranges, which the policy normalises to [-1, 1] as OFT does with a dataset's
+    q01 / q99 (raw, the gripper xy would be a +-0.26 ripple beside a constant pi)."""
+    action = {"q01": [-1.0] * action_dim, "q99": [1.0] * action_dim, "mask": [True] * (action_dim - 1) + [False]}
+    proprio = {"q01": PROPRIO_LOW.tolist(), "q99": PROPRIO_HIGH.tolist()}
+    return {key: {"action": action, "proprio": proprio}}

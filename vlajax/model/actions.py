@@ -21,13 +21,6 @@ N_BINS = 256
 BIN_CENTERS = ((np.linspace(-1, 1, N_BINS)[:-1] + np.linspace(-1, 1, N_BINS)[1:]) / 2).astype(np.float32)
 
 
-def sample_tokens(rng: jax.Array, logits: jax.Array, temperature: float) -> jax.Array:
-    """Sample (B, T) column indices from (B, T, 256) logits at `temperature`; temperature 0 is greedy."""
-    if temperature == 0:
-        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    return jax.random.categorical(rng, logits / temperature, axis=-1).astype(jnp.int32)
-
-
 def token_logprobs(logits: jax.Array, tokens: jax.Array, temperature: float) -> tuple[jax.Array, jax.Array]:
     """Log-probs of `tokens` (B, T) and entropies, both (B, T) fp32, of softmax(logits / temperature)
     over the 256-way slice: exactly the distribution rollouts sample from."""

@@ -18,13 +18,15 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 from vlajax.model import hf_convert
-from vlajax.model.actions import ActionStats, load_action_stats, sample_tokens, token_logprobs, tokens_to_actions
+from vlajax.model.actions import ActionStats, load_action_stats, tokens_to_actions
 from vlajax.model.config import LlamaConfig, OFTConfig, ViTConfig
 from vlajax.model.policy import OpenVLAOFT
+from vlajax.model.tokenizer import load_tokenizer
 
 MARKER = "vlajax_policy.json"
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json",
@@ -121,13 +123,6 @@ class Policy:
         """(B, 56, 256) float32; column j is token 31744 + j. See OpenVLAOFT.action_logits."""
         return self._fn("logits")(self.state, pixel_values, input_ids, attention_mask, proprio)
 
-    def sample(self, rng, pixel_values, input_ids, attention_mask, proprio=None, temperature: float = 1.6):
-        """Sampled (or greedy at temperature 0) columns (B, 56) with their log-probs at `temperature`."""
-        logits = self.action_logits(pixel_values, input_ids, attention_mask, proprio)
-        tokens = sample_tokens(rng, logits, temperature)
-        logp, _ = token_logprobs(logits, tokens, temperature if temperature > 0 else 1.0)
-        return tokens, logp
-
     def action_stats(self, key: str) -> ActionStats:
         if not self.dataset_statistics:
             raise KeyError("this policy has no dataset_statistics.json; cannot un-normalise actions")
@@ -143,8 +138,6 @@ class Policy:
 
     def save(self, path: str | os.PathLike) -> None:
         """Write a vlajax policy checkpoint (orbax params + assets)."""
-        import orbax.checkpoint as ocp
-
         path = Path(path).absolute()
         if self.model_has_lora():
             raise ValueError("merge LoRA (vlajax.rl.lora.merge) before saving a policy checkpoint")
@@ -224,8 +217,6 @@ def hf_config_for(cfg: OFTConfig) -> dict:
 def _load_tokenizer(asset_dir: Path, fallback: str | None):
     if not ((asset_dir / "tokenizer.json").exists() or (asset_dir / "tokenizer.model").exists() or fallback):
         return None
-    from vlajax.model.tokenizer import load_tokenizer
-
     if (asset_dir / "tokenizer.json").exists() or (asset_dir / "tokenizer.model").exists():
         return load_tokenizer(str(asset_dir))
     if fallback:
@@ -270,8 +261,6 @@ def _load_hf(path: Path, pdt, cdt, num_images) -> Policy:
 
 
 def _load_vlajax(path: Path, pdt, cdt) -> Policy:
-    import orbax.checkpoint as ocp
-
     meta = json.loads((path / MARKER).read_text())
     if meta.get("format") != "vlajax-policy":
         raise hf_convert.CheckpointError(f"{path / MARKER}: not a vlajax policy checkpoint")

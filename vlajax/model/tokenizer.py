@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Sequence
 
 import numpy as np
+from tokenizers import Tokenizer
 
 UNK_ID = 0
 BOS_ID = 1
@@ -56,8 +57,6 @@ def prompt_text(instruction: str) -> str:
 
 class _HFBackend:
     def __init__(self, path: Path):
-        from tokenizers import Tokenizer
-
         self.path = path
         self.tok = Tokenizer.from_file(str(path))
 

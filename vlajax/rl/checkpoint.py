@@ -2,7 +2,7 @@
 
 Layout of `<directory>/<step>/` (one orbax CheckpointManager, `ocp.args.Composite`):
   params/       StandardSave   the policy weights (what inference/eval loads alone)
-  train_state/  StandardSave   opt_state, step, rng, ... (any pytree of arrays)
+  train_state/  StandardSave   opt_state, lr, step, ... (any pytree of arrays)
   data_state/   JsonSave       sampler position, group-id counter, ... (JSON)
   config/       JsonSave       run config / metadata (JSON)
 
@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, Sharding
 
 __all__ = ["CheckpointManager", "CheckpointMismatchError", "CheckpointReadError", "Restored", "locate_checkpoint"]
@@ -94,14 +95,10 @@ class Restored:
 
 
 def _is_var(x) -> bool:
-    from flax import nnx
-
     return isinstance(x, nnx.Variable)
 
 
 def _is_state(x) -> bool:
-    from flax import nnx
-
     return isinstance(x, nnx.State)
 
 
@@ -124,8 +121,6 @@ def _path_str(path) -> str:
 
 def _to_saveable(tree: Any) -> Any:
     if _is_state(tree):
-        from flax import nnx
-
         tree = nnx.to_pure_dict(tree)
     tree = jax.tree.map(lambda v: v.get_value() if _is_var(v) else v, tree, is_leaf=_is_var)
 
@@ -234,6 +229,14 @@ class CheckpointManager:
         self.close()
 
     # -- restoring ------------------------------------------------------------------------
+    def saved_paths(self, step: int, item: str) -> set[str]:
+        """The '/'-joined key paths of the arrays `item` ("params", "train_state") holds in checkpoint
+        `step` (empty if it has no such item), e.g. to restore a checkpoint of an older layout."""
+        meta = _item_meta(self._mngr.item_metadata(step), item)
+        if meta is None:
+            return set()
+        return {_path_str(p) for p, _ in jax.tree_util.tree_flatten_with_path(getattr(meta, "tree", meta))[0]}
+
     def restore(
         self,
         step: int | None = None,
@@ -320,8 +323,6 @@ class CheckpointManager:
         if target is None:  # replicated, shapes/dtypes from the checkpoint
             target = jax.tree.map(lambda m: _replicated(), meta)
         if state_target is not None:
-            from flax import nnx
-
             tgt = nnx.to_pure_dict(target)
         else:
             tgt = target
@@ -355,8 +356,6 @@ class CheckpointManager:
                     lambda p, a: jax.random.wrap_key_data(a, impl=impls[_path_str(p)])
                     if _path_str(p) in impls else a, restored)
             if state_target is not None:
-                from flax import nnx
-
                 copy = jax.tree.map(lambda x: x, state_target)
                 nnx.replace_by_pure_dict(copy, restored)
                 return copy

@@ -98,6 +98,8 @@ _REQUIRED = ("input_ids", "attention_mask", "tokens", "old_logp", "advantages", 
 # ppo_clip_loss metrics divided by the mini-batch token count (summed over micro-batches); the
 # others are micro-batch token means (weighted by the micro-batch's share of valid tokens).
 _SUMMED = ("loss", "pg_loss", "kl_loss", "valid_tokens")
+# Checkpoints of earlier versions hold an RNG key that nothing used; restoring reads past it.
+LEGACY_RNG = "rng"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -132,7 +134,6 @@ class LearnerConfig:
     frozen_dtype: str = "bfloat16"
     image_flip: bool = True
     image_center_crop: bool = True
-    seed: int = 0
 
     def __post_init__(self):
         if self.micro_batch_size < 1:
@@ -143,9 +144,9 @@ class LearnerConfig:
             raise ValueError(f"grad_clip must be > 0 or None, got {self.grad_clip}")
 
     def static(self) -> "LearnerConfig":
-        """The fields the compiled step depends on (lr is a traced value; seeds are used at init)."""
+        """The fields the compiled step depends on (lr is a traced value; the LoRA seed is used at init)."""
         lora = None if self.lora is None else dataclasses.replace(self.lora, seed=0)
-        return dataclasses.replace(self, lr=0.0, seed=0, lora=lora)
+        return dataclasses.replace(self, lr=0.0, lora=lora)
 
 
 @jax.tree_util.register_dataclass
@@ -379,7 +380,6 @@ class Learner:
         scalar = lambda v, dt: jax.device_put(jnp.asarray(v, dt), repl)  # noqa: E731
         self.state = TrainState(params, opt_state, scalar(cfg.lr, jnp.float32), scalar(0, jnp.int32),
                                 scalar(0, jnp.int32))
-        self.rng = jax.random.key(cfg.seed)
         self.ref_params = self._reference(params) if cfg.kl_coef else None
         del model, trainable, frozen
         policy.set_model(nnx.merge(graphdef, self.state.params, self.frozen))
@@ -495,11 +495,6 @@ class Learner:
         self.state = dataclasses.replace(self.state, lr=jax.device_put(jnp.asarray(lr, jnp.float32),
                                                                        self.state.lr.sharding))
 
-    def next_key(self) -> jax.Array:
-        """A fresh PRNG key from the run's RNG (saved in checkpoints), e.g. for rollout sampling."""
-        self.rng, key = jax.random.split(self.rng)
-        return key
-
     def _sync_policy(self) -> None:
         if self.policy is not None:
             nnx.replace_by_pure_dict(self.policy.state, self.params())
@@ -507,13 +502,13 @@ class Learner:
     # -- checkpoints -----------------------------------------------------------------------------
     def _train_state_tree(self) -> dict:
         s = self.state
-        return {"opt_state": s.opt_state, "lr": s.lr, "step": s.step, "skipped": s.skipped, "rng": self.rng}
+        return {"opt_state": s.opt_state, "lr": s.lr, "step": s.step, "skipped": s.skipped}
 
     def save(self, manager: CheckpointManager, *, step: int | None = None, data_state: dict | None = None,
              config: dict | None = None, force: bool = False) -> bool:
         """Save as checkpoint `step` (default: the update count `self.step`; a trainer passes its
         RL step) (async; see CheckpointManager): params (trained + frozen, the policy
-        weights), opt_state, lr, step, skipped, rng; `data_state` (sampler position...) and `config`
+        weights), opt_state, lr, step, skipped; `data_state` (sampler position...) and `config`
         as JSON. The learner config is added to `config` under "learner". Returns False if the
         manager's save interval skipped this step.
 
@@ -541,6 +536,8 @@ class Learner:
         sds = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)  # noqa: E731
         params_t = jax.tree.map(sds, self.params())
         state_t = jax.tree.map(sds, self._train_state_tree())
+        if LEGACY_RNG in manager.saved_paths(manager.latest_step() if step is None else step, "train_state"):
+            state_t[LEGACY_RNG] = NamedSharding(self.mesh, P())  # read and dropped
         if free_memory:
             for x in jax.tree.leaves((self.state, self.frozen)):
                 if isinstance(x, jax.Array) and not x.is_deleted():
@@ -550,7 +547,6 @@ class Learner:
         ts = r.train_state
         self.state = TrainState(params, ts["opt_state"], ts["lr"], ts["step"], ts["skipped"])
         self.frozen = frozen
-        self.rng = ts["rng"]
         self._sync_policy()
         return r
 

@@ -26,7 +26,8 @@ from flax import nnx
 from vlajax.model.actions import token_logprobs
 from vlajax.model.preprocess import normalize_proprio, preprocess_images
 
-__all__ = ["DecodeInputs", "DecodeOutputs", "Decoder", "PolicyDecoder", "decode_step", "default_buckets"]
+__all__ = ["DecodeInputs", "DecodeOutputs", "Decoder", "PolicyDecoder", "bucket_size", "decode_step",
+           "default_buckets"]
 
 
 @dataclasses.dataclass
@@ -62,25 +63,53 @@ class DecodeOutputs:
 
 class Decoder(Protocol):
     """What the rollout loop needs from a policy. `dispatch` must not block on the result (JAX
-    async dispatch); `fetch` blocks until it is ready."""
+    async dispatch); `fetch` blocks until it is ready.
+
+    A decoder that subclasses this gets the defaults below: no padding, no preprocessing record."""
 
     chunk_len: int  # K actions per call
     action_dim: int  # A
     num_tokens: int  # T tokens per call (K * A for OFT)
     num_images: int  # cameras per call
 
-    def encode_prompts(self, instructions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]: ...
+    def encode_prompts(self, instructions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+        """(B, P) int32 prompt ids and attention mask of B instructions."""
+        raise NotImplementedError
 
-    def dispatch(self, inputs: DecodeInputs, *, temperature: float, key: jax.Array) -> Any: ...
+    def dispatch(self, inputs: DecodeInputs, *, temperature: float, key: jax.Array) -> Any:
+        raise NotImplementedError
 
-    def fetch(self, handle: Any) -> DecodeOutputs: ...
+    def fetch(self, handle: Any) -> DecodeOutputs:
+        raise NotImplementedError
+
+    def fit_capacity(self, capacity: int) -> None:
+        """Called by the engine with the most rows a decode can have, before its first decode."""
+
+    def bucket(self, n: int) -> int:
+        """The padded size a decode of `n` rows runs at (for the rollout's statistics)."""
+        return n
+
+    @property
+    def preprocess(self) -> dict:
+        """Keyword arguments of `preprocess_images` that turn stored frames into what the policy saw."""
+        return {}
 
 
 MIN_BUCKET = 4
 
 
+def bucket_size(n: int, multiple: int = 1, cap: int | None = None) -> int:
+    """The padded size of a batch of `n`: `multiple` x the smallest power of two that holds it, at most
+    `cap`. Padding batches to few sizes keeps jitted calls (decode, learner update) from compiling
+    anew for every batch size, while padding less than twice over."""
+    units = max(1, -(-n // multiple))
+    size = multiple * (1 << (units - 1).bit_length())
+    return size if cap is None else min(size, cap)
+
+
 def default_buckets(capacity: int) -> tuple[int, ...]:
-    """Powers of two from `MIN_BUCKET` below `capacity`, then `capacity`: at most log2(capacity)
+    """The decode batch sizes `bucket_size(n, MIN_BUCKET, capacity)` gives for 1..capacity rows:
+    powers of two from `MIN_BUCKET` below `capacity`, then `capacity`: at most log2(capacity)
     compiled shapes, and a batch is padded to less than twice its size (or to 4 rows).
 
     Why not 1 and 2: XLA's CPU matmuls take another code path for 1 or 2 rows, whose log-probs
@@ -90,12 +119,7 @@ def default_buckets(capacity: int) -> tuple[int, ...]:
     2 cores, 48 rows and more take yet another path)."""
     if capacity < 1:
         raise ValueError(f"decode capacity must be >= 1, got {capacity}")
-    out, b = [], MIN_BUCKET
-    while b < capacity:
-        out.append(b)
-        b *= 2
-    out.append(capacity)
-    return tuple(out)
+    return tuple(sorted({bucket_size(n, MIN_BUCKET, capacity) for n in range(1, capacity + 1)}))
 
 
 def decode_step(state, key, images, input_ids, attention_mask, proprio, rows, calls, proprio_q01, proprio_q99, *,
@@ -121,7 +145,7 @@ def decode_step(state, key, images, input_ids, attention_mask, proprio, rows, ca
     return tokens, logp
 
 
-class PolicyDecoder:
+class PolicyDecoder(Decoder):
     """`Decoder` backed by a `vlajax.model.Policy`.
 
     policy: reads `policy.graphdef` / `policy.state` at every dispatch, so parameters installed by
@@ -202,6 +226,11 @@ class PolicyDecoder:
                 self._prompts[s] = (i, m)
         return (np.stack([self._prompts[s][0] for s in instructions]),
                 np.stack([self._prompts[s][1] for s in instructions]))
+
+    def fit_capacity(self, capacity: int) -> None:
+        """Fixed decode shapes as envs finish: `default_buckets(capacity)`, unless buckets were given."""
+        if self.buckets is None:
+            self.buckets = default_buckets(capacity)
 
     def bucket(self, n: int) -> int:
         if self.buckets is None:

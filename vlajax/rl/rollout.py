@@ -1,4 +1,4 @@
-"""The pipelined rollout loop: Ray sim actors step envs while the host decodes other envs' actions.
+"""The pipelined rollout loop: sim workers step envs while the host decodes other envs' actions.
 
 Pipeline
 --------
@@ -8,21 +8,21 @@ state usually share a stage). A (worker, stage) pair is a *unit*; units advance 
 there is no barrier across stages or workers:
 
     loop:
-      poll the units' outstanding env calls (`ray.wait`; it blocks only when no decode is
+      poll the units' outstanding env calls (`pool.wait`; it blocks only when no decode is
         in flight and none is ready to issue)
       for every unit whose observations arrived: gather its *running* envs' rows
       issue ONE jitted decode for all of them (JAX async dispatch: returns at once)
       fetch the oldest decode in flight (blocks on the device), turn tokens into actions and
-        send each unit its actions (`actor.step.remote`, returns an ObjectRef at once)
+        send each unit its actions (`pool.issue_step`, returns a handle at once)
 
-So while a sim actor steps one stage, the host decodes for the units whose results are in, and a
+So while a sim worker steps one stage, the host decodes for the units whose results are in, and a
 decode is always issued before the host blocks on an earlier one. With the default
-`concurrent_stages=False` an actor simulates one stage at a time, so S = 2 stages keep it busy as
+`concurrent_stages=False` a worker simulates one stage at a time, so S = 2 stages keep it busy as
 long as a decode is shorter than a stage's step (the reference's ping-pong, without its per-step
 barrier). `RolloutConfig(pipelined=False)` turns the same loop into the serial baseline: wait for
 every unit, decode everything, step everything.
 
-Finished envs (success or episode limit) leave the batch: the actor does not step them (it is
+Finished envs (success or episode limit) leave the batch: the worker does not step them (it is
 sent only running rows) and the host does not decode for them. Decode batches are padded to a
 few fixed bucket sizes (`PolicyDecoder.buckets`), so shapes do not recompile as envs finish.
 
@@ -33,7 +33,7 @@ learner's update, so the resets overlap it); the next `rollout()` consumes them.
 Trajectory layout (`RolloutBatch`)
 ----------------------------------
 Row n of every array is request row n (`task_ids[n]`, `state_ids[n]`, `group_ids[n]`): the ids are
-sent with the envs at reset, echoed by the actor with every result, and results are written by the
+sent with the envs at reset, echoed by the worker with every result, and results are written by the
 echoed row, never by arrival position. C = ceil(max_episode_steps / K) policy calls; call c of row
 n exists iff `chunk_valid[n, c]` (calls are contiguous from 0). T = K * A tokens per call.
 
@@ -58,8 +58,11 @@ n exists iff `chunk_valid[n, c]` (calls are contiguous from 0). T = K * A tokens
 Re-computing `old_logp` from (images, prompt, proprio, tokens) with the same parameters reproduces
 it, which is what the learner's ratio needs.
 
-Faults: when a sim actor dies, a simulator process inside it crashes or hangs (`EnvWorkerError`
-in the actor, `SimEnvFailure` here), or a call exceeds its timeout, the actor is replaced (`SimPool.restart`) and all the
+The pool (`SimPoolAPI`: Ray actors in `vlajax.distributed.ray_sim.SimPool`, or in-process workers in
+`vlajax.envs.local_pool.LocalSimPool`) hides its transport: this module never imports Ray.
+
+Faults: when a sim worker dies or a simulator process inside it crashes or hangs (`SimFailure`),
+or a call exceeds its timeout, the worker is replaced (`pool.restart`) and all the
 episodes it held in this rollout are re-run from their initial state (same task, state, seed),
 finished ones included: keeping the finished ones and re-running only the rest would bias the batch
 toward short (successful) episodes. Re-runs draw the same samples for the same observations
@@ -73,31 +76,27 @@ import dataclasses
 import logging
 import math
 import time
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Hashable, Sequence
 
 import jax
 import numpy as np
-import ray
 
-from vlajax.distributed.ray_sim import SimEnvFailure, SimPool
-from vlajax.rl.policy_step import DecodeInputs, Decoder, default_buckets
-from vlajax.rl.samples import Trajectories
+from vlajax.envs.base import SAMPLED_STATE_BASE, TaskSpec, sampled_state_seed
+from vlajax.envs.sim_worker import SimFailure, SimPoolAPI, SimResult
+from vlajax.rl.policy_step import Decoder
+from vlajax.rl.rollout_buffer import RolloutError, TrajectoryBuffer
 
 log = logging.getLogger(__name__)
 
 __all__ = ["RolloutBatch", "RolloutConfig", "RolloutEngine", "RolloutError", "RolloutStats", "StepEvent"]
 
 
-class RolloutError(RuntimeError):
-    """The rollout cannot complete (bad request, a simulator error that a restart cannot fix)."""
-
-
 @dataclasses.dataclass(frozen=True)
 class RolloutConfig:
     """temperature: sampling temperature of `rollout` (`evaluate` uses 0 = greedy).
     pipelined: False = the serial baseline (barrier: step all, then decode all).
-    step_timeout_s / reset_timeout_s: an env call (reset includes a restarted actor's start-up)
-        that takes longer is treated as a dead actor.
+    step_timeout_s / reset_timeout_s: an env call (reset includes a restarted worker's start-up)
+        that takes longer is treated as a dead worker.
     max_restarts: replacements of one worker within one rollout before giving up.
     seed: base of the per-rollout sampling keys."""
 
@@ -115,7 +114,7 @@ class RolloutStats:
     env_wait_s: host blocked waiting for env results; decode_wait_s: host blocked on decode results;
     dispatch_s: host time issuing decodes (gathering rows, and compiling a new shape if any).
     decode_calls / decoded_rows / padded_rows: jitted calls, real rows decoded, rows incl. padding.
-    env_calls: actor step calls; restarts: actor replacements in this rollout.
+    env_calls: worker step calls; restarts: worker replacements in this rollout.
     sim_busy_s: per worker, seconds its envs were simulating during the rollout.
     first_result_s: from the start until the first reset result (near 0 when the resets were issued
     before, e.g. overlapping the update, and are done). decode_buckets: decode calls per padded size
@@ -175,10 +174,12 @@ class StepEvent:
 
 @dataclasses.dataclass
 class _Unit:
+    """A (worker, stage) pair and its one outstanding env call."""
+
     worker: int
     stage: int
     rows: np.ndarray  # (E,) trajectory rows, slot order
-    ref: Any = None  # outstanding ObjectRef
+    call: Hashable | None = None  # the pool's handle of the outstanding call
     kind: str = ""  # "reset" | "step"
     deadline: float = 0.0
     epoch: int = 0  # bumped on restart: decodes of an older epoch are dropped
@@ -192,13 +193,30 @@ class _Request:
     seed: int
 
 
-class RolloutEngine:
-    """Drives a `SimPool` with a `Decoder` (e.g. `PolicyDecoder`). See the module docstring.
+@dataclasses.dataclass
+class _Segment:
+    """The rows of one unit within a decode batch."""
 
-    The engine does not own the pool: close it (and the Ray session) yourself.
+    unit: _Unit
+    epoch: int  # the unit's epoch when the decode was issued
+    rows: np.ndarray
+    part: slice  # their positions in the batch
+
+
+@dataclasses.dataclass
+class _Decode:
+    handle: Any  # the decoder's
+    segments: list[_Segment]
+    calls: np.ndarray  # (B,) policy-call index of each batch row
+
+
+class RolloutEngine:
+    """Drives a sim pool (`SimPoolAPI`) with a `Decoder` (e.g. `PolicyDecoder`). See the module docstring.
+
+    The engine does not own the pool: close it (and the Ray session, if any) yourself.
     """
 
-    def __init__(self, pool: SimPool, decoder: Decoder, cfg: RolloutConfig | None = None):
+    def __init__(self, pool: SimPoolAPI, decoder: Decoder, cfg: RolloutConfig | None = None):
         self.pool = pool
         self.decoder = decoder
         self.cfg = cfg or RolloutConfig()
@@ -208,13 +226,12 @@ class RolloutEngine:
         if len(pool.cameras) != decoder.num_images:
             raise RolloutError(f"the pool returns cameras {pool.cameras} but the policy takes "
                                f"{decoder.num_images} image(s)")
-        self.tasks = info["tasks"]  # (name, instruction, num_init_states, max_episode_steps)
-        limit = info["max_episode_steps"] or max(t[3] for t in self.tasks)
+        self.tasks: list[TaskSpec] = list(info["tasks"])
+        limit = info["max_episode_steps"] or max(t.max_episode_steps for t in self.tasks)
         self.max_episode_steps = int(limit)
         self.max_chunks = math.ceil(self.max_episode_steps / decoder.chunk_len)
         self.capacity = pool.capacity
-        if hasattr(decoder, "buckets") and decoder.buckets is None:
-            decoder.buckets = default_buckets(self.capacity)  # fixed decode shapes as envs finish
+        decoder.fit_capacity(self.capacity)  # fixed decode shapes as envs finish
         self.total_restarts = 0
         self._key = jax.random.key(self.cfg.seed)
         self._count = 0
@@ -242,9 +259,8 @@ class RolloutEngine:
         consuming them; True if they are (failed ones count as done: `rollout` handles them)."""
         if self._request is None:
             raise RolloutError("reset_ready: no start_reset() pending")
-        refs = [u.ref for u in self._units if u.ref is not None]
-        ready, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
-        return len(ready) == len(refs)
+        calls = [u.call for u in self._units if u.call is not None]
+        return len(self.pool.wait(calls, timeout_s=timeout_s, wait_all=True)) == len(calls)
 
     def rollout(self, task_ids: Sequence[int] | None = None, state_ids: Sequence[int] | None = None,
                 group_ids: Sequence[int] | None = None, *, seed: int = 0, temperature: float | None = None,
@@ -254,7 +270,7 @@ class RolloutEngine:
         temperature: default `cfg.temperature`; 0 = greedy. key: sampling key (default: derived
         from cfg.seed and a rollout counter). on_step: progress callback (StepEvent)."""
         t0 = time.perf_counter()
-        busy_refs = [a.take_busy.remote() for a in self.pool.actors]  # clears the clocks
+        self.pool.clear_busy()
         if task_ids is not None or state_ids is not None:
             if self._request is not None:
                 raise RolloutError("rollout() got ids but start_reset() already issued resets; pass no ids")
@@ -268,13 +284,12 @@ class RolloutEngine:
         if key is None:
             key = jax.random.fold_in(self._key, self._count)
         self._count += 1
-        del busy_refs
         try:
-            return self._run(req, temperature, key, on_step, t0)
+            return _Run(self, req, temperature, key, on_step, t0).run()
         except BaseException:
             # Leave no half-done state behind: the next rollout resets every env anyway.
             for u in self._units:
-                u.ref = None
+                u.call = None
             raise
 
     def evaluate(self, task_ids: Sequence[int] | None = None, state_ids: Sequence[int] | None = None,
@@ -295,9 +310,11 @@ class RolloutEngine:
         for i, (ti, si) in enumerate(zip(t, s)):
             if not 0 <= ti < len(self.tasks):
                 raise RolloutError(f"row {i}: task id {ti} out of range (0..{len(self.tasks) - 1})")
-            if not 0 <= si < self.tasks[ti][2]:
-                raise RolloutError(f"row {i} (task {self.tasks[ti][0]}): state id {si} out of range "
-                                   f"(0..{self.tasks[ti][2] - 1})")
+            task = self.tasks[ti]
+            # a sampled state id passes; the simulator says whether it can sample states
+            if not (0 <= si < task.num_init_states or sampled_state_seed(si) is not None):
+                raise RolloutError(f"row {i} (task {task.name}): state id {si} out of range "
+                                   f"(0..{task.num_init_states - 1}, or a sampled state id >= {SAMPLED_STATE_BASE})")
         if group_ids is None:
             _, g = np.unique(np.stack([t, s], 1), axis=0, return_inverse=True)
             g = g.reshape(-1).astype(np.int64)
@@ -308,210 +325,178 @@ class RolloutEngine:
         return _Request(t, s, g, int(seed))
 
     def _issue_reset(self, u: _Unit, req: _Request, now: float) -> None:
-        actor = self.pool.actors[u.worker]
         r = u.rows
-        u.ref = actor.reset.remote(u.stage, r, req.task_ids[r], req.state_ids[r], req.group_ids[r], req.seed)
+        u.call = self.pool.issue_reset(u.worker, u.stage, r, req.task_ids[r], req.state_ids[r], req.group_ids[r],
+                                       req.seed)
         u.kind = "reset"
         u.deadline = now + self.cfg.reset_timeout_s
 
-    def _run(self, req: _Request, temperature: float, key, on_step, t0: float) -> RolloutBatch:
-        cfg, dec = self.cfg, self.decoder
-        n, c_max, t_tok = self.capacity, self.max_chunks, dec.num_tokens
-        k, a = dec.chunk_len, dec.action_dim
-        stats = RolloutStats()
-        restarts = collections.Counter()
-        tokens = np.zeros((n, c_max, t_tok), np.int32)
-        logp = np.zeros((n, c_max, t_tok), np.float32)
-        valid = np.zeros((n, c_max), bool)
-        actions = np.zeros((n, c_max, k, a), np.float32)
-        success = np.zeros(n, bool)
-        finish = np.zeros(n, np.int32)
-        calls = np.zeros(n, np.int32)
-        echoed = np.zeros(n, bool)  # ids confirmed by the actor
-        group = np.full(n, -1, np.int64)
-        task = np.full(n, -1, np.int64)
-        state = np.full(n, -1, np.int64)
-        instructions = [""] * n
-        prompt_ids = prompt_mask = images = proprio = None
-        units = self._units
-        ready: list[tuple[_Unit, np.ndarray, np.ndarray, np.ndarray]] = []  # unit, rows, images, proprio
-        inflight: collections.deque = collections.deque()
 
-        def clear_rows(rows):
-            for arr in (tokens, logp, valid, actions, success, finish, calls, echoed):
-                arr[rows] = 0
-            if images is not None:
-                images[rows] = 0
-                proprio[rows] = 0
+class _Run:
+    """One rollout in progress: the units' env calls, the observations waiting for a decode, the
+    decodes in flight, and the buffer they fill."""
 
-        def restart(w: int, why: str) -> None:
-            nonlocal ready
-            restarts[w] += 1
-            if restarts[w] > cfg.max_restarts:
-                raise RolloutError(f"sim worker {w} failed {restarts[w]} times in this rollout "
-                                   f"(max_restarts={cfg.max_restarts}); last failure: {why}")
-            log.warning("sim worker %d: %s; restarting it and re-running its episodes", w, why)
-            self.pool.restart(w)
-            stats.restarts += 1
-            self.total_restarts += 1
-            now = time.perf_counter()
-            for u in units:
-                if u.worker == w:
-                    u.epoch += 1
-                    clear_rows(u.rows)
-                    self._issue_reset(u, req, now)
-            ready = [r for r in ready if r[0].worker != w]
+    def __init__(self, engine: RolloutEngine, req: _Request, temperature: float, key, on_step, t0: float):
+        self.engine, self.pool, self.dec, self.cfg = engine, engine.pool, engine.decoder, engine.cfg
+        self.req, self.temperature, self.key, self.on_step, self.t0 = req, temperature, key, on_step, t0
+        self.units = engine._units
+        dec = self.dec
+        self.buf = TrajectoryBuffer(engine.capacity, engine.max_chunks, dec.num_tokens, dec.chunk_len, dec.action_dim)
+        self.stats = RolloutStats()
+        self.restarts: collections.Counter = collections.Counter()
+        self.ready: list[tuple[_Unit, np.ndarray]] = []  # units whose observations are in, their running rows
+        self.inflight: collections.deque[_Decode] = collections.deque()
 
-        def on_result(u: _Unit, res: dict) -> None:
-            nonlocal prompt_ids, prompt_mask, images, proprio
-            rows = np.asarray(res["rows"], np.int64)
-            if not np.isin(rows, u.rows).all():
-                raise RolloutError(f"sim worker {u.worker} stage {u.stage} returned rows {rows.tolist()}, "
-                                   f"it holds {u.rows.tolist()}")
-            if u.kind == "reset":
-                if sorted(rows.tolist()) != sorted(u.rows.tolist()):
-                    raise RolloutError(f"sim worker {u.worker} stage {u.stage} reset rows {rows.tolist()}, "
-                                       f"expected {u.rows.tolist()}")
-                want = (req.task_ids[rows], req.state_ids[rows], req.group_ids[rows])
-                got = (res["task_id"], res["state_id"], res["group_id"])
-                if any(not np.array_equal(x, y) for x, y in zip(want, got)):
-                    raise RolloutError(f"sim worker {u.worker} stage {u.stage}: reset ids do not match the request "
-                                       f"for rows {rows.tolist()}")
-                group[rows], task[rows], state[rows] = got[2], got[0], got[1]
-                echoed[rows] = True
-                for r, text in zip(rows, res["instructions"]):
-                    instructions[r] = text
-                ids, mask = dec.encode_prompts(list(res["instructions"]))
-                if prompt_ids is None:
-                    prompt_ids = np.zeros((n, ids.shape[1]), np.int32)
-                    prompt_mask = np.zeros((n, ids.shape[1]), np.int32)
-                prompt_ids[rows], prompt_mask[rows] = ids, mask
-                obs_rows = rows
-            else:
-                if not (np.array_equal(res["group_id"], group[rows]) and np.array_equal(res["task_id"], task[rows])
-                        and echoed[rows].all()):
-                    raise RolloutError(f"sim worker {u.worker} stage {u.stage}: step result ids do not match the "
-                                       f"trajectories of rows {rows.tolist()} (mixed up)")
-                finish[rows] = res["elapsed_steps"]
-                success[rows] = res["terminated"]
-                obs_rows = rows[res["active"]]
-            cams = [np.asarray(res["images"][c]) for c in self.pool.cameras]
-            img = np.stack(cams, axis=1)  # (n, n_img, H, W, 3)
-            pro = np.asarray(res["proprio"], np.float32)
-            if images is None and len(obs_rows):
-                images = np.zeros((n, c_max) + img.shape[1:], np.uint8)
-                proprio = np.zeros((n, c_max, pro.shape[-1]), np.float32)
-            if on_step is not None:
-                on_step(StepEvent(u.kind, u.worker, u.stage, rows.copy(), calls[rows].copy()))
-            if len(obs_rows):
-                ready.append((u, obs_rows, img, pro))
+    def run(self) -> RolloutBatch:
+        """The loop of the module docstring."""
+        while self.ready or self.inflight or any(u.call is not None for u in self.units):
+            if not self.collect_env_results():
+                continue  # serial: decode only when every unit's result is in
+            self.decode_ready_units()
+            self.act_on_oldest_decode()
+        return self.finish()
 
-        while True:
-            live = [u for u in units if u.ref is not None]
-            if not live and not ready and not inflight:
-                break
-            # 1. poll env results
-            if live:
-                now = time.perf_counter()
-                refs = [u.ref for u in live]
-                if not cfg.pipelined:
-                    want, timeout = len(refs), max(0.0, min(u.deadline for u in live) - now)
-                elif ready or inflight:
-                    want, timeout = len(refs), 0.0
-                else:
-                    want, timeout = 1, max(0.0, min(u.deadline for u in live) - now)
-                tw = time.perf_counter()
-                done_refs, _ = ray.wait(refs, num_returns=want, timeout=timeout)
-                if cfg.pipelined and want == 1 and len(done_refs) < len(refs):
-                    more, _ = ray.wait([r for r in refs if r not in done_refs], num_returns=len(refs) - len(done_refs),
-                                       timeout=0)
-                    done_refs += more
-                stats.env_wait_s += time.perf_counter() - tw
-                done_set = set(done_refs)
-                for u in live:
-                    if u.ref is None or u.ref not in done_set:
-                        continue
-                    ref, u.ref = u.ref, None
-                    try:
-                        res = ray.get(ref)
-                    except ray.exceptions.RayTaskError as e:
-                        if isinstance(e, SimEnvFailure) or isinstance(getattr(e, "cause", None), SimEnvFailure):
-                            cause = str(getattr(e, "cause", e)).strip().splitlines()
-                            restart(u.worker, f"a simulator process failed ({cause[0]} ... {cause[-1]})")
-                            continue
-                        cause = getattr(e, "cause", None) or e
-                        raise RolloutError(f"sim worker {u.worker} stage {u.stage}: {u.kind} failed: {cause}") from e
-                    except ray.exceptions.RayError as e:  # actor died, node lost, ...
-                        restart(u.worker, f"{type(e).__name__} during {u.kind}")
-                        continue
-                    if u.kind == "step":
-                        stats.env_calls += 1
-                    elif math.isnan(stats.first_result_s):  # the first reset result
-                        stats.first_result_s = time.perf_counter() - t0
-                    on_result(u, res)
-                now = time.perf_counter()
-                for u in units:
-                    if u.ref is not None and now > u.deadline:
-                        timeout_s = cfg.reset_timeout_s if u.kind == "reset" else cfg.step_timeout_s
-                        restart(u.worker, f"{u.kind} of stage {u.stage} exceeded {timeout_s:g} s")
-                if not cfg.pipelined and any(u.ref is not None for u in units):
-                    continue  # serial: decode only when every unit's result is in
-            # 2. one decode for every unit whose observations are in
-            if ready:
-                batch_units, ready = ready, []
-                rows = np.concatenate([r[1] for r in batch_units])
-                c_idx = calls[rows]
-                if (c_idx >= c_max).any():
-                    raise RolloutError(f"rows {rows[c_idx >= c_max].tolist()} still running after {c_max} "
-                                       f"policy calls ({self.max_episode_steps} env steps)")
-                img = np.concatenate([r[2] for r in batch_units])
-                pro = np.concatenate([r[3] for r in batch_units])
-                images[rows, c_idx] = img
-                proprio[rows, c_idx] = pro
-                x = DecodeInputs(images=img, input_ids=prompt_ids[rows], attention_mask=prompt_mask[rows],
-                                 proprio=pro, rows=rows.astype(np.int32), calls=c_idx.astype(np.int32))
-                td = time.perf_counter()
-                handle = dec.dispatch(x, temperature=temperature, key=key)
-                stats.dispatch_s += time.perf_counter() - td
-                bucket = dec.bucket(len(rows)) if hasattr(dec, "bucket") else len(rows)
-                stats.decode_calls += 1
-                stats.decoded_rows += len(rows)
-                stats.padded_rows += bucket
-                stats.decode_buckets[bucket] = stats.decode_buckets.get(bucket, 0) + 1
-                segs = []
-                off = 0
-                for u, r, _, _ in batch_units:
-                    segs.append((u, u.epoch, r, slice(off, off + len(r))))
-                    off += len(r)
-                inflight.append((handle, segs, c_idx))
-            # 3. fetch the oldest decode and send its units their actions
-            if inflight:
-                handle, segs, c_idx = inflight.popleft()
-                tf = time.perf_counter()
-                out = dec.fetch(handle)
-                stats.decode_wait_s += time.perf_counter() - tf
-                now = time.perf_counter()
-                for u, epoch, r, sl in segs:
-                    if epoch != u.epoch:
-                        continue  # its worker was restarted meanwhile
-                    c = c_idx[sl]
-                    tokens[r, c] = out.tokens[sl]
-                    logp[r, c] = out.logp[sl]
-                    actions[r, c] = out.actions[sl]
-                    valid[r, c] = True
-                    calls[r] = c + 1
-                    u.ref = self.pool.actors[u.worker].step.remote(u.stage, r, out.actions[sl])
-                    u.kind = "step"
-                    u.deadline = now + cfg.step_timeout_s
+    # ---- 1. env results --------------------------------------------------------------------------
+    def collect_env_results(self) -> bool:
+        """Take the env results that are in (blocking only when there is nothing else to do), restart
+        failed or late workers. False while the serial loop still waits for some unit."""
+        live = [u for u in self.units if u.call is not None]
+        if not live:
+            return True
+        for u, call in self._wait(live):
+            if u.call is not call:
+                continue  # re-issued by a restart of its worker in this loop
+            u.call = None
+            try:
+                res = self.pool.result(call)
+            except SimFailure as e:
+                self._restart(u.worker, f"a simulator process failed ({e.brief()})")
+                continue
+            except Exception as e:
+                raise RolloutError(f"sim worker {u.worker} stage {u.stage}: {u.kind} failed: {e}") from e
+            self._on_result(u, res)
+        now = time.perf_counter()
+        for u in self.units:
+            if u.call is not None and now > u.deadline:
+                timeout_s = self.cfg.reset_timeout_s if u.kind == "reset" else self.cfg.step_timeout_s
+                self._restart(u.worker, f"{u.kind} of stage {u.stage} exceeded {timeout_s:g} s")
+        return self.cfg.pipelined or all(u.call is None for u in self.units)
 
-        stats.wall_s = time.perf_counter() - t0
-        stats.sim_busy_s = self.pool.take_busy()
-        if not echoed.all():
-            raise RolloutError(f"rows {np.flatnonzero(~echoed).tolist()} were never reset")
-        traj = Trajectories(actions_tokens=tokens, old_logp=logp, chunk_valid=valid, success=success,
-                            finish_step=finish, group_id=group, task_id=task)
-        traj.validate(action_dim=a, chunk_len=k)
+    def _wait(self, live: list[_Unit]) -> list[tuple[_Unit, Hashable]]:
+        """The live units whose call is done: all of them (serial), whatever is done (a decode is
+        pending), else at least one; never past the earliest deadline."""
+        until_deadline = max(0.0, min(u.deadline for u in live) - time.perf_counter())
+        if not self.cfg.pipelined:
+            wait_all, timeout = True, until_deadline
+        elif self.ready or self.inflight:
+            wait_all, timeout = True, 0.0
+        else:
+            wait_all, timeout = False, until_deadline
+        tw = time.perf_counter()
+        done = set(self.pool.wait([u.call for u in live], timeout_s=timeout, wait_all=wait_all))
+        self.stats.env_wait_s += time.perf_counter() - tw
+        return [(u, u.call) for u in live if u.call in done]
+
+    def _on_result(self, u: _Unit, res: SimResult) -> None:
+        rows = np.asarray(res.rows, np.int64)
+        self._check_ids(u, res, rows)
+        if u.kind == "reset":
+            if math.isnan(self.stats.first_result_s):
+                self.stats.first_result_s = time.perf_counter() - self.t0
+            ids, mask = self.dec.encode_prompts(list(res.instructions))
+            self.buf.write_reset(rows, res.task_id, res.state_id, res.group_id, res.instructions, ids, mask)
+        else:
+            self.stats.env_calls += 1
+            self.buf.write_outcome(rows, res.elapsed_steps, res.terminated)
+        running = rows[np.asarray(res.active, bool)]
+        if len(running):
+            images = np.stack([np.asarray(res.images[c]) for c in self.pool.cameras], axis=1)  # (n, n_img, H, W, 3)
+            self.buf.write_observation(running, images, np.asarray(res.proprio, np.float32))
+        if self.on_step is not None:
+            self.on_step(StepEvent(u.kind, u.worker, u.stage, rows.copy(), self.buf.calls[rows].copy()))
+        if len(running):
+            self.ready.append((u, running))
+
+    def _check_ids(self, u: _Unit, res: SimResult, rows: np.ndarray) -> None:
+        """Results are matched by the ids the worker echoes, never by arrival: refuse a mix-up."""
+        where = f"sim worker {u.worker} stage {u.stage}"
+        if not np.isin(rows, u.rows).all():
+            raise RolloutError(f"{where} returned rows {rows.tolist()}, it holds {u.rows.tolist()}")
+        if u.kind == "reset":
+            if sorted(rows.tolist()) != sorted(u.rows.tolist()):
+                raise RolloutError(f"{where} reset rows {rows.tolist()}, expected {u.rows.tolist()}")
+            req = self.req
+            want = (req.task_ids[rows], req.state_ids[rows], req.group_ids[rows])
+            if any(not np.array_equal(x, y) for x, y in zip(want, (res.task_id, res.state_id, res.group_id))):
+                raise RolloutError(f"{where}: reset ids do not match the request for rows {rows.tolist()}")
+        elif not (np.array_equal(res.group_id, self.buf.group_id[rows])
+                  and np.array_equal(res.task_id, self.buf.task_id[rows]) and self.buf.echoed[rows].all()):
+            raise RolloutError(f"{where}: step result ids do not match the trajectories of rows {rows.tolist()} "
+                               f"(mixed up)")
+
+    def _restart(self, w: int, why: str) -> None:
+        """Replace worker w and re-run all its episodes from their initial state."""
+        self.restarts[w] += 1
+        if self.restarts[w] > self.cfg.max_restarts:
+            raise RolloutError(f"sim worker {w} failed {self.restarts[w]} times in this rollout "
+                               f"(max_restarts={self.cfg.max_restarts}); last failure: {why}")
+        log.warning("sim worker %d: %s; restarting it and re-running its episodes", w, why)
+        self.pool.restart(w)
+        self.stats.restarts += 1
+        self.engine.total_restarts += 1
+        now = time.perf_counter()
+        for u in self.units:
+            if u.worker == w:
+                u.epoch += 1
+                self.buf.clear(u.rows)
+                self.engine._issue_reset(u, self.req, now)
+        self.ready = [r for r in self.ready if r[0].worker != w]
+
+    # ---- 2. one decode for every unit whose observations are in ----------------------------------
+    def decode_ready_units(self) -> None:
+        if not self.ready:
+            return
+        batch, self.ready = self.ready, []
+        rows = np.concatenate([r for _, r in batch])
+        x = self.buf.decode_inputs(rows)
+        td = time.perf_counter()
+        handle = self.dec.dispatch(x, temperature=self.temperature, key=self.key)
+        st = self.stats
+        st.dispatch_s += time.perf_counter() - td
+        bucket = self.dec.bucket(len(rows))
+        st.decode_calls += 1
+        st.decoded_rows += len(rows)
+        st.padded_rows += bucket
+        st.decode_buckets[bucket] = st.decode_buckets.get(bucket, 0) + 1
+        segments, off = [], 0
+        for u, r in batch:
+            segments.append(_Segment(u, u.epoch, r, slice(off, off + len(r))))
+            off += len(r)
+        self.inflight.append(_Decode(handle, segments, x.calls))
+
+    # ---- 3. fetch the oldest decode and send its units their actions -----------------------------
+    def act_on_oldest_decode(self) -> None:
+        if not self.inflight:
+            return
+        d = self.inflight.popleft()
+        tf = time.perf_counter()
+        out = self.dec.fetch(d.handle)
+        self.stats.decode_wait_s += time.perf_counter() - tf
+        now = time.perf_counter()
+        for seg in d.segments:
+            u, sl = seg.unit, seg.part
+            if seg.epoch != u.epoch:
+                continue  # its worker was restarted meanwhile
+            self.buf.write_decode(seg.rows, d.calls[sl], out.tokens[sl], out.logp[sl], out.actions[sl])
+            u.call = self.pool.issue_step(u.worker, u.stage, seg.rows, out.actions[sl])
+            u.kind = "step"
+            u.deadline = now + self.cfg.step_timeout_s
+
+    def finish(self) -> RolloutBatch:
+        self.stats.wall_s = time.perf_counter() - self.t0
+        self.stats.sim_busy_s = self.pool.take_busy()
+        b = self.buf
         return RolloutBatch(
-            trajectories=traj, state_id=state, images=images, proprio=proprio, prompt_ids=prompt_ids,
-            prompt_mask=prompt_mask, actions=actions, instructions=instructions, temperature=temperature,
-            preprocess=dict(getattr(dec, "preprocess", {})), stats=stats)
+            trajectories=b.finish(), state_id=b.state_id, images=b.images, proprio=b.proprio,
+            prompt_ids=b.prompt_ids, prompt_mask=b.prompt_mask, actions=b.actions, instructions=b.instructions,
+            temperature=self.temperature, preprocess=dict(self.dec.preprocess), stats=self.stats)
