@@ -57,7 +57,8 @@ def main() -> None:
     learner = Learner(policy, LearnerConfig(micro_batch_size=8, remat="dots"))
     jax.block_until_ready(learner.state)
     res["mem_learner_gb"] = in_use()
-    decoder = PolicyDecoder(policy, flip=True, unnorm_key=None, gripper="libero", buckets=batches)
+    decoder = PolicyDecoder(learner.policy, params=learner.decode_params(), flip=True, unnorm_key=None,
+                            gripper="libero", buckets=batches)
     res["mem_with_decoder_gb"] = in_use()
     ids, mask = decoder.encode_prompts(["put both the alphabet soup and the tomato sauce in the basket"])
     rng = np.random.default_rng(0)

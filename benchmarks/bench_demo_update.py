@@ -20,14 +20,13 @@ from vlajax.config import load_config  # noqa: E402
 from vlajax.distributed.sharding import make_mesh  # noqa: E402
 from vlajax.rl.learner import Learner  # noqa: E402
 from vlajax.session import build_policy  # noqa: E402
-from vlajax.train import learner_config  # noqa: E402
 
 
 def main() -> None:
     overrides = sys.argv[1:]
     cfg = load_config("demo", overrides)
     policy = build_policy(cfg)
-    learner = Learner(policy, learner_config(cfg, 1, False), make_mesh(1, 1))
+    learner = Learner(policy, cfg.actor_rollout_ref.learner_config(1, False), make_mesh(1, 1))
     m, size = 128, cfg.env.train.init_params.camera_heights
     rng = np.random.default_rng(0)
     ids, mask = policy.tokenizer.encode(["move the gripper to the red block"] * m, pad_to=24)

@@ -47,7 +47,7 @@ from vlajax.model.flops import forward_flops  # noqa: E402
 from vlajax.model.config import preset  # noqa: E402
 from vlajax.model.policy import OpenVLAOFT  # noqa: E402
 from vlajax.rl.learner import Learner, LearnerConfig  # noqa: E402
-from vlajax.rl.lora import LoraConfig  # noqa: E402
+from vlajax.rl.lora import LoraConfig, with_lora  # noqa: E402
 from random_weights import random_policy  # noqa: E402
 
 GB = 1e9
@@ -105,8 +105,8 @@ def run_config(name: str, args, cfg, peak_tflops: float) -> dict:
     t0 = time.perf_counter()
     # LoRA keeps the frozen base in bf16 anyway: build it so, not as an fp32 copy first.
     policy = random_policy(cfg, jnp.bfloat16 if lora else jnp.float32)
-    lcfg = LearnerConfig(micro_batch_size=mbs, remat=remat,
-                         lora=LoraConfig(rank=args.lora_rank, alpha=args.lora_rank) if lora else None)
+    policy = with_lora(policy, LoraConfig(rank=args.lora_rank, alpha=args.lora_rank) if lora else None)
+    lcfg = LearnerConfig(micro_batch_size=mbs, remat=remat)
     learner = Learner(policy, lcfg, mesh=mesh)
     del policy
     counts = learner.num_params()

@@ -297,6 +297,27 @@ def test_hard_coded_names_match_the_modules():
         assert load_config("libero_grpo", LIBERO + [f"env.train.task_suite_name={s}"]).env.train.task_suite_name == s
 
 
+def test_sections_build_their_parts():
+    """Learner, optimizer, LoRA, placement and rollout settings come from the config's own methods."""
+    cfg = load_config("demo", ["actor_rollout_ref.actor.optim.lr=3e-4",
+                               "actor_rollout_ref.actor.optim.betas=[0.8,0.95]",
+                               "actor_rollout_ref.actor.ppo_micro_batch_size=8",
+                               "actor_rollout_ref.actor.use_kl_loss=true", "actor_rollout_ref.model.lora_rank=4",
+                               "env.rollout.step_timeout_s=7"])
+    arr, a = cfg.actor_rollout_ref, cfg.actor_rollout_ref.actor
+    lc = arr.learner_config(4, True)
+    assert (lc.lr, lc.b1, lc.b2, lc.weight_decay, lc.grad_clip) == (3e-4, 0.8, 0.95, a.optim.weight_decay, a.grad_clip)
+    assert lc.micro_batch_size == 2 and lc.kl_coef == a.kl_loss_coef and lc.temperature == arr.rollout.temperature
+    assert lc.remat == arr.model.enable_gradient_checkpointing and lc.image_flip
+    assert a.optim.optimizer(a.grad_clip) is lc.optimizer()  # one optimizer, one compiled step
+    lora = arr.model.lora_config(seed=5)
+    assert (lora.rank, lora.alpha, lora.seed) == (4, arr.model.lora_alpha, 5)
+    assert load_config("demo").actor_rollout_ref.model.lora_config(seed=0) is None
+    rc = cfg.rollout_config()
+    assert (rc.temperature, rc.seed, rc.step_timeout_s) == (arr.rollout.temperature, cfg.trainer.seed, 7.0)
+    assert cfg.num_sim_workers == cfg.placement().num_workers
+
+
 def test_user_paths_are_made_absolute_once_where_the_config_is_read(tmp_path, monkeypatch):
     """orbax refuses relative checkpoint paths; a saved config must name the same files from anywhere."""
     monkeypatch.chdir(tmp_path)

@@ -20,7 +20,7 @@ import pytest
 from tests.test_train import TINY
 from vlajax.cli import main as cli_main
 from vlajax.config import load_config
-from vlajax.train import learning_rate, train
+from vlajax.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 RUN = TINY + ["actor_rollout_ref.actor.use_proprio=true", "actor_rollout_ref.model.init_scheme=scratch",
@@ -45,9 +45,10 @@ def _rows(path):
 
 def test_learning_rate_warms_up_linearly_then_stays():
     cfg = load_config("demo", ["actor_rollout_ref.actor.optim.lr=1e-3", "actor_rollout_ref.actor.optim.lr_warmup_steps=4"])
-    assert [learning_rate(cfg, s) for s in range(6)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+    optim = cfg.actor_rollout_ref.actor.optim
+    assert [optim.learning_rate(s) for s in range(6)] == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
     no_warmup = ["actor_rollout_ref.actor.optim.lr=2e-4", "actor_rollout_ref.actor.optim.lr_warmup_steps=0"]
-    assert learning_rate(load_config("demo", no_warmup), 0) == 2e-4
+    assert load_config("demo", no_warmup).actor_rollout_ref.actor.optim.learning_rate(0) == 2e-4
 
 
 def test_eval_of_a_training_run(run_dir, capsys):

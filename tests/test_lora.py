@@ -16,7 +16,7 @@ from vlajax.model.preprocess import preprocess_images  # noqa: E402
 from vlajax.model.pretrained import build_model  # noqa: E402
 from vlajax.rl.learner import Learner, LearnerConfig  # noqa: E402
 from vlajax.rl.lora import (  # noqa: E402
-    LoraConfig, apply_lora, count_params, has_lora, merged_policy, trainable_filter,
+    LoraConfig, apply_lora, count_params, has_lora, merged_policy, trainable_filter, with_lora,
 )
 
 LLM_LINEARS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -55,8 +55,8 @@ def test_apply_lora_targets(params0):
 @pytest.mark.slow  # compiles a LoRA update and two forwards
 def test_lora_learner_trains_adapters_only_and_merges(params0):
     """Production defaults (bf16 compute, bf16 frozen base) with uint8 images preprocessed in the step."""
-    policy = make_policy(params0, compute_dtype=jnp.bfloat16)
-    learner = Learner(policy, LearnerConfig(lora=LoraConfig(rank=4, alpha=8.0), micro_batch_size=4))
+    policy = with_lora(make_policy(params0, compute_dtype=jnp.bfloat16), LoraConfig(rank=4, alpha=8.0))
+    learner = Learner(policy, LearnerConfig(micro_batch_size=4))
     n = learner.num_params()
     assert n["trainable"] == count_params(policy.state, nnx.LoRAParam) > 0
     assert n["frozen"] == sum(x.size for x in jax.tree.leaves(params0))
@@ -100,7 +100,7 @@ def test_lora_learner_trains_adapters_only_and_merges(params0):
 def test_lora_kl_reference_is_the_base_model(params0):
     """With LoRA the KL reference is the base model with the adapters off (no copy of the weights)."""
     f32 = dict(compute_dtype="float32", frozen_dtype="float32", micro_batch_size=4)
-    learner = Learner(make_policy(params0), LearnerConfig(lora=LoraConfig(rank=4, alpha=8.0), kl_coef=0.1, **f32))
+    learner = Learner(with_lora(make_policy(params0), LoraConfig(rank=4, alpha=8.0)), LearnerConfig(kl_coef=0.1, **f32))
     assert all(not np.any(np.asarray(x)) for x in jax.tree.leaves(learner.ref_params))
     batch = make_batch(7, images=True)
     learner.set_lr(1e-2)

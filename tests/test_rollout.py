@@ -187,6 +187,28 @@ def test_decode_samples_do_not_depend_on_batch_mates(policy):
     np.testing.assert_allclose(full.logp, want, atol=1e-5)
 
 
+def test_decoder_decodes_with_the_params_it_is_handed(policy):
+    """The weight hand-off is explicit: `set_params` (no copy), checked against the policy's structure."""
+    from flax import nnx
+
+    from vlajax.rl.lora import LoraConfig, with_lora
+
+    dec = PolicyDecoder(policy, prompt_len=24, flip=False, buckets=(4,))
+    ids, mask = dec.encode_prompts(["move the gripper to the blue block"] * 4)
+    x = DecodeInputs(images=np.full((4, 1, IMAGE, IMAGE, 3), 128, np.uint8), input_ids=ids, attention_mask=mask,
+                     proprio=np.zeros((4, 8), np.float32), rows=np.arange(4, dtype=np.int32),
+                     calls=np.zeros(4, np.int32))
+    key = jax.random.key(0)
+    own = nnx.to_pure_dict(policy.state)
+    before = dec.fetch(dec.dispatch(x, temperature=1.6, key=key))
+    dec.set_params(jax.tree.map(lambda w: 2 * w, own))
+    assert not np.allclose(dec.fetch(dec.dispatch(x, temperature=1.6, key=key)).logp, before.logp)
+    dec.set_params(own)
+    np.testing.assert_array_equal(dec.fetch(dec.dispatch(x, temperature=1.6, key=key)).logp, before.logp)
+    with pytest.raises(ValueError, match="structure"):
+        dec.set_params(nnx.to_pure_dict(with_lora(policy, LoraConfig(rank=2)).state))
+
+
 def test_decode_logprobs_do_not_depend_on_the_batch_size(policy):
     """Which rows share a decode depends on simulator timing. With the default buckets (4 rows and
     up) and up to 32 rows, a row's log-probs are bit-identical whatever batch it lands in, so a

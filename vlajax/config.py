@@ -42,6 +42,7 @@ from typing import Any, Mapping, Optional, Sequence
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf import errors as oc_errors
 
+from vlajax.distributed.placement import PlacementOptions  # no Ray import
 from vlajax.envs import simulators
 from vlajax.envs.gl import BACKENDS as GL_BACKENDS  # no GL import
 from vlajax.rl.advantages import ADVANTAGE_ESTIMATORS  # numpy only
@@ -202,6 +203,17 @@ class ModelConfig(_Section):
             return None if t == "all-linear" else t
         return r"(?:.*\.)?(?:" + "|".join(re.escape(x) for x in t) + ")"
 
+    def lora_config(self, seed: int):
+        """The adapters of lora_rank / lora_alpha / target_modules as a `vlajax.rl.lora.LoraConfig`
+        (A matrices drawn from `seed`), or None for rank 0 (full-parameter training)."""
+        if self.lora_rank <= 0:
+            return None
+        from vlajax.rl.lora import LoraConfig
+
+        targets = self.lora_target_regex()
+        return LoraConfig(rank=self.lora_rank, alpha=self.lora_alpha, seed=seed,
+                          **({"targets": targets} if targets else {}))
+
 
 @dataclass(frozen=True)
 class OptimConfig(_Section):
@@ -209,6 +221,28 @@ class OptimConfig(_Section):
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.01  # AdamW, on every parameter
     lr_warmup_steps: int = 0  # linear warm-up, in training steps
+
+    def learning_rate(self, step: int) -> float:
+        """lr of training step `step` (0-based): linear warm-up over `lr_warmup_steps` training steps,
+        then constant (verl's constant schedule). The learner takes it as a runtime value (`set_lr`),
+        so the schedule never recompiles the update."""
+        if not self.lr_warmup_steps:
+            return self.lr
+        return self.lr * min(1.0, (step + 1) / self.lr_warmup_steps)
+
+    def learner_fields(self, grad_clip: float | None) -> dict[str, Any]:
+        """This section as `vlajax.rl.learner.LearnerConfig` fields (verl's names -> the learner's),
+        with the actor's global-norm clip `grad_clip`."""
+        b1, b2 = self.betas
+        return {"lr": self.lr, "b1": b1, "b2": b2, "weight_decay": self.weight_decay, "grad_clip": grad_clip}
+
+    def optimizer(self, grad_clip: float | None):
+        """The optax update rule of this section: clip by global norm -> Adam moments -> + weight decay
+        (AdamW as torch's), without the learning rate, which the learner applies from its train state
+        (`learning_rate`). The same object the learner builds from `learner_fields`."""
+        from vlajax.rl.learner import LearnerConfig
+
+        return LearnerConfig(**self.learner_fields(grad_clip)).optimizer()
 
 
 @dataclass(frozen=True)
@@ -270,6 +304,21 @@ class ActorRolloutRefConfig(_Section):
     model: ModelConfig = field(default_factory=ModelConfig)
     actor: ActorConfig = field(default_factory=ActorConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+
+    def learner_config(self, num_devices: int, image_flip: bool):
+        """The update's `vlajax.rl.learner.LearnerConfig` from the actor, model and rollout keys.
+        num_devices: the learner mesh's size (splits `ppo_micro_batch_size`); image_flip: the
+        simulator's frame orientation (the update must preprocess frames as the rollout did)."""
+        from vlajax.rl.learner import LearnerConfig
+
+        a, m = self.actor, self.model
+        return LearnerConfig(
+            **a.optim.learner_fields(a.grad_clip), micro_batch_size=a.micro_batch_size_per_device(num_devices),
+            temperature=self.rollout.temperature, clip_low=a.clip_ratio_low, clip_high=a.clip_ratio_high,
+            dual_clip_c=a.clip_ratio_c, entropy_coef=a.entropy_coeff,
+            kl_coef=a.kl_loss_coef if a.use_kl_loss else 0.0, kl_type=a.kl_loss_type,
+            remat=m.enable_gradient_checkpointing, compute_dtype=m.compute_dtype, image_flip=image_flip,
+            image_center_crop=True)
 
 
 @dataclass(frozen=True)
@@ -403,10 +452,9 @@ class RunConfig(_Section):
 
     @property
     def num_sim_workers(self) -> int:
-        """Simulator workers in the cluster: per node x (simulator nodes if disaggregated, else nodes).
-        One worker per env GPU; n_env_gpus_per_node = 0 means one CPU-only worker per node."""
-        nodes = self.env.disagg_sim.nnodes if self.env.disagg_sim.enable else self.trainer.nnodes
-        return max(1, self.trainer.n_env_gpus_per_node) * nodes
+        """Simulator workers in the cluster (`PlacementOptions.num_workers`): one per env GPU, or one
+        CPU-only worker per node, on the simulator nodes if disaggregated, else the trainer nodes."""
+        return self.placement().num_workers
 
     @property
     def simulator(self) -> simulators.SimulatorSpec:
@@ -416,14 +464,23 @@ class RunConfig(_Section):
         except ValueError as e:
             raise ConfigError(str(e), "env.train.simulator_type") from None
 
-    def placement(self):
-        """Where the simulator actors and the trainer go (`vlajax.distributed.ray_sim.PlacementOptions`)."""
-        from vlajax.distributed.ray_sim import PlacementOptions
-
+    def placement(self) -> PlacementOptions:
+        """Where the simulator actors and the trainer go: the one reading of `trainer.nnodes`,
+        `trainer.n_*_gpus_per_node` and `env.disagg_sim.*` (`vlajax.distributed.placement`)."""
         t, dis = self.trainer, self.env.disagg_sim
         return PlacementOptions(disagg_sim_enable=dis.enable, disagg_sim_nnodes=dis.nnodes, trainer_nnodes=t.nnodes,
                                 n_env_gpus_per_node=t.n_env_gpus_per_node,
                                 n_rollout_gpus_per_node=t.n_rollout_gpus_per_node)
+
+    def rollout_config(self):
+        """The rollout engine's `vlajax.rl.rollout.RolloutConfig`: the training temperature
+        (`actor_rollout_ref.rollout`), the env call timeouts (`env.rollout`), sampling keys from
+        `trainer.seed`."""
+        from vlajax.rl.rollout import RolloutConfig
+
+        er = self.env.rollout
+        return RolloutConfig(temperature=self.actor_rollout_ref.rollout.temperature, seed=self.trainer.seed,
+                             step_timeout_s=er.step_timeout_s, reset_timeout_s=er.reset_timeout_s)
 
     @property
     def num_rollout_workers(self) -> int:
@@ -763,10 +820,15 @@ def validate(cfg: RunConfig) -> RunConfig:
 
 
 def _validate(cfg: RunConfig) -> None:
-    d, m, a, r, env, t = (cfg.data, cfg.actor_rollout_ref.model, cfg.actor_rollout_ref.actor,
-                          cfg.actor_rollout_ref.rollout, cfg.env, cfg.trainer)
+    for check in (_validate_data, _validate_model, _validate_actor, _validate_rollout, _validate_env,
+                  _validate_cluster, _validate_batches, _validate_trainer, _validate_ray):
+        check(cfg)
+    _warn_unused_verl_keys(cfg)
 
-    # data / dynamic sampling
+
+def _validate_data(cfg: RunConfig) -> None:
+    """Data keys and dynamic sampling's bounds."""
+    d = cfg.data
     _positive(d.train_batch_size, "data.train_batch_size")
     _positive(d.max_sampling_rounds, "data.max_sampling_rounds")
     for k in ("accuracy_lower_bound", "accuracy_upper_bound"):
@@ -778,7 +840,10 @@ def _validate(cfg: RunConfig) -> None:
     if d.val_num_trials_per_task is not None:
         _positive(d.val_num_trials_per_task, "data.val_num_trials_per_task")
 
-    # model: the path first, since the other model keys are judged by what it names
+
+def _validate_model(cfg: RunConfig) -> None:
+    """The model keys; the path first, since the others are judged by what it names."""
+    m = cfg.actor_rollout_ref.model
     key = "actor_rollout_ref.model.path"
     _check(bool(m.path.strip()), key, "is empty")
     is_preset = m.path.startswith(PRESET_PREFIX)
@@ -820,8 +885,10 @@ def _validate(cfg: RunConfig) -> None:
         v = getattr(m, k)
         _check(v in DTYPES, f"actor_rollout_ref.model.{k}", f"{v!r} is not one of {', '.join(DTYPES)}")
 
-    # optimizer and loss
-    p = "actor_rollout_ref.actor."
+
+def _validate_actor(cfg: RunConfig) -> None:
+    """Optimizer and loss keys."""
+    a, p = cfg.actor_rollout_ref.actor, "actor_rollout_ref.actor."
     _check(a.optim.lr > 0, p + "optim.lr", f"must be > 0, got {a.optim.lr}")
     _check(a.optim.weight_decay >= 0, p + "optim.weight_decay", f"must be >= 0, got {a.optim.weight_decay}")
     _check(len(a.optim.betas) == 2 and all(0.0 <= b < 1.0 for b in a.optim.betas), p + "optim.betas",
@@ -841,7 +908,10 @@ def _validate(cfg: RunConfig) -> None:
         _positive(a.ppo_micro_batch_size, p + "ppo_micro_batch_size")
     _check(a.num_images_in_input in (1, 2, 3), p + "num_images_in_input", f"must be 1..3, got {a.num_images_in_input}")
 
-    # rollout and algorithm
+
+def _validate_rollout(cfg: RunConfig) -> None:
+    """Rollout decoding and the advantage estimator."""
+    r = cfg.actor_rollout_ref.rollout
     _positive(r.n, "actor_rollout_ref.rollout.n")
     _check(r.temperature > 0, "actor_rollout_ref.rollout.temperature",
            f"must be > 0 for training rollouts (sampling), got {r.temperature}")
@@ -855,7 +925,10 @@ def _validate(cfg: RunConfig) -> None:
         _check(r.n >= 2, "actor_rollout_ref.rollout.n",
                f"GRPO compares rollouts of the same state: needs n >= 2, got {r.n}")
 
-    # env
+
+def _validate_env(cfg: RunConfig) -> None:
+    """The simulator, its tasks, cameras and action chunks."""
+    d, a, env = cfg.data, cfg.actor_rollout_ref.actor, cfg.env
     e = env.train
     sim = cfg.simulator
     try:
@@ -897,7 +970,10 @@ def _validate(cfg: RunConfig) -> None:
         _check(env.disagg_sim.nnodes >= 1, "env.disagg_sim.nnodes",
                f"env.disagg_sim.enable=true needs >= 1 simulator node, got {env.disagg_sim.nnodes}")
 
-    # cluster
+
+def _validate_cluster(cfg: RunConfig) -> None:
+    """Nodes, devices and the learner mesh."""
+    t = cfg.trainer
     _positive(t.nnodes, "trainer.nnodes")
     _check(t.nnodes == 1, "trainer.nnodes",
            f"multi-node training is not implemented yet: the learner and the policy rollout use the devices of "
@@ -911,7 +987,11 @@ def _validate(cfg: RunConfig) -> None:
         v = getattr(t.mesh, k)
         _check(v == -1 or v >= 1, f"trainer.mesh.{k}", f"must be >= 1 or -1 (infer), got {v}")
 
-    # batch splits
+
+def _validate_batches(cfg: RunConfig) -> None:
+    """How a step's trajectories split into rollout rounds, mini-batches and micro-batches."""
+    d, r, env, t = cfg.data, cfg.actor_rollout_ref.rollout, cfg.env, cfg.trainer
+    e, a, p = env.train, cfg.actor_rollout_ref.actor, "actor_rollout_ref.actor."
     n_traj = cfg.trajectories_per_step
     round_size = cfg.envs_per_round
     _check(n_traj % round_size == 0, "data.train_batch_size",
@@ -919,7 +999,7 @@ def _validate(cfg: RunConfig) -> None:
            f"trajectories cannot be split across env.rollout.pipeline_stage_num={env.rollout.pipeline_stage_num} "
            f"stages x {cfg.num_sim_workers} simulator workers (trainer.n_env_gpus_per_node="
            f"{t.n_env_gpus_per_node} x {'env.disagg_sim.nnodes' if env.disagg_sim.enable else 'trainer.nnodes'}="
-           f"{cfg.num_sim_workers // max(1, t.n_env_gpus_per_node)}) x env.train.num_envs={e.num_envs} = {round_size} "
+           f"{cfg.placement().sim_nnodes}) x env.train.num_envs={e.num_envs} = {round_size} "
            "envs per rollout round: it must be a multiple of that")
     mini = a.ppo_mini_batch_size
     _positive(mini, p + "ppo_mini_batch_size")
@@ -929,7 +1009,10 @@ def _validate(cfg: RunConfig) -> None:
     if t.mesh.data > 0 and t.mesh.fsdp > 0:
         a.micro_batch_size_per_device(t.mesh.data * t.mesh.fsdp)  # raises if not divisible
 
-    # trainer
+
+def _validate_trainer(cfg: RunConfig) -> None:
+    """Run length, checkpoints, logging, resume."""
+    t = cfg.trainer
     _positive(t.total_training_steps, "trainer.total_training_steps")
     _freq(t.save_freq, "trainer.save_freq")
     _freq(t.test_freq, "trainer.test_freq")
@@ -945,12 +1028,13 @@ def _validate(cfg: RunConfig) -> None:
         _check(Path(t.resume).exists(), "trainer.resume",
                f"is neither 'auto', 'disable' nor an existing checkpoint path: {t.resume!r}")
 
-    # ray
+
+def _validate_ray(cfg: RunConfig) -> None:
+    """The Ray connection."""
     if cfg.ray.num_cpus is not None:
         _positive(cfg.ray.num_cpus, "ray.num_cpus")
     if cfg.ray.address is not None:
         _check(bool(cfg.ray.address.strip()), "ray.address", "is empty (use null for an embedded local Ray)")
-    _warn_unused_verl_keys(cfg)
 
 
 def _warn_unused_verl_keys(cfg: RunConfig) -> None:

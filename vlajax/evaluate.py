@@ -29,8 +29,7 @@ from vlajax.eval_report import write_eval_report
 from vlajax.metrics import Progress
 from vlajax.model import load_pretrained
 from vlajax.rl.checkpoint import CheckpointManager
-from vlajax.rl.lora import apply_lora
-from vlajax.session import SimSession, build_policy, lora_config, val_temperature
+from vlajax.session import SimSession, build_policy, val_temperature
 
 log = logging.getLogger(__name__)
 
@@ -76,17 +75,12 @@ def eval_config(checkpoint: Path, suite: str | None, overrides: Sequence[str] = 
 
 def load_eval_policy(cfg: RunConfig, checkpoint: Path, step: int | None = None):
     """(policy, training step or None). A run directory's checkpoint is restored into the policy its
-    config builds; a policy checkpoint is loaded as is."""
+    config builds (LoRA adapters included: `build_policy`); a policy checkpoint is loaded as is."""
     m = cfg.actor_rollout_ref.model
     if not is_run_dir(checkpoint):
         return load_pretrained(checkpoint, dtype=m.param_dtype, compute_dtype=m.compute_dtype,
                                num_images=cfg.actor_rollout_ref.actor.num_images_in_input), None
     policy = build_policy(cfg)
-    lora = lora_config(cfg)
-    if lora is not None:  # the run trained adapters: its checkpoint holds them
-        model = policy.model
-        apply_lora(model, lora)
-        policy.set_model(model)
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                           nnx.to_pure_dict(policy.state))
     # read-only: the run may still be training, and its in-progress saves must not be cleaned up

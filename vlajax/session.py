@@ -20,7 +20,7 @@ from vlajax.config import ConfigError, RunConfig
 from vlajax.model import Policy, build_model, load_pretrained, preset
 from vlajax.model.init import apply_init
 from vlajax.model.tokenizer import load_tokenizer
-from vlajax.rl.lora import LoraConfig
+from vlajax.rl.lora import with_lora
 from vlajax.rl.policy_step import PolicyDecoder
 
 log = logging.getLogger(__name__)
@@ -28,14 +28,16 @@ log = logging.getLogger(__name__)
 
 def build_policy(cfg: RunConfig):
     """The policy named by `actor_rollout_ref.model.path`: `preset:<name>` (random init, the shipped
-    tiny tokenizer) or a HF / vlajax checkpoint directory; its chunk must be the config's."""
+    tiny tokenizer) or a HF / vlajax checkpoint directory; its chunk must be the config's. With
+    `actor_rollout_ref.model.lora_rank` > 0 it has its adapters (`with_lora`), so training, its
+    rollouts and the evaluation of its checkpoints all see the same graph."""
     policy = _load_policy(cfg)
     am = cfg.env.actor.model
     if (policy.cfg.chunk, policy.cfg.action_dim) != (am.num_action_chunks, am.action_dim):
         raise ConfigError(f"env.actor.model.num_action_chunks={am.num_action_chunks} and action_dim={am.action_dim}, "
                           f"but the policy {cfg.actor_rollout_ref.model.path} decodes {policy.cfg.chunk} actions of "
                           f"{policy.cfg.action_dim} dims per call", key="env.actor.model.num_action_chunks")
-    return policy
+    return with_lora(policy, cfg.actor_rollout_ref.model.lora_config(cfg.trainer.seed))
 
 
 def _load_policy(cfg: RunConfig):
@@ -68,16 +70,6 @@ def _load_policy(cfg: RunConfig):
                           f"{'has' if policy.cfg.action_queries else 'has no'} action queries",
                           key="actor_rollout_ref.model.action_queries")
     return policy
-
-
-def lora_config(cfg: RunConfig):
-    """The `LoraConfig` of `actor_rollout_ref.model.lora_rank/alpha/target_modules`, or None (rank 0)."""
-    m = cfg.actor_rollout_ref.model
-    if m.lora_rank <= 0:
-        return None
-    targets = m.lora_target_regex()
-    return LoraConfig(rank=m.lora_rank, alpha=m.lora_alpha, seed=cfg.trainer.seed,
-                      **({"targets": targets} if targets else {}))
 
 
 def make_env_fn(cfg: RunConfig, video_dir: str | None = None) -> Callable:
@@ -122,13 +114,13 @@ class Closing:
 class SimSession(Closing):
     """Ray + simulator actors + decoder + rollout engine for `policy` (see module docstring).
 
-    The decoder reads `policy.state` at every call, so a learner that updates the policy in place is
-    seen by the next rollout without any weight copy."""
+    The decoder decodes with `params` (default: the policy's own); a training loop hands it the
+    learner's after each update (`decoder.set_params(learner.decode_params())`: no weight copy)."""
 
-    def __init__(self, cfg: RunConfig, policy, *, video_dir: str | None = None):
+    def __init__(self, cfg: RunConfig, policy, *, params: dict | None = None, video_dir: str | None = None):
         # Ray only here: building a policy (`build_policy`, `vlajax eval`'s loading) does not need it.
         from vlajax.distributed.ray_sim import SimPool, init_ray
-        from vlajax.rl.rollout import RolloutConfig, RolloutEngine
+        from vlajax.rl.rollout import RolloutEngine
 
         self.cfg = cfg
         self._closers: list[Callable[[], None]] = []
@@ -143,13 +135,10 @@ class SimSession(Closing):
                                 cameras=tuple(t.init_params.camera_names[:n_img]),
                                 mujoco_gl=t.mujoco_gl if sim.mujoco_gl else None)
             self._closers.insert(0, self.pool.close)
-            self.decoder = PolicyDecoder(policy, flip=sim.image_flip, center_crop=True,
+            self.decoder = PolicyDecoder(policy, params=params, flip=sim.image_flip, center_crop=True,
                                          unnorm_key=sim.unnorm_key(t.task_suite_name, policy.dataset_statistics),
                                          gripper=sim.gripper, capacity=self.pool.capacity)
-            er = cfg.env.rollout
-            self.engine = RolloutEngine(self.pool, self.decoder, RolloutConfig(
-                temperature=cfg.actor_rollout_ref.rollout.temperature, seed=cfg.trainer.seed,
-                step_timeout_s=er.step_timeout_s, reset_timeout_s=er.reset_timeout_s))
+            self.engine = RolloutEngine(self.pool, self.decoder, cfg.rollout_config())
         except BaseException:
             self.close()
             raise

@@ -43,29 +43,15 @@ from vlajax.rl.advantages import compute_advantages
 from vlajax.rl.checkpoint import CheckpointManager, locate_checkpoint
 from vlajax.rl.data import StateSampler
 from vlajax.rl.dynamic_sampling import GroupBuffer
-from vlajax.rl.learner import Learner, LearnerConfig
+from vlajax.rl.learner import Learner
 from vlajax.rl.policy_step import bucket_size
 from vlajax.rl.samples import make_samples, pad_samples, token_mask
-from vlajax.session import Closing, SimSession, build_policy, lora_config, val_temperature
+from vlajax.session import Closing, SimSession, build_policy, val_temperature
 
 log = logging.getLogger(__name__)
 
 
 # ----------------------------------------------------------------------------- building blocks
-
-
-def learner_config(cfg: RunConfig, num_devices: int, flip: bool):
-    a, m = cfg.actor_rollout_ref.actor, cfg.actor_rollout_ref.model
-    lora = lora_config(cfg)
-    return LearnerConfig(
-        lr=a.optim.lr, b1=a.optim.betas[0], b2=a.optim.betas[1], weight_decay=a.optim.weight_decay,
-        grad_clip=a.grad_clip, micro_batch_size=a.micro_batch_size_per_device(num_devices),
-        temperature=cfg.actor_rollout_ref.rollout.temperature, clip_low=a.clip_ratio_low,
-        clip_high=a.clip_ratio_high, dual_clip_c=a.clip_ratio_c, entropy_coef=a.entropy_coeff,
-        kl_coef=a.kl_loss_coef if a.use_kl_loss else 0.0, kl_type=a.kl_loss_type,
-        remat=m.enable_gradient_checkpointing, compute_dtype=m.compute_dtype, lora=lora,
-        image_flip=flip, image_center_crop=True,
-    )
 
 
 def trajectory_advantages(cfg: RunConfig, traj, *, action_dim: int, chunk_len: int) -> np.ndarray:
@@ -79,13 +65,6 @@ def trajectory_advantages(cfg: RunConfig, traj, *, action_dim: int, chunk_len: i
     else:
         kw = {"weights": token_mask(traj, action_dim=action_dim, chunk_len=chunk_len).sum(axis=(1, 2))}
     return compute_advantages(name, rewards, traj.group_id, **kw)
-
-
-def learning_rate(cfg: RunConfig, step: int) -> float:
-    """lr of training step `step` (0-based): linear warm-up over `optim.lr_warmup_steps` training
-    steps, then constant (verl's constant schedule)."""
-    o = cfg.actor_rollout_ref.actor.optim
-    return o.lr * min(1.0, (step + 1) / o.lr_warmup_steps) if o.lr_warmup_steps else o.lr
 
 
 def video_dir(cfg: RunConfig) -> str | None:
@@ -122,7 +101,10 @@ class TrainResult:
 
 
 class Trainer(Closing):
-    """Owns everything a run starts (Ray session, sim pool, learner) and closes it on exit."""
+    """Owns everything a run starts (Ray session, sim pool, learner) and closes it on exit.
+
+    Weights: the learner owns them; the rollout's decoder is handed `learner.decode_params()` at the
+    start and after every update or restore (`_hand_over`), the same arrays, never a copy."""
 
     def __init__(self, cfg: RunConfig):
         self.cfg = cfg
@@ -132,10 +114,13 @@ class Trainer(Closing):
         maybe_initialize_distributed()
         t = cfg.env.train
         self.n = cfg.actor_rollout_ref.rollout.n
-        self.policy = build_policy(cfg)
         self.mesh = make_mesh(cfg.trainer.mesh.data, cfg.trainer.mesh.fsdp)
-        self.learner = Learner(self.policy, learner_config(cfg, self.mesh.size, cfg.simulator.image_flip), self.mesh)
-        self.sim = SimSession(cfg, self.policy)
+        lcfg = cfg.actor_rollout_ref.learner_config(self.mesh.size, cfg.simulator.image_flip)
+        # The built policy's arrays go to the learner; nothing else keeps them (a LoRA run's fp32
+        # base would otherwise stay next to the learner's bf16 copy).
+        self.learner = Learner(build_policy(cfg), lcfg, self.mesh)
+        self.policy = self.learner.policy  # graph, tokenizer, statistics for the decoders
+        self.sim = SimSession(cfg, self.policy, params=self.learner.decode_params())
         self._closers.append(self.sim.close)
         try:  # from here on, a failure closes the simulators it started
             self.engine, self.tasks = self.sim.engine, self.sim.tasks
@@ -185,6 +170,7 @@ class Trainer(Closing):
         else:
             with CheckpointManager(root, read_only=True) as source:
                 restored = self.learner.restore(source, step)
+        self._hand_over()
         ds = restored.data_state or {}
         if "rl_step" not in ds or "sampler" not in ds:
             raise ConfigError(f"checkpoint {root}/{restored.step} has no training data state (sampler, RL step): "
@@ -192,6 +178,10 @@ class Trainer(Closing):
         self.sampler.load_state_dict(ds["sampler"])
         self.step = int(ds["rl_step"])
         print(f"vlajax train: resumed from checkpoint {root}/{restored.step} at training step {self.step}", flush=True)
+
+    def _hand_over(self) -> None:
+        """Give the decoder the learner's current parameters (after an update or a restore)."""
+        self.sim.decoder.set_params(self.learner.decode_params())
 
     # -- rollouts -------------------------------------------------------------------------------
     def _round_groups(self):
@@ -253,7 +243,7 @@ class Trainer(Closing):
         adv = trajectory_advantages(cfg, traj, action_dim=pc.action_dim, chunk_len=pc.chunk)
         n_traj = len(traj.success)
         mb = min(cfg.actor_rollout_ref.actor.ppo_mini_batch_size, n_traj)
-        self.learner.set_lr(learning_rate(cfg, self.step))
+        self.learner.set_lr(cfg.actor_rollout_ref.actor.optim.learning_rate(self.step))
         out = []
         for epoch in range(cfg.actor_rollout_ref.actor.ppo_epochs):
             order = np.random.default_rng([cfg.trainer.seed, self.step, epoch]).permutation(n_traj)
@@ -271,6 +261,7 @@ class Trainer(Closing):
                 if pc.proprio_dim:
                     b["proprio"] = self.sim.decoder.model_proprio(sub["proprio"][s.traj_index, s.chunk_index])
                 m = self.learner.update(b)
+                self._hand_over()
                 out.append({k: float(v) for k, v in jax.device_get(m).items()})
         return out
 
@@ -289,7 +280,7 @@ class Trainer(Closing):
             results = self.sim.evaluate(pairs, temperature=temp)
         else:
             self.sim.close()
-            with SimSession(self.cfg, self.policy, video_dir=video_dir) as sim:
+            with SimSession(self.cfg, self.policy, params=self.learner.decode_params(), video_dir=video_dir) as sim:
                 results = sim.evaluate(pairs, temperature=temp)
         return {"episodes": results, "success_rate": float(np.mean([r["success"] for r in results]))}
 

@@ -7,23 +7,7 @@ per env). The rollout loop (`vlajax.rl.rollout`) drives the pool through `SimPoo
 result; Ray's errors become `SimFailure`), so it never sees Ray; this module knows nothing of models
 and never imports JAX, so actor processes stay light.
 
-Placement (`PlacementOptions`), with the reference recipe's config keys (verl VLA recipe §4-5):
-
-    field                      config key                         meaning
-    disagg_sim_enable          env.disagg_sim.enable              sim actors only on nodes started with
-                                                                  `ray start --resources='{"sim": 1}'`,
-                                                                  the trainer on `{"train_rollout": 1}` nodes
-    disagg_sim_nnodes          env.disagg_sim.nnodes              number of sim nodes (disaggregated)
-    trainer_nnodes             trainer.nnodes                     number of train/rollout nodes; colocated:
-                                                                  also the number of nodes holding sim actors
-    n_env_gpus_per_node        trainer.n_env_gpus_per_node        GPUs for simulation per node (EGL / Isaac);
-                                                                  0 = CPU-only simulators
-    n_rollout_gpus_per_node    trainer.n_rollout_gpus_per_node    GPUs for train/rollout per trainer node
-    env_workers_per_node       (vlajax)                           sim actors per node; default: one per env
-                                                                  GPU, or 1 when CPU-only
-    env_cpus_per_worker        (vlajax)                           CPUs reserved per sim actor
-    trainer_cpus_per_node      (vlajax)                           CPUs reserved for the trainer per node
-
+Placement: `vlajax.distributed.placement.PlacementOptions` (fields <-> config keys there).
 As in the reference, a node's sim share is one placement-group bundle carrying a 1e-4 share of the
 `sim` (or `train_rollout`) marker resource, so it can only be placed on a marked node; bundles of
 one kind are STRICT_SPREAD (one per node). The trainer (this driver process, which runs the JAX
@@ -60,12 +44,10 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from vlajax.distributed.placement import SIM_RESOURCE, TRAIN_RESOURCE, PlacementOptions
 from vlajax.envs.base import EnvError
 from vlajax.envs.sim_worker import SimFailure, SimResult, SimWorker
 
-SIM_RESOURCE = "sim"
-TRAIN_RESOURCE = "train_rollout"
-MARKER_SHARE = 1e-4  # share of the marker resource per bundle, as the reference recipe uses
 
 __all__ = [
     "PlacementOptions", "PlacementError", "RayConnectError", "RaySession", "RaySimWorker", "SimPool",
@@ -221,84 +203,6 @@ def _probe(address: str, timeout_s: float) -> None:
 
 
 # ---- placement -----------------------------------------------------------------------------------
-@dataclasses.dataclass(frozen=True, kw_only=True)
-class PlacementOptions:
-    """Where sim actors and the trainer go. Field <-> config key table in the module docstring.
-
-    The fields named by config keys have no defaults here: a run builds this from its config
-    (`RunConfig.placement()`), whose defaults are the only ones; `standalone()` is the layout of a
-    pool used on its own (tests, benchmarks)."""
-
-    disagg_sim_enable: bool
-    disagg_sim_nnodes: int
-    trainer_nnodes: int
-    n_env_gpus_per_node: int
-    n_rollout_gpus_per_node: int
-    env_workers_per_node: int | None = None
-    env_cpus_per_worker: float = 1.0
-    trainer_cpus_per_node: float = 0.0
-    placement_timeout_s: float = 60.0
-
-    @classmethod
-    def standalone(cls, **overrides) -> "PlacementOptions":
-        """One node, CPU-only simulators, no trainer reservation; `overrides` set any field."""
-        base = dict(disagg_sim_enable=False, disagg_sim_nnodes=1, trainer_nnodes=1, n_env_gpus_per_node=0,
-                    n_rollout_gpus_per_node=0)
-        return cls(**{**base, **overrides})
-
-    @property
-    def sim_nnodes(self) -> int:
-        return self.disagg_sim_nnodes if self.disagg_sim_enable else self.trainer_nnodes
-
-    @property
-    def workers_per_node(self) -> int:
-        if self.env_workers_per_node is not None:
-            return int(self.env_workers_per_node)
-        return self.n_env_gpus_per_node or 1
-
-    @property
-    def num_workers(self) -> int:
-        """Sim actors in the pool."""
-        return self.sim_nnodes * self.workers_per_node
-
-    @property
-    def gpus_per_worker(self) -> float:
-        return self.n_env_gpus_per_node / self.workers_per_node
-
-    def validate(self) -> None:
-        checks = [
-            ("env.disagg_sim.nnodes", self.disagg_sim_nnodes, 1), ("trainer.nnodes", self.trainer_nnodes, 1),
-            ("trainer.n_env_gpus_per_node", self.n_env_gpus_per_node, 0),
-            ("trainer.n_rollout_gpus_per_node", self.n_rollout_gpus_per_node, 0),
-            ("env_workers_per_node", self.workers_per_node, 1),
-        ]
-        for key, value, lo in checks:
-            if value < lo:
-                raise ValueError(f"placement: {key} must be >= {lo}, got {value}")
-        if self.env_cpus_per_worker <= 0 and self.gpus_per_worker <= 0:
-            raise ValueError("placement: a sim actor must reserve some CPU (env_cpus_per_worker > 0) or GPU")
-        if self.env_cpus_per_worker < 0 or self.trainer_cpus_per_node < 0:
-            raise ValueError("placement: CPU reservations must be >= 0")
-
-    # One bundle per node of each kind.
-    def sim_bundle(self) -> dict[str, float]:
-        b = {"CPU": self.workers_per_node * self.env_cpus_per_worker, "GPU": float(self.n_env_gpus_per_node)}
-        if self.disagg_sim_enable:
-            b[SIM_RESOURCE] = MARKER_SHARE
-        return {k: v for k, v in b.items() if v > 0}
-
-    def trainer_bundle(self) -> dict[str, float]:
-        b = {"CPU": float(self.trainer_cpus_per_node), "GPU": float(self.n_rollout_gpus_per_node)}
-        if self.disagg_sim_enable:
-            b[TRAIN_RESOURCE] = MARKER_SHARE
-        return {k: v for k, v in b.items() if v > 0}
-
-    def colocated_bundle(self) -> dict[str, float]:
-        """Colocated placement: one bundle per trainer node holding its sim actors and the trainer."""
-        sim, trainer = self.sim_bundle(), self.trainer_bundle()
-        return {r: sim.get(r, 0) + trainer.get(r, 0) for r in sim.keys() | trainer.keys()}
-
-
 def _node_label(node: Mapping) -> str:
     res = node.get("Resources", {})
     have = ", ".join(f"{k}={res[k]:g}" for k in ("CPU", "GPU", SIM_RESOURCE, TRAIN_RESOURCE) if k in res)
@@ -414,7 +318,8 @@ class SimPool:
     Worker w lives in bundle w // workers_per_node of the sim placement group, on its own node per
     bundle. Requires Ray to be initialised (`init_ray`). Fails fast with `PlacementError` if the
     cluster lacks resources, and with the actor's error if the envs cannot be built within
-    `start_timeout_s`.
+    `start_timeout_s`. The sizes are checked where the config is loaded (`env.train.num_envs`,
+    `env.rollout.pipeline_stage_num`, the placement keys).
     """
 
     def __init__(self, env_fn: Callable[..., Any], *, num_envs: int, num_stages: int = 2,
@@ -423,8 +328,6 @@ class SimPool:
                  mujoco_gl: str | None = None, start_timeout_s: float = 300.0):
         if not ray.is_initialized():
             raise RuntimeError("SimPool needs Ray: call vlajax.distributed.ray_sim.init_ray() first")
-        if num_envs < 1 or num_stages < 1:
-            raise ValueError(f"SimPool: num_envs and num_stages must be >= 1, got {num_envs}, {num_stages}")
         self.placement = placement or PlacementOptions.standalone()
         self.num_envs, self.num_stages = int(num_envs), int(num_stages)
         self.cameras = tuple(cameras)

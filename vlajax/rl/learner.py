@@ -73,6 +73,7 @@ LoRA (rank 32 on q/k/v/o/gate/up/down of the 32 LLM layers: 80M adapter params):
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 from typing import Any
@@ -87,7 +88,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from vlajax.distributed.sharding import BATCH_AXES, make_mesh, shard_batch, state_shardings
 from vlajax.model.preprocess import preprocess_images
 from vlajax.rl.checkpoint import CheckpointManager, Restored
-from vlajax.rl.lora import LoraConfig, apply_lora, has_lora, trainable_filter
+from vlajax.rl.lora import has_lora, trainable_filter
 from vlajax.rl.loss import masked_mean, ppo_clip_loss, token_logprobs_and_entropy
 
 __all__ = ["LearnerConfig", "TrainState", "Learner", "make_optimizer", "set_remat", "BATCH_KEYS"]
@@ -104,12 +105,16 @@ LEGACY_RNG = "rng"
 
 @dataclasses.dataclass(frozen=True)
 class LearnerConfig:
-    """Hyper-parameters of the update (defaults: SimpleVLA-RL / verl LIBERO recipe).
+    """Hyper-parameters of the update (defaults: SimpleVLA-RL / verl LIBERO recipe). A run builds
+    it from its config (`ActorRolloutRefConfig.learner_config`), which checks the ranges and names
+    the keys; direct callers (tests, benchmarks) get no second check here.
 
+    lr: the initial learning rate (a runtime value afterwards: `Learner.set_lr`).
+    b1, b2, eps, weight_decay, grad_clip: the optimizer (`optimizer()`); grad_clip None = no clip.
     micro_batch_size: samples per device per micro-batch (verl's ppo_micro_batch_size_per_gpu).
     remat: False, True (= "full") or "dots" (`vlajax.model.layers.REMAT_POLICIES`).
-    lora: None = full-parameter training; a LoraConfig adds adapters and trains only them, the rest
-      held in `frozen_dtype`. A policy that already has adapters is trained as LoRA either way.
+    frozen_dtype: what the parameters LoRA leaves frozen are held in (a policy with adapters,
+      `vlajax.rl.lora.with_lora`, trains only them).
     image_flip / image_center_crop: `preprocess_images` options for uint8 `images` batches (must
       match what the rollout fed the policy).
     """
@@ -130,23 +135,19 @@ class LearnerConfig:
     kl_type: str = "low_var_kl"
     remat: bool | str = True
     compute_dtype: str = "bfloat16"
-    lora: LoraConfig | None = None
     frozen_dtype: str = "bfloat16"
     image_flip: bool = True
     image_center_crop: bool = True
 
-    def __post_init__(self):
-        if self.micro_batch_size < 1:
-            raise ValueError(f"micro_batch_size must be >= 1, got {self.micro_batch_size}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if self.grad_clip is not None and self.grad_clip <= 0:
-            raise ValueError(f"grad_clip must be > 0 or None, got {self.grad_clip}")
+    def optimizer(self) -> optax.GradientTransformation:
+        """The update rule without the learning rate (see `make_optimizer`); equal fields give the
+        same object, so the compiled step is shared."""
+        return make_optimizer(b1=self.b1, b2=self.b2, eps=self.eps, weight_decay=self.weight_decay,
+                              grad_clip=self.grad_clip)
 
     def static(self) -> "LearnerConfig":
-        """The fields the compiled step depends on (lr is a traced value; the LoRA seed is used at init)."""
-        lora = None if self.lora is None else dataclasses.replace(self.lora, seed=0)
-        return dataclasses.replace(self, lr=0.0, lora=lora)
+        """The fields the compiled step depends on (lr is a traced value)."""
+        return dataclasses.replace(self, lr=0.0)
 
 
 @jax.tree_util.register_dataclass
@@ -162,13 +163,16 @@ class TrainState:
     skipped: jax.Array
 
 
-def make_optimizer(cfg: LearnerConfig) -> optax.GradientTransformation:
+@functools.lru_cache(maxsize=None)
+def make_optimizer(*, b1: float, b2: float, eps: float, weight_decay: float,
+                   grad_clip: float | None) -> optax.GradientTransformation:
     """clip(global norm) -> Adam moments -> + weight_decay * param; the step applies -lr (as
-    optax.adamw's last stage does) so that lr stays a runtime value."""
-    parts = [optax.clip_by_global_norm(cfg.grad_clip)] if cfg.grad_clip else []
-    parts += [optax.scale_by_adam(b1=cfg.b1, b2=cfg.b2, eps=cfg.eps)]
-    if cfg.weight_decay:
-        parts += [optax.add_decayed_weights(cfg.weight_decay)]
+    optax.adamw's last stage does) so that lr stays a runtime value. Cached: a jitted step takes the
+    optimizer as a static argument, and a new chain object per call would recompile it."""
+    parts = [optax.clip_by_global_norm(grad_clip)] if grad_clip else []
+    parts += [optax.scale_by_adam(b1=b1, b2=b2, eps=eps)]
+    if weight_decay:
+        parts += [optax.add_decayed_weights(weight_decay)]
     return optax.chain(*parts)
 
 
@@ -306,7 +310,7 @@ def _grads_and_metrics(params, frozen, batch, *, graphdef, cfg: LearnerConfig, m
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "mesh"), donate_argnums=(0,))
 def _update(state: TrainState, frozen, batch, *, graphdef, cfg: LearnerConfig, mesh: Mesh):
-    tx = make_optimizer(cfg)
+    tx = cfg.optimizer()
     grads, metrics = _grads_and_metrics(state.params, frozen, batch, graphdef=graphdef, cfg=cfg, mesh=mesh)
     ok = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -336,44 +340,46 @@ def _logprobs(params, frozen, batch, *, graphdef, cfg, mesh):
 
 
 # -- the learner ----------------------------------------------------------------------------------
+def _place(tree: dict, shardings: dict, dtype) -> dict:
+    """Shard, then cast floats to `dtype`. Arrays already right are taken over, not copied: a 7B
+    policy's fp32 weights must not exist twice on one GPU."""
+    def one(x, s):
+        x = jax.device_put(x, s)
+        return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dtype else x
+    return jax.tree.map(one, tree, shardings)
+
+
 class Learner:
-    """Owns the trained parameters, the optimizer state and the run's RNG.
+    """Owns the train state: the trained parameters, the frozen rest, the optimizer state.
 
     Args:
-      policy: a `vlajax.model.Policy`. The learner adds LoRA (if `cfg.lora`), turns on remat, and
-        from then on keeps `policy.state` pointing at its current parameters (updated in place
-        after every `update`/`restore`): the rollout can keep using the same Policy object. Its
-        old parameter buffers are donated to the step, so do not hold on to arrays taken from
-        `policy.state` across an update.
+      policy: a `vlajax.model.Policy`, trained as it is: with LoRA when it has adapters (add them
+        with `vlajax.rl.lora.with_lora` first), full-parameter otherwise. The Policy object is not
+        changed, but its parameter arrays are taken over where they already have the learner's
+        sharding and dtype (no copy), and the first `update` donates them: use `decode_params()` or
+        `policy` (here) for the current parameters from then on.
       cfg: LearnerConfig.
       mesh: a ("data", "fsdp") mesh (`sharding.make_mesh`); default: all devices on "fsdp".
+
+    Weight hand-off: a decoder decodes with what it is given (`PolicyDecoder.set_params`); after
+    every `update` / `restore` the caller hands it `decode_params()` again (the same arrays, no copy).
     """
 
     def __init__(self, policy, cfg: LearnerConfig = LearnerConfig(), mesh: Mesh | None = None):
         self.cfg = cfg
         self.mesh = mesh if mesh is not None else make_mesh()
-        self.policy = policy
-        model = policy.model
-        if cfg.lora is not None and not has_lora(model):
-            apply_lora(model, cfg.lora)
+        model = policy.model  # a view: setting remat on it leaves `policy` as it is
         set_remat(model, cfg.remat)
         self.lora = has_lora(model)
         graphdef, trainable, frozen = nnx.split(model, trainable_filter(self.lora), ...)
+        del model
         self.graphdef = graphdef
-        t_sh, f_sh = _param_shardings(graphdef, nnx.to_pure_dict(trainable), nnx.to_pure_dict(frozen), self.mesh)
-
-        def place(tree, shardings, dtype):
-            """Shard, then cast floats to `dtype`. Arrays already right are taken over, not copied:
-            a 7B policy's fp32 weights must not exist twice on one GPU."""
-            def one(x, s):
-                x = jax.device_put(x, s)
-                return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dtype else x
-            return jax.tree.map(one, tree, shardings)
-
+        trainable, frozen = nnx.to_pure_dict(trainable), nnx.to_pure_dict(frozen)
+        t_sh, f_sh = _param_shardings(graphdef, trainable, frozen, self.mesh)
         # fp32 master weights for what is trained; the frozen rest (LoRA only) in frozen_dtype.
-        params = place(nnx.to_pure_dict(trainable), t_sh, jnp.dtype(jnp.float32))
-        self.frozen = place(nnx.to_pure_dict(frozen), f_sh, jnp.dtype(cfg.frozen_dtype))
-        self.tx = make_optimizer(cfg)
+        params = _place(trainable, t_sh, jnp.dtype(jnp.float32))
+        self.frozen = _place(frozen, f_sh, jnp.dtype(cfg.frozen_dtype))
+        self.tx = cfg.optimizer()
         opt_sh = _opt_shardings(self.tx, jax.eval_shape(self.tx.init, params), t_sh, self.mesh)
         opt_state = jax.jit(self.tx.init, out_shardings=opt_sh)(params)
         repl = NamedSharding(self.mesh, P())
@@ -381,8 +387,9 @@ class Learner:
         self.state = TrainState(params, opt_state, scalar(cfg.lr, jnp.float32), scalar(0, jnp.int32),
                                 scalar(0, jnp.int32))
         self.ref_params = self._reference(params) if cfg.kl_coef else None
-        del model, trainable, frozen
-        policy.set_model(nnx.merge(graphdef, self.state.params, self.frozen))
+        # The learner's own Policy over its arrays (`policy` property), for inference and export.
+        self._policy = copy.copy(policy)
+        self._policy.set_model(nnx.merge(graphdef, self.state.params, self.frozen))
         self._static = dict(graphdef=graphdef, cfg=cfg.static(), mesh=self.mesh)
 
     def _reference(self, params: dict) -> dict:
@@ -415,6 +422,20 @@ class Learner:
     def params(self) -> dict:
         """All policy parameters (trained + frozen) as one pure dict (shares the arrays)."""
         return _merge_dicts(self.state.params, self.frozen)
+
+    def decode_params(self) -> dict:
+        """What a decoder decodes with (`PolicyDecoder.set_params`): `params()`, the learner's own
+        arrays, no copy. Valid until the next `update` / `restore`, which donate or free them: hand
+        them over again after each."""
+        return self.params()
+
+    @property
+    def policy(self):
+        """A `Policy` over the current parameters (the same arrays, refreshed at each access): for
+        inference, comparison and export (`vlajax.rl.lora.merged_policy`). Like `decode_params`, it
+        is stale after the next update."""
+        nnx.replace_by_pure_dict(self._policy.state, self.params())
+        return self._policy
 
     # -- batches ---------------------------------------------------------------------------------
     def prepare_batch(self, batch: dict) -> dict:
@@ -467,7 +488,6 @@ class Learner:
         if self.cfg.kl_coef and "ref_logp" not in batch:
             batch["ref_logp"] = self._ref_logp(batch)
         self.state, metrics = _update(self.state, self.frozen, batch, **self._static)
-        self._sync_policy()
         return metrics
 
     def loss_and_grads(self, batch: dict) -> tuple[dict, dict]:
@@ -494,10 +514,6 @@ class Learner:
         """Change the learning rate (no recompilation)."""
         self.state = dataclasses.replace(self.state, lr=jax.device_put(jnp.asarray(lr, jnp.float32),
                                                                        self.state.lr.sharding))
-
-    def _sync_policy(self) -> None:
-        if self.policy is not None:
-            nnx.replace_by_pure_dict(self.policy.state, self.params())
 
     # -- checkpoints -----------------------------------------------------------------------------
     def _train_state_tree(self) -> dict:
@@ -547,7 +563,6 @@ class Learner:
         ts = r.train_state
         self.state = TrainState(params, ts["opt_state"], ts["lr"], ts["step"], ts["skipped"])
         self.frozen = frozen
-        self._sync_policy()
         return r
 
 

@@ -23,7 +23,7 @@ from flax import nnx
 from vlajax.model.layers import Linear
 
 __all__ = [
-    "LoraConfig", "LLM_ALL_LINEAR", "apply_lora", "has_lora", "lora_modules", "merge_lora",
+    "LoraConfig", "LLM_ALL_LINEAR", "apply_lora", "with_lora", "has_lora", "lora_modules", "merge_lora",
     "merged_policy", "trainable_filter", "frozen_filter", "count_params",
 ]
 
@@ -64,8 +64,8 @@ def apply_lora(model: nnx.Module, cfg: LoraConfig = LoraConfig()) -> list[str]:
     """Add LoRA adapters in place to the targeted Linear layers; returns their names.
 
     Raises ValueError if the regex matches no Linear layer (naming a few that exist) or if a layer
-    already has an adapter. After this the model's graph changes: a `Policy` holding it must be
-    given the new model with `policy.set_model(model)`."""
+    already has an adapter. After this the model's graph changes: to adapt a `Policy`, use
+    `with_lora`."""
     mods = lora_modules(model, cfg.targets)
     if not mods:
         kinds = sorted({re.sub(r"\.\d+\.", ".<i>.", _name(p)) for p, m in nnx.iter_modules(model)
@@ -77,6 +77,21 @@ def apply_lora(model: nnx.Module, cfg: LoraConfig = LoraConfig()) -> list[str]:
             raise ValueError(f"{name} already has a LoRA adapter")
         m.enable_lora(cfg.rank, cfg.alpha, rngs)
     return list(mods)
+
+
+def with_lora(policy, cfg: LoraConfig | None):
+    """`policy` (a `vlajax.model.Policy`) with adapters per `cfg`, or `policy` itself for None.
+
+    The one place a policy gets LoRA: a run's policy (`vlajax.session.build_policy`, which training
+    and evaluation both use) comes through here, before a learner or a decoder sees it, so both work
+    on the same graph. Returns a new Policy sharing the base arrays; `policy` is left as it is."""
+    if cfg is None:
+        return policy
+    model = policy.model  # a view over the same arrays
+    apply_lora(model, cfg)
+    out = copy.copy(policy)
+    out.set_model(model)
+    return out
 
 
 def has_lora(model_or_state) -> bool:

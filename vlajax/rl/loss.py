@@ -85,14 +85,7 @@ def ppo_clip_loss(
       approx_kl_k3 = mean(ratio - 1 - log ratio) (non-negative, low variance),
       ratio_mean, entropy (if given), kl_loss (if ref_logp given), valid_tokens.
     """
-    if not 0.0 <= clip_low < 1.0 or clip_high < 0.0:
-        raise ValueError(f"need 0 <= clip_low < 1 and clip_high >= 0, got {clip_low}, {clip_high}")
-    if dual_clip_c is not None and dual_clip_c <= 1.0:
-        raise ValueError(f"dual_clip_c must be > 1 (verl asserts this), got {dual_clip_c}")
-    if logp.shape != old_logp.shape or logp.shape != mask.shape:
-        raise ValueError(
-            f"logp {logp.shape}, old_logp {old_logp.shape} and mask {mask.shape} must match"
-        )
+    _check_inputs(logp, old_logp, mask, dual_clip_c)
     if advantages.ndim == 1:
         advantages = advantages[:, None]
     advantages = jnp.broadcast_to(advantages, logp.shape)
@@ -105,27 +98,53 @@ def ppo_clip_loss(
     log_ratio = jnp.where(valid, logp - old_logp.astype(jnp.float32), 0.0)
     log_ratio = jnp.clip(log_ratio, -log_ratio_clip, log_ratio_clip)
     ratio = jnp.exp(log_ratio)
-
-    pg1 = -adv * ratio
-    pg2 = -adv * jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
-    pg_clipped = jnp.maximum(pg1, pg2)
-    if dual_clip_c is not None:
-        pg3 = -adv * dual_clip_c
-        pg = jnp.where(adv < 0, jnp.minimum(pg_clipped, pg3), pg_clipped)
-        dual_active = (adv < 0) & (pg_clipped > pg3)
-    else:
-        pg = pg_clipped
-        dual_active = jnp.zeros_like(valid)
+    pg, clipped, dual_active = _clipped_pg(adv, ratio, clip_low, clip_high, dual_clip_c, valid)
 
     mean = lambda x: masked_mean(x, maskf, num_tokens)  # noqa: E731
     pg_loss = mean(pg)
+    metrics = _ratio_metrics(pg_loss, adv, ratio, log_ratio, clipped, dual_active, maskf, clip_low, clip_high)
     loss = pg_loss
+    ent = _entropy_term(metrics, entropy, entropy_coef, valid, maskf, mean)
+    if ent is not None:
+        loss = loss - ent
+    kl = _kl_term(metrics, logp, ref_logp, kl_coef, kl_type, valid, mean)
+    if kl is not None:
+        loss = loss + kl
+    metrics["loss"] = jax.lax.stop_gradient(loss)
+    return loss, metrics
 
+
+def _check_inputs(logp, old_logp, mask, dual_clip_c) -> None:
+    """Static checks (shapes, the dual-clip bound) for callers outside a config; a run's ranges are
+    checked, naming the keys, where its config is loaded (`vlajax.config`)."""
+    if dual_clip_c is not None and dual_clip_c <= 1.0:
+        raise ValueError(f"dual_clip_c must be > 1 (verl asserts this), got {dual_clip_c}")
+    if logp.shape != old_logp.shape or logp.shape != mask.shape:
+        raise ValueError(
+            f"logp {logp.shape}, old_logp {old_logp.shape} and mask {mask.shape} must match"
+        )
+
+
+def _clipped_pg(adv, ratio, clip_low, clip_high, dual_clip_c, valid):
+    """Per-token clipped policy-gradient term, whether the clip was the max (pg2 > pg1), and where
+    the dual clip bound it."""
+    pg1 = -adv * ratio
+    pg2 = -adv * jnp.clip(ratio, 1.0 - clip_low, 1.0 + clip_high)
+    pg_clipped = jnp.maximum(pg1, pg2)
+    if dual_clip_c is None:
+        return pg_clipped, pg2 > pg1, jnp.zeros_like(valid)
+    pg3 = -adv * dual_clip_c
+    pg = jnp.where(adv < 0, jnp.minimum(pg_clipped, pg3), pg_clipped)
+    return pg, pg2 > pg1, (adv < 0) & (pg_clipped > pg3)
+
+
+def _ratio_metrics(pg_loss, adv, ratio, log_ratio, clipped, dual_active, maskf, clip_low, clip_high) -> dict:
+    """The stop-gradient metrics of the clipped term (token means over valid tokens)."""
     f = lambda b: masked_mean(b.astype(jnp.float32), maskf)  # noqa: E731
     sg = jax.lax.stop_gradient
-    metrics: dict[str, jax.Array] = {
+    return {
         "pg_loss": sg(pg_loss),
-        "clipfrac": f(sg(pg2 > pg1)),
+        "clipfrac": f(sg(clipped)),
         "clipfrac_high": f(sg((adv > 0) & (ratio > 1.0 + clip_high))),
         "clipfrac_low": f(sg((adv < 0) & (ratio < 1.0 - clip_low))),
         "dual_clipfrac": f(sg(dual_active)),
@@ -134,23 +153,29 @@ def ppo_clip_loss(
         "ratio_mean": sg(masked_mean(ratio, maskf)),
         "valid_tokens": jnp.sum(maskf),
     }
-    if entropy is not None:
-        ent = mean(jnp.where(valid, entropy.astype(jnp.float32), 0.0))
-        metrics["entropy"] = sg(masked_mean(jnp.where(valid, entropy, 0.0), maskf))
+
+
+def _entropy_term(metrics, entropy, entropy_coef, valid, maskf, mean):
+    """entropy_coef x mean entropy, None without a coefficient; records the `entropy` metric."""
+    if entropy is None:
         if entropy_coef:
-            loss = loss - entropy_coef * ent
-    elif entropy_coef:
-        raise ValueError("entropy_coef != 0 needs the per-token `entropy`")
-    if ref_logp is not None:
-        safe_ref = jnp.where(valid, ref_logp.astype(jnp.float32), logp)
-        kl = mean(jnp.where(valid, kl_penalty(logp, safe_ref, kl_type), 0.0))
-        metrics["kl_loss"] = sg(kl)
+            raise ValueError("entropy_coef != 0 needs the per-token `entropy`")
+        return None
+    ent = mean(jnp.where(valid, entropy.astype(jnp.float32), 0.0))
+    metrics["entropy"] = jax.lax.stop_gradient(masked_mean(jnp.where(valid, entropy, 0.0), maskf))
+    return entropy_coef * ent if entropy_coef else None
+
+
+def _kl_term(metrics, logp, ref_logp, kl_coef, kl_type, valid, mean):
+    """kl_coef x mean KL to the reference, None without a coefficient; records the `kl_loss` metric."""
+    if ref_logp is None:
         if kl_coef:
-            loss = loss + kl_coef * kl
-    elif kl_coef:
-        raise ValueError("kl_coef != 0 needs `ref_logp`")
-    metrics["loss"] = sg(loss)
-    return loss, metrics
+            raise ValueError("kl_coef != 0 needs `ref_logp`")
+        return None
+    safe_ref = jnp.where(valid, ref_logp.astype(jnp.float32), logp)
+    kl = mean(jnp.where(valid, kl_penalty(logp, safe_ref, kl_type), 0.0))
+    metrics["kl_loss"] = jax.lax.stop_gradient(kl)
+    return kl_coef * kl if kl_coef else None
 
 
 def token_logprobs_and_entropy(

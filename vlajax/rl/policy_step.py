@@ -122,17 +122,18 @@ def default_buckets(capacity: int) -> tuple[int, ...]:
     return tuple(sorted({bucket_size(n, MIN_BUCKET, capacity) for n in range(1, capacity + 1)}))
 
 
-def decode_step(state, key, images, input_ids, attention_mask, proprio, rows, calls, proprio_q01, proprio_q99, *,
+def decode_step(params, key, images, input_ids, attention_mask, proprio, rows, calls, proprio_q01, proprio_q99, *,
                 graphdef, temperature: float, resize_to: int, flip: bool, center_crop: bool, compute_dtype):
-    """The policy call (`PolicyDecoder` jits it with the keyword arguments bound). images
-    (B, n_img, H, W, 3) uint8; input_ids / attention_mask (B, P);
-    proprio (B, D) float32 or None; rows / calls (B,) int32; proprio_q01/q99 (D,) or None.
+    """The policy call (`PolicyDecoder` jits it with the keyword arguments bound). params: the
+    model's parameters (pure dict of `graphdef`'s structure); images (B, n_img, H, W, 3) uint8;
+    input_ids / attention_mask (B, P); proprio (B, D) float32 or None; rows / calls (B,) int32;
+    proprio_q01/q99 (D,) or None.
     Returns tokens (B, T) int32 and their log-probs (B, T) float32 at `temperature` (greedy argmax
     with log-probs at temperature 1 when `temperature == 0`)."""
     pixel_values = preprocess_images(images, flip=flip, center_crop=center_crop, resize_to=resize_to)
     if proprio is not None and proprio_q01 is not None:
         proprio = normalize_proprio(proprio, proprio_q01, proprio_q99)
-    model = nnx.merge(graphdef, state)
+    model = nnx.merge(graphdef, params)
     logits = model.action_logits(pixel_values, input_ids, attention_mask, proprio, dtype=compute_dtype)
     if temperature == 0:
         tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
@@ -148,8 +149,10 @@ def decode_step(state, key, images, input_ids, attention_mask, proprio, rows, ca
 class PolicyDecoder(Decoder):
     """`Decoder` backed by a `vlajax.model.Policy`.
 
-    policy: reads `policy.graphdef` / `policy.state` at every dispatch, so parameters installed by
-        the learner (`policy.set_state`) are used by the next rollout without rebuilding anything.
+    policy: gives the graph, tokenizer and action statistics (read once, at construction).
+    params: the parameters decoded with (a pure dict of the policy's structure); default the
+        policy's own. A training loop hands over the learner's after each update with `set_params`
+        (the same arrays, no copy): the decoder never reads parameters from anywhere else.
     prompt_len: prompts are padded to this many ids (fixed decode shapes); longer ones raise.
     flip / center_crop: OFT preprocessing of raw frames (LIBERO frames are upside-down: flip=True;
         the built-in tabletop renders upright: flip=False).
@@ -161,12 +164,17 @@ class PolicyDecoder(Decoder):
         pool's capacity (None = no padding, one compile per batch size).
     """
 
-    def __init__(self, policy, *, prompt_len: int = 64, flip: bool = True, center_crop: bool = True,
-                 unnorm_key: str | None = None, gripper: str | None = "libero",
+    def __init__(self, policy, *, params: dict | None = None, prompt_len: int = 64, flip: bool = True,
+                 center_crop: bool = True, unnorm_key: str | None = None, gripper: str | None = "libero",
                  buckets: Sequence[int] | None = None, capacity: int | None = None):
         if policy.tokenizer is None:
             raise ValueError("PolicyDecoder: the policy has no tokenizer (policy.tokenizer is None)")
         self.policy = policy
+        self._graphdef = policy.graphdef
+        self._params = nnx.to_pure_dict(policy.state)
+        self._structure = jax.tree.structure(self._params)
+        if params is not None:
+            self.set_params(params)
         cfg = policy.cfg
         self.chunk_len = cfg.chunk
         self.action_dim = cfg.action_dim
@@ -188,8 +196,17 @@ class PolicyDecoder(Decoder):
                 self._q01 = np.asarray(stats["q01"], np.float32)
                 self._q99 = np.asarray(stats["q99"], np.float32)
         self._prompts: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        self._graphdef = None
         self._fns: dict[float, Any] = {}
+
+    def set_params(self, params: dict) -> None:
+        """Decode with `params` from the next dispatch on (e.g. `Learner.decode_params()` after an
+        update). Taken as they are, not copied; they must have the policy's structure (the same
+        LoRA adapters: `vlajax.rl.lora.with_lora` before building either)."""
+        structure = jax.tree.structure(params)
+        if structure != self._structure:
+            raise ValueError("PolicyDecoder.set_params: the parameters do not have the policy's structure "
+                             "(another model, or LoRA on one side only)")
+        self._params = params
 
     def model_proprio(self, proprio: np.ndarray) -> np.ndarray:
         """(..., D) raw robot state -> what the model sees (q01/q99-normalised when the policy's
@@ -199,16 +216,12 @@ class PolicyDecoder(Decoder):
         return np.asarray(normalize_proprio(proprio, self._q01, self._q99), np.float32)
 
     def _fn(self, temperature: float):
-        """The jitted decode for the policy's current graph. Bound in a closure rather than passed
-        as a static argument: hashing a GraphDef costs ~1 ms per call for the small model, more
-        for 7B."""
-        g = self.policy.graphdef
-        if g is not self._graphdef:  # e.g. LoRA was added: new graph, recompile
-            self._graphdef, self._fns = g, {}
+        """The jitted decode for the policy's graph. Bound in a closure rather than passed as a
+        static argument: hashing a GraphDef costs ~1 ms per call for the small model, more for 7B."""
         if temperature not in self._fns:
             self._fns[temperature] = jax.jit(partial(
-                decode_step, graphdef=g, temperature=temperature, resize_to=self.resize_to, flip=self.flip,
-                center_crop=self.center_crop, compute_dtype=jnp.dtype(self.policy.compute_dtype)))
+                decode_step, graphdef=self._graphdef, temperature=temperature, resize_to=self.resize_to,
+                flip=self.flip, center_crop=self.center_crop, compute_dtype=jnp.dtype(self.policy.compute_dtype)))
         return self._fns[temperature]
 
     @property
@@ -251,7 +264,7 @@ class PolicyDecoder(Decoder):
         pad = (lambda x: x) if b == n else (lambda x: np.concatenate([x, np.repeat(x[:1], b - n, axis=0)]))
         proprio = pad(inputs.proprio) if self.policy.cfg.proprio_dim else None
         tokens, logp = self._fn(float(temperature))(
-            self.policy.state, key, pad(inputs.images), pad(inputs.input_ids), pad(inputs.attention_mask),
+            self._params, key, pad(inputs.images), pad(inputs.input_ids), pad(inputs.attention_mask),
             proprio, pad(inputs.rows.astype(np.int32)), pad(inputs.calls.astype(np.int32)), self._q01, self._q99)
         return tokens, logp, n
 
