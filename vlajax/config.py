@@ -45,7 +45,7 @@ from omegaconf import errors as oc_errors
 from vlajax.distributed.placement import PlacementOptions  # no Ray import
 from vlajax.envs import simulators
 from vlajax.envs.gl import BACKENDS as GL_BACKENDS  # no GL import
-from vlajax.rl.advantages import ADVANTAGE_ESTIMATORS  # numpy only
+from vlajax.rl.advantages import ADVANTAGE_ESTIMATORS, GROUP_ESTIMATORS  # numpy only
 from vlajax.rl.data import INIT_STATES  # numpy only
 
 __all__ = [
@@ -921,9 +921,10 @@ def _validate_rollout(cfg: RunConfig) -> None:
                f"must be > 0 with val_kwargs.do_sample=true, got {r.val_kwargs.temperature}")
     _check(cfg.algorithm.adv_estimator in ADVANTAGE_ESTIMATORS, "algorithm.adv_estimator",
            f"{cfg.algorithm.adv_estimator!r} is not one of {', '.join(sorted(ADVANTAGE_ESTIMATORS))}")
-    if cfg.algorithm.adv_estimator == "grpo":
+    if cfg.algorithm.adv_estimator in GROUP_ESTIMATORS:
         _check(r.n >= 2, "actor_rollout_ref.rollout.n",
-               f"GRPO compares rollouts of the same state: needs n >= 2, got {r.n}")
+               f"algorithm.adv_estimator={cfg.algorithm.adv_estimator} (GRPO-style) compares rollouts of the same "
+               f"state: needs n >= 2, got {r.n}")
 
 
 def _validate_env(cfg: RunConfig) -> None:

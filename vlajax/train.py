@@ -59,12 +59,9 @@ def trajectory_advantages(cfg: RunConfig, traj, *, action_dim: int, chunk_len: i
     whitened over all valid *tokens* of the batch, as verl does (each trajectory weighted by its
     valid-token count, `samples.token_mask`)."""
     rewards = traj.success.astype(np.float32) * cfg.env.train.reward_coef
-    name = cfg.algorithm.adv_estimator
-    if name == "grpo":
-        kw = {"norm_by_std": cfg.algorithm.norm_adv_by_std_in_grpo}
-    else:
-        kw = {"weights": token_mask(traj, action_dim=action_dim, chunk_len=chunk_len).sum(axis=(1, 2))}
-    return compute_advantages(name, rewards, traj.group_id, **kw)
+    weights = token_mask(traj, action_dim=action_dim, chunk_len=chunk_len).sum(axis=(1, 2))
+    return compute_advantages(cfg.algorithm.adv_estimator, rewards, traj.group_id, token_weights=weights,
+                              norm_by_std=cfg.algorithm.norm_adv_by_std_in_grpo)
 
 
 def video_dir(cfg: RunConfig) -> str | None:

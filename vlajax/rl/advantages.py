@@ -17,6 +17,7 @@ import numpy as np
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
+    "GROUP_ESTIMATORS",
     "compute_advantages",
     "grpo_advantages",
     "reinforce_plus_plus_advantages",
@@ -103,21 +104,29 @@ def reinforce_plus_plus_advantages(
     return ((r - mean) / (np.sqrt(var) + eps)).astype(np.float32)
 
 
-def _grpo(rewards, group_ids=None, **kw):
+def _grpo(rewards, group_ids=None, *, token_weights=None, norm_by_std: bool = True, **kw):
+    del token_weights  # each trajectory counts once within its group
     if group_ids is None:
         raise ValueError("advantage estimator 'grpo' needs group_ids")
-    return grpo_advantages(rewards, group_ids, **kw)
+    return grpo_advantages(rewards, group_ids, norm_by_std=norm_by_std, **kw)
 
 
-def _rpp(rewards, group_ids=None, **kw):
-    del group_ids  # global baseline: groups are irrelevant
+def _rpp(rewards, group_ids=None, *, token_weights=None, norm_by_std: bool = True, **kw):
+    del group_ids, norm_by_std  # global baseline, always whitened: groups are irrelevant
+    if token_weights is not None:
+        kw["weights"] = token_weights
     return reinforce_plus_plus_advantages(rewards, **kw)
 
 
+# name -> estimator(rewards (N,), group_ids (N,), *, token_weights (N,) valid tokens per trajectory,
+# norm_by_std) -> (N,). Every estimator takes all the inputs and uses what it needs, so adding one is
+# one function and one entry here (config checks names against this table).
 ADVANTAGE_ESTIMATORS: dict[str, Callable[..., np.ndarray]] = {
     "grpo": _grpo,
     "reinforce_plus_plus": _rpp,
 }
+# Estimators whose baseline is the other rollouts of the same state (need rollout.n >= 2).
+GROUP_ESTIMATORS = frozenset({"grpo"})
 
 
 def compute_advantages(name: str, rewards, group_ids=None, **kwargs) -> np.ndarray:
