@@ -47,17 +47,59 @@ def _demo(args) -> int:
 
 def _train(args) -> int:
     from vlajax.config import load_config
-    from vlajax.train import train
 
     config, overrides = args.config, list(args.overrides)
     if config is not None and "=" in config:  # `vlajax train key=value ...`: no config named
         config, overrides = None, [config] + overrides
     cfg = load_config(config, overrides)
+    if cfg.trainer.nnodes > 1:  # one trainer process per node: launch them, or be one of them
+        from vlajax.distributed.launch import in_multiprocess_job
+
+        if not in_multiprocess_job():
+            return _launch(([config] if config is not None else []) + overrides, cfg)
+        _join(cfg.trainer.nnodes)
+    from vlajax.train import train
+
     res = train(cfg)
     fe = res.final_eval or {}
     print(f"run directory: {res.run_dir} ({res.steps} steps); final greedy success rate "
           f"{fe.get('success_rate', float('nan')):.2f}; learning curve: {res.run_dir / 'learning_curve.png'}")
     return 0
+
+
+def _launch(argv: list[str], cfg) -> int:
+    """`vlajax train ... trainer.nnodes=N` on the head node of a Ray cluster: N trainer processes,
+    one per node, each running this same command as a launched child (vlajax.distributed.launch)."""
+    from vlajax.distributed.launch import LaunchError, launch_train
+
+    try:
+        res = launch_train(argv, cfg.trainer.nnodes, cfg.ray.address)
+    except LaunchError as e:
+        print(f"vlajax train: error: {e}", file=sys.stderr)
+        return e.exit_code
+    print(f"vlajax train: {len(res.exit_codes)} trainer processes finished (nodes {', '.join(res.node_ips)}; "
+          f"coordinator {res.coordinator})")
+    return 0
+
+
+def _join(nnodes: int) -> None:
+    """One process of a multi-process job (this launcher's child, SLURM's srun, JAX_* variables):
+    join it before the trainer touches JAX, and say where this process stands so that the cluster
+    can be checked from the logs. Never reached by a single-node run."""
+    import socket
+
+    import jax
+
+    from vlajax.distributed.multihost import initialize
+
+    info = initialize()
+    if not info.multi:
+        return
+    print(f"vlajax: process {jax.process_index()} of {jax.process_count()} on {socket.gethostname()}, "
+          f"devices local {jax.local_device_count()} / global {jax.device_count()}", flush=True)
+    if info.num_processes != nnodes:
+        print(f"vlajax train: warning: trainer.nnodes={nnodes} but the job has {info.num_processes} processes "
+              f"(one per node expected)", file=sys.stderr, flush=True)
 
 
 def _eval(args) -> int:

@@ -976,10 +976,18 @@ def _validate_cluster(cfg: RunConfig) -> None:
     """Nodes, devices and the learner mesh."""
     t = cfg.trainer
     _positive(t.nnodes, "trainer.nnodes")
-    _check(t.nnodes == 1, "trainer.nnodes",
-           f"multi-node training is not implemented yet: the learner and the policy rollout use the devices of "
-           f"the one process that runs `vlajax train`, so trainer.nnodes={t.nnodes} would leave the other nodes' "
-           "GPUs idle. Use trainer.nnodes=1 (simulators can still run on other nodes: env.disagg_sim.enable=true)")
+    if t.nnodes > 1:
+        from vlajax.distributed.multihost import described_processes
+
+        procs = described_processes()
+        _check(procs > 1, "trainer.nnodes",
+               f"trainer.nnodes={t.nnodes} is not implemented in a single process: `vlajax train` then runs as one "
+               f"JAX process per train node. Launch it with `vlajax train ... trainer.nnodes={t.nnodes} ray.address=auto` "
+               f"on a Ray cluster, or `srun -N {t.nnodes} --ntasks-per-node=1 vlajax train ...` under SLURM (or set "
+               "JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID in each process). Or use "
+               "trainer.nnodes=1 (simulators can still run on other nodes: env.disagg_sim.enable=true)")
+        _check(procs == t.nnodes, "trainer.nnodes",
+               f"trainer.nnodes={t.nnodes} but the job has {procs} processes: run one process per train node")
     _check(t.n_env_gpus_per_node >= 0, "trainer.n_env_gpus_per_node",
            f"must be >= 0 (0 = CPU-only simulators), got {t.n_env_gpus_per_node}")
     _check(t.n_rollout_gpus_per_node >= 0, "trainer.n_rollout_gpus_per_node",

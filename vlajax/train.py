@@ -20,6 +20,20 @@ can differ at float32 rounding, depending on how simulator timing groups the dec
 the data order, sampling keys and restored state are exact. Groups carried over by
 `data.keep_excess_groups=true` are not checkpointed, so exactness needs it false (the default,
 and what SimpleVLA-RL's code does).
+
+Several processes (one per train node, `trainer.nnodes` = the job's process count; launched with
+JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, SLURM, or a launcher that called
+`multihost.initialize`): the mesh is data = processes x fsdp = each process's devices, so every process
+holds a full copy of the weights (FSDP inside it, gradients averaged across processes). Every process
+runs the same seeded sampler and draws each rollout round's groups for the whole job; it rolls out its
+`multihost.assign_groups` block of them on its own simulators (its own embedded Ray and SimSession,
+sized as for one node) and decodes on its own devices from a process-local view of the same parameter
+arrays (`multihost.local_view`, no copy). Dynamic sampling runs in lockstep rounds, see `Trainer.collect`.
+Each mini-batch is the global array of every process's rows (`multihost.global_batch`), so each update
+is one job-wide step. Metrics are combined with `multihost.aggregate_metrics`; only process 0 writes
+logs, videos, the learning curve and the evaluation table. Checkpoints are written by all processes
+(orbax) into the one run directory; the sampler state in them is the same on every process, so a run
+resumes on the same or another process count. REINFORCE++ whitens advantages per process there.
 """
 
 from __future__ import annotations
@@ -27,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
+import os
 import resource
 from pathlib import Path
 
@@ -34,7 +49,8 @@ import jax
 import numpy as np
 
 from vlajax.config import ConfigError, RunConfig, save_config, to_dict
-from vlajax.distributed.sharding import make_mesh, maybe_initialize_distributed
+from vlajax.distributed import multihost
+from vlajax.distributed.sharding import make_mesh
 from vlajax.eval_report import write_eval_report
 from vlajax.evaluate import select_pairs
 from vlajax.metrics import TRAIN_SUCCESS, VAL_SUCCESS, MetricsLogger, Progress, Timer, plot_learning_curve
@@ -86,6 +102,70 @@ def trim_prompts(ids: np.ndarray, mask: np.ndarray, multiple: int = 8) -> tuple[
     return ids[:, :width], mask[:, :width]
 
 
+# ----------------------------------------------------------------------------- processes
+
+# Seconds after which a silent (dead) peer process fails the job (jax's coordination-service heartbeat).
+HEARTBEAT_ENV = "VLAJAX_HEARTBEAT_TIMEOUT_S"
+# Exit status of a process whose peer died (EX_SOFTWARE is taken by tracebacks; 70 + 4 = "peer lost").
+PEER_LOST_EXIT_CODE = 74
+JAX_HEARTBEAT_GRACE_S = 30
+
+
+def join_job() -> multihost.JobInfo:
+    """Join the multi-process job the launch environment describes (no-op for one process); must run
+    before jax's backend starts. The heartbeat timeout comes from $VLAJAX_HEARTBEAT_TIMEOUT_S (default
+    100 s): how long a peer may be silent before the others end the job."""
+    # jax's own heartbeat is the backstop, later than `multihost.watch_peers`: when it fires, jax aborts
+    # the process without saying which peer died
+    return multihost.initialize(heartbeat_timeout=heartbeat_timeout_s() + JAX_HEARTBEAT_GRACE_S)
+
+
+def heartbeat_timeout_s() -> int:
+    """$VLAJAX_HEARTBEAT_TIMEOUT_S, default 100."""
+    return int(os.environ.get(HEARTBEAT_ENV, "100"))
+
+
+def train_mesh(cfg: RunConfig, job: multihost.JobInfo):
+    """The learner's mesh. One process: `trainer.mesh` as configured. Several: data = processes (unless
+    set) x fsdp = the rest, so the data axis crosses processes and FSDP stays inside each, which
+    therefore holds a full copy of the weights for its own decoding (`multihost.local_mesh` checks)."""
+    m = cfg.trainer.mesh
+    if not job.multi:
+        return make_mesh(m.data, m.fsdp)
+    data = job.num_processes if m.data == -1 else m.data
+    mesh = make_mesh(data, m.fsdp)
+    try:
+        multihost.local_mesh(mesh)
+    except ValueError as e:
+        raise ConfigError(str(e), key="trainer.mesh.data") from None
+    return mesh
+
+
+def process_config(cfg: RunConfig, job: multihost.JobInfo) -> RunConfig:
+    """The config of this process's simulators: one node's worth (`trainer.nnodes=1`), since each
+    process of a multi-process job places its own simulators (its own embedded Ray)."""
+    if not job.multi:
+        return cfg
+    return dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, nnodes=1))
+
+
+class _Quiet:
+    """Stands in for the logger and the progress bar on processes other than 0 (they write nothing)."""
+
+    def log(self, *args, **kwargs) -> None:
+        pass
+
+    def update(self, *args, **kwargs) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+_BATCH_DTYPES = {"input_ids": np.int32, "attention_mask": np.int32, "tokens": np.int32, "old_logp": np.float32,
+                 "advantages": np.float32, "mask": np.float32, "proprio": np.float32, "images": np.uint8}
+
+
 # ----------------------------------------------------------------------------- the run
 
 
@@ -108,27 +188,35 @@ class Trainer(Closing):
         self.run_dir = cfg.run_dir
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._closers = []
-        maybe_initialize_distributed()
+        self.job = join_job()
+        if self.job.multi and self.job.num_processes != cfg.trainer.nnodes:
+            raise ConfigError(f"the job has {self.job.num_processes} processes but trainer.nnodes="
+                              f"{cfg.trainer.nnodes}: run one process per train node", key="trainer.nnodes")
         t = cfg.env.train
         self.n = cfg.actor_rollout_ref.rollout.n
-        self.mesh = make_mesh(cfg.trainer.mesh.data, cfg.trainer.mesh.fsdp)
+        self.mesh = train_mesh(cfg, self.job)
         lcfg = cfg.actor_rollout_ref.learner_config(self.mesh.size, cfg.simulator.image_flip)
         # The built policy's arrays go to the learner; nothing else keeps them (a LoRA run's fp32
         # base would otherwise stay next to the learner's bf16 copy).
         self.learner = Learner(build_policy(cfg), lcfg, self.mesh)
         self.policy = self.learner.policy  # graph, tokenizer, statistics for the decoders
-        self.sim = SimSession(cfg, self.policy, params=self.learner.decode_params())
+        self.sim_cfg = process_config(cfg, self.job)
+        self.sim = SimSession(self.sim_cfg, self.policy, params=self._decode_params())
         self._closers.append(self.sim.close)
         try:  # from here on, a failure closes the simulators it started
             self.engine, self.tasks = self.sim.engine, self.sim.tasks
             if self.sim.capacity % self.n:
                 raise ConfigError(f"a rollout round runs {self.sim.capacity} trajectories, not a multiple of "
                                   f"actor_rollout_ref.rollout.n={self.n}", key="actor_rollout_ref.rollout.n")
+            # groups of one rollout round of the whole job (every process draws them all)
+            self.round_groups = self.sim.capacity * self.job.num_processes // self.n
             self.sampler = StateSampler(len(self.tasks), training_trials(cfg, self.tasks), seed=t.seed,
                                         shuffle=cfg.data.shuffle, init_states=t.init_states)
             self.ckpt = CheckpointManager(self.run_dir / "checkpoints", save_interval_steps=1,
                                           max_to_keep=cfg.trainer.max_actor_ckpt_to_keep)
             self._closers.insert(0, self.ckpt.close)
+            # a peer that dies ends this process too, naming it, within the heartbeat timeout
+            multihost.watch_peers(PEER_LOST_EXIT_CODE, heartbeat_timeout_s(), cleanup=self.sim.close)
         except BaseException:
             self.close()
             raise
@@ -174,15 +262,35 @@ class Trainer(Closing):
                               "it is not a `vlajax train` checkpoint", key=key)
         self.sampler.load_state_dict(ds["sampler"])
         self.step = int(ds["rl_step"])
-        print(f"vlajax train: resumed from checkpoint {root}/{restored.step} at training step {self.step}", flush=True)
+        if self.primary:
+            print(f"vlajax train: resumed from checkpoint {root}/{restored.step} at training step {self.step}",
+                  flush=True)
+
+    @property
+    def primary(self) -> bool:
+        """Process 0: the one that writes logs, videos and reports."""
+        return self.job.process_id == 0
+
+    def _decode_params(self) -> dict:
+        """The learner's parameters as this process's decoder takes them: the arrays themselves (one
+        process) or their process-local view (several: `multihost.local_view`, no copy)."""
+        params = self.learner.decode_params()
+        return multihost.local_view(params, self.mesh) if self.job.multi else params
 
     def _hand_over(self) -> None:
         """Give the decoder the learner's current parameters (after an update or a restore)."""
-        self.sim.decoder.set_params(self.learner.decode_params())
+        self.sim.decoder.set_params(self._decode_params())
 
     # -- rollouts -------------------------------------------------------------------------------
     def _round_groups(self):
-        return self.sampler.next_groups(self.sim.capacity // self.n)
+        """This process's groups of the next rollout round: every process draws the whole round from
+        its identical sampler (so the samplers stay equal) and keeps its `assign_groups` block."""
+        groups = self.sampler.next_groups(self.round_groups)
+        if not self.job.multi:
+            return groups
+        mine = multihost.assign_groups(len(groups), self.job.num_processes, self.job.process_id,
+                                       key="groups of a rollout round")
+        return groups[mine.start:mine.stop]
 
     def _ids(self, groups):
         rep = lambda xs: np.repeat(np.asarray(xs, np.int64), self.n)  # noqa: E731
@@ -196,16 +304,23 @@ class Trainer(Closing):
         return self.engine.rollout(t_ids, s_ids, g_ids, seed=self.cfg.env.train.seed, key=key)
 
     def collect(self, timer):
-        """Roll out until the batch is full (dynamic sampling). Returns (GroupBatch, round stats)."""
+        """Roll out until the batch is full (dynamic sampling). Returns (GroupBatch, round stats).
+
+        Several processes (lockstep rule): each keeps its own groups in a buffer of
+        k = data.train_batch_size / processes; after every round all processes all-gather their kept
+        counts and stop together once every one has k (or the round bound is reached: rounds are the
+        same everywhere). Each then trains min(kept counts, k) groups, the same number on every process,
+        so the step trains exactly data.train_batch_size groups when the batch filled, and fewer (as
+        one process would, with its warning) only when the round bound cut it short."""
         d = self.cfg.data
         lower, upper = (d.accuracy_lower_bound, d.accuracy_upper_bound) if d.filter_accuracy else (0.0, 1.0)
         if self.buffer is None:
-            self.buffer = GroupBuffer(d.train_batch_size, lower=lower, upper=upper,
+            self.buffer = GroupBuffer(d.train_batch_size // self.job.num_processes, lower=lower, upper=upper,
                                       max_rounds=d.max_sampling_rounds, keep_excess=d.keep_excess_groups)
         buf = self.buffer
         rounds = []
         r = 0
-        while not buf.done:
+        while not self._sampling_done(buf):
             groups, issued = (self.pending, True) if self.pending is not None else (self._round_groups(), False)
             self.pending = None
             key = jax.random.fold_in(jax.random.fold_in(self.key, self.step), r)
@@ -216,7 +331,15 @@ class Trainer(Closing):
             buf.add({"traj": tr, "images": rb.images, "proprio": rb.proprio, "prompt_ids": rb.prompt_ids,
                      "prompt_mask": rb.prompt_mask}, tr.success, tr.group_id)
             r += 1
-        return buf.pop(), rounds
+        return buf.pop(limit=self._common_groups if self.job.multi else None), rounds
+
+    def _sampling_done(self, buf: GroupBuffer) -> bool:
+        """`buf.done`, decided jointly by all processes (see `collect`); sets `_common_groups`."""
+        if not self.job.multi:
+            return buf.done
+        kept = multihost.allgather_ints([buf.num_groups])[:, 0]  # (processes,)
+        self._common_groups = int(min(kept.min(), buf.groups_per_batch))
+        return self._common_groups >= buf.groups_per_batch or buf.rounds >= buf.max_rounds
 
     def issue_next_reset(self) -> None:
         """Reset the envs of the next step's first round now, so the resets overlap the update."""
@@ -238,8 +361,9 @@ class Trainer(Closing):
         tr = batch.trajectories
         traj = tr["traj"]
         adv = trajectory_advantages(cfg, traj, action_dim=pc.action_dim, chunk_len=pc.chunk)
-        n_traj = len(traj.success)
-        mb = min(cfg.actor_rollout_ref.actor.ppo_mini_batch_size, n_traj)
+        n_traj = len(traj.success)  # this process's (the same on every process)
+        procs = self.job.num_processes
+        mb = min(max(1, cfg.actor_rollout_ref.actor.ppo_mini_batch_size // procs), n_traj)
         self.learner.set_lr(cfg.actor_rollout_ref.actor.optim.learning_rate(self.step))
         out = []
         for epoch in range(cfg.actor_rollout_ref.actor.ppo_epochs):
@@ -248,18 +372,33 @@ class Trainer(Closing):
                 idx = np.sort(order[start:start + mb])
                 sub = jax.tree.map(lambda x: x[idx], tr)
                 s = make_samples(sub["traj"], adv[idx], action_dim=pc.action_dim, chunk_len=pc.chunk)
-                if len(s) == 0:
+                rows, width = len(s), 0
+                if procs > 1:  # every process pads to the same rows and prompt width (one global batch)
+                    if rows:
+                        width = trim_prompts(sub["prompt_ids"][s.traj_index], sub["prompt_mask"][s.traj_index])[0].shape[1]
+                    rows, width = (int(v) for v in multihost.allgather_ints([rows, width]).max(axis=0))
+                    if rows and not len(s):
+                        raise RuntimeError(f"process {self.job.process_id} has no samples in a mini-batch that "
+                                           "other processes have samples in")
+                if rows == 0:
                     continue
-                s = pad_samples(s, bucket_size(len(s), self.learner.batch_multiple))
+                s = pad_samples(s, bucket_size(rows, self.learner.batch_multiple // procs))
                 ids, mask = trim_prompts(sub["prompt_ids"][s.traj_index], sub["prompt_mask"][s.traj_index])
+                if procs > 1:
+                    ids, mask = sub["prompt_ids"][s.traj_index][:, :width], sub["prompt_mask"][s.traj_index][:, :width]
                 b = {"images": sub["images"][s.traj_index, s.chunk_index], "input_ids": ids,
                      "attention_mask": mask, "tokens": s.tokens,
                      "old_logp": s.old_logp, "advantages": s.advantages, "mask": s.mask}
                 if pc.proprio_dim:
                     b["proprio"] = self.sim.decoder.model_proprio(sub["proprio"][s.traj_index, s.chunk_index])
+                if procs > 1:  # the global mini-batch: every process's rows, in process order
+                    b = multihost.global_batch({k: np.asarray(v, _BATCH_DTYPES[k]) for k, v in b.items()}, self.mesh)
                 m = self.learner.update(b)
                 self._hand_over()
-                out.append({k: float(v) for k, v in jax.device_get(m).items()})
+                if procs > 1:
+                    out.append(multihost.host_scalars(m))
+                else:
+                    out.append({k: float(v) for k, v in jax.device_get(m).items()})
         return out
 
     # -- validation -----------------------------------------------------------------------------
@@ -273,13 +412,34 @@ class Trainer(Closing):
         reps = self.cfg.actor_rollout_ref.rollout.val_kwargs.n
         pairs = [p for p in select_pairs(self.tasks, None, n_trials) for _ in range(reps)]
         temp = val_temperature(self.cfg)
-        if video_dir is None:
+        if self.job.multi:
+            results = self._evaluate_shared(pairs, temp, video_dir)
+        elif video_dir is None:
             results = self.sim.evaluate(pairs, temperature=temp)
         else:
             self.sim.close()
             with SimSession(self.cfg, self.policy, params=self.learner.decode_params(), video_dir=video_dir) as sim:
                 results = sim.evaluate(pairs, temperature=temp)
         return {"episodes": results, "success_rate": float(np.mean([r["success"] for r in results]))}
+
+    def _evaluate_shared(self, pairs, temp: float, video_dir: str | None) -> list[dict]:
+        """Several processes: each evaluates its contiguous share of `pairs` (padded with repeats of
+        the first to equal shares), the results are all-gathered, every process returns all records.
+        Only process 0 records videos (of its share)."""
+        procs, me = self.job.num_processes, self.job.process_id
+        share = -(-len(pairs) // procs)
+        padded = list(pairs) + [pairs[0]] * (share * procs - len(pairs))
+        mine = padded[me * share:(me + 1) * share]
+        if video_dir is not None and self.primary:
+            self.sim.close()
+            with SimSession(self.sim_cfg, self.policy, params=self._decode_params(), video_dir=video_dir) as sim:
+                res = sim.evaluate(mine, temperature=temp)
+        else:
+            res = self.sim.evaluate(mine, temperature=temp)
+        got = multihost.allgather_floats([v for r in res for v in (r["success"], r["length"])])
+        got = got.reshape(procs * share, 2)[:len(pairs)]
+        return [{"task": self.tasks[t].name, "state_id": int(sid), "success": bool(ok), "length": int(n)}
+                for (t, sid), (ok, n) in zip(pairs, got)]
 
 
 def resource_metrics() -> dict:
@@ -328,21 +488,24 @@ def train(cfg: RunConfig) -> TrainResult:
     """Run (or resume) the GRPO run described by `cfg`; returns its history."""
     from vlajax.evaluate import eval_states_line, train_states_line
 
+    job = join_job()  # before anything starts jax's backend; a no-op for one process
+    primary = job.process_id == 0
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir)
+    if primary:
+        save_config(cfg, run_dir)
     history = []
     with Trainer(cfg) as tr:
         tr.maybe_resume()
         logger = MetricsLogger(run_dir, backends=tuple(cfg.trainer.logger), wandb_project=cfg.trainer.project_name,
                                experiment_name=cfg.trainer.experiment_name,
                                config=to_dict(cfg), start_step=tr.step + 1 if tr.step else 0,  # keep the resumed step's own record
-                               total_steps=cfg.trainer.total_training_steps)
+                               total_steps=cfg.trainer.total_training_steps) if primary else _Quiet()
         total = cfg.trainer.total_training_steps
         if cfg.trainer.val_before_train and tr.step == 0:
             v = tr.validate()
             logger.log(0, {"val/success_rate": v["success_rate"]})
-        progress = Progress(total - tr.step, desc="GRPO steps", unit="step")
+        progress = Progress(total - tr.step, desc="GRPO steps", unit="step") if primary else _Quiet()
         try:
             while tr.step < total:
                 timer = Timer()
@@ -364,6 +527,8 @@ def train(cfg: RunConfig) -> TrainResult:
                         tr.learner.save(tr.ckpt, step=tr.step, data_state=tr.data_state(), config=to_dict(cfg),
                                         force=True)
                 m = _step_metrics(tr, rounds, batch, upd, timer.breakdown())
+                if job.multi:  # job-wide values, the same on every process
+                    m = multihost.aggregate_metrics(m)
                 if val_due:  # validation uses the same envs, so the next resets wait for it
                     v = tr.validate()
                     m["val/success_rate"] = v["success_rate"]
@@ -377,13 +542,15 @@ def train(cfg: RunConfig) -> TrainResult:
             e = cfg.env.train
             notes = [eval_states_line(e.simulator_type, tr.tasks, [ep["state_id"] for ep in final["episodes"]]),
                      train_states_line(e.simulator_type, e.init_states, tr.sampler.num_trials)]
-            write_eval_report(final["episodes"], run_dir / "eval", name="final", notes=notes,
-                              title="final evaluation, " + (f"sampled at temperature {t:g}" if t else "greedy"))
+            if primary:
+                write_eval_report(final["episodes"], run_dir / "eval", name="final", notes=notes,
+                                  title="final evaluation, " + (f"sampled at temperature {t:g}" if t else "greedy"))
         finally:
             progress.close()
             logger.close()
         t = val_temperature(cfg)
         val = f"validation (sampled, T={t:g})" if t else "validation (greedy)"
-        plot_learning_curve(run_dir / "metrics.jsonl", run_dir / "learning_curve.png",
-                            keys=((TRAIN_SUCCESS, "train (sampled rollouts)"), (VAL_SUCCESS, val)))
+        if primary:
+            plot_learning_curve(run_dir / "metrics.jsonl", run_dir / "learning_curve.png",
+                                keys=((TRAIN_SUCCESS, "train (sampled rollouts)"), (VAL_SUCCESS, val)))
         return TrainResult(run_dir, tr.step, history, final)

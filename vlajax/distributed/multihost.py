@@ -27,6 +27,7 @@ import os
 import re
 import sys
 import threading
+import time
 from typing import Mapping
 
 import jax
@@ -37,7 +38,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from vlajax.distributed.sharding import logical_to_spec
 
 __all__ = ["JOIN_TIMEOUT_EXIT_CODE", "JobInfo", "initialize", "batch_spec", "local_rows", "global_batch",
-           "assign_groups", "aggregate_metrics", "is_count_metric"]
+           "assign_groups", "aggregate_metrics", "is_count_metric", "described_processes", "local_mesh",
+           "local_view", "allgather_ints", "allgather_floats", "host_scalars"]
 
 log = logging.getLogger(__name__)
 
@@ -343,3 +345,161 @@ def _all_names(names: list[str]) -> list[str]:
         text = bytes(row[: int(size)]).decode()
         union.update(text.split("\n") if text else [])
     return sorted(union)
+
+
+# -- the training loop across processes ------------------------------------------------------------
+def described_processes() -> int:
+    """How many processes this job has, without joining it or touching the backend: jax's count
+    once joined, else what the launch variables (explicit JAX_* / WORLD_SIZE, or SLURM) describe.
+    Config validation uses it to allow `trainer.nnodes` > 1 only in a multi-process launch."""
+    if jax.distributed.is_initialized():
+        return jax.process_count()
+    try:
+        return _resolve(None, None, None)[1]
+    except ValueError:
+        return 1
+
+
+def local_mesh(mesh: Mesh) -> Mesh:
+    """This process's sub-mesh of `mesh`: the rows of its leading ("data") axis whose devices are all
+    this process's. Parameters sharded only over the inner axes ("fsdp") have a full copy in every such
+    block, which `local_view` exposes to process-local computations (the rollout's decoder)."""
+    me = jax.process_index()
+    owner = np.vectorize(lambda d: d.process_index)(mesh.devices)
+    rows = np.all(owner == me, axis=tuple(range(1, owner.ndim)))
+    mixed = np.any(owner == me, axis=tuple(range(1, owner.ndim))) & ~rows
+    if not rows.any() or mixed.any():
+        raise ValueError(f"process {me}'s devices do not form whole rows of the mesh's {mesh.axis_names[0]!r} "
+                         f"axis (mesh shape {dict(mesh.shape)}): each process needs a full copy of the weights; "
+                         "use a mesh whose data axis spans the processes (trainer.mesh.data = number of processes)")
+    return Mesh(mesh.devices[rows], mesh.axis_names, axis_types=mesh.axis_types)
+
+
+def local_view(tree, mesh: Mesh):
+    """The same arrays as process-local arrays on `local_mesh(mesh)`: built from each leaf's
+    `addressable_shards` (`jax.make_array_from_single_device_arrays`), so nothing is copied and a
+    jitted process-local function (one process's decode) can take them. Fully addressable leaves
+    (one process) pass through. A leaf sharded over the leading mesh axis has no full copy here and
+    raises, naming it. Valid as long as the global arrays are (re-view after each update)."""
+    sub = None
+
+    def one(path, x):
+        nonlocal sub
+        if not isinstance(x, jax.Array) or x.is_fully_addressable:
+            return x
+        sub = sub or local_mesh(mesh)
+        spec = x.sharding.spec
+        if any(mesh.axis_names[0] in ((a,) if isinstance(a, str) else tuple(a or ())) for a in spec):
+            raise ValueError(f"{jax.tree_util.keystr(path)} is sharded over {mesh.axis_names[0]!r} ({spec}): "
+                             "this process does not hold all of it")
+        sharding = NamedSharding(sub, spec)
+        want = sharding.devices_indices_map(x.shape)
+        shards = x.addressable_shards
+        for s in shards:
+            if tuple(s.index) != tuple(want[s.device]):
+                raise ValueError(f"{jax.tree_util.keystr(path)}: shard on {s.device} is {s.index}, the local "
+                                 f"mesh places {want[s.device]} there")
+        return jax.make_array_from_single_device_arrays(x.shape, sharding, [s.data for s in shards])
+
+    return jax.tree_util.tree_map_with_path(one, tree)
+
+
+def allgather_ints(values) -> np.ndarray:
+    """(num_processes, k) int64: every process's `values` (k ints), in process order; one process:
+    (1, k) without communication. The lockstep decisions of a multi-process run (dynamic-sampling
+    counts, sample counts of a mini-batch) are taken from this, so every process takes the same one."""
+    v = np.atleast_1d(np.asarray(values, np.int64))
+    if jax.process_count() == 1:
+        return v[None]
+    return np.asarray(multihost_utils.process_allgather(v)).reshape(jax.process_count(), -1)
+
+
+def allgather_floats(values) -> np.ndarray:
+    """(num_processes, k) float64 counterpart of `allgather_ints` (evaluation results)."""
+    v = np.atleast_1d(np.asarray(values, np.float64))
+    if jax.process_count() == 1:
+        return v[None]
+    return np.asarray(multihost_utils.process_allgather(v)).reshape(jax.process_count(), -1)
+
+
+def host_scalars(metrics: Mapping[str, jax.Array]) -> dict[str, float]:
+    """Replicated 0-d device metrics (a global update's) as floats, read from this process's own copy
+    (`jax.device_get` refuses arrays that span processes)."""
+    return {k: float(np.asarray(v.addressable_data(0) if isinstance(v, jax.Array) else v))
+            for k, v in metrics.items()}
+
+
+# -- a peer that dies after the join ----------------------------------------------------------------
+def watch_peers(exit_code: int, timeout_s: float, *, interval_s: float = 1.0, cleanup=None) -> threading.Thread | None:
+    """End this process with a message naming the dead peer(s) when another process of the job stops
+    beating for `timeout_s` seconds, or the coordinator (process 0, which holds the job's key-value
+    store) stops answering.
+
+    Why: after a peer dies this process is blocked in, or fails out of, a collective (a gradient
+    all-reduce, an all-gather of dynamic-sampling counts: "Gloo AllGather failed: Connection closed by
+    peer"), and then hangs on exit waiting for the dead peer; neither says which process died. A daemon
+    thread beats (a counter in jax's distributed key-value store, `vlajax/beat/<process>`) and watches
+    the others' counters, which needs no clock agreement across nodes and never blocks on a dead peer.
+    On a loss it runs `cleanup` (this process's simulators / Ray, at most 15 s), kills what is left of
+    its child processes, writes the error and exits with `exit_code` (`os._exit`: the main thread may
+    be stuck in C++). One process: does nothing, returns None.
+    """
+    if jax.process_count() == 1:
+        return None
+    from jax._src import distributed as _dist
+
+    client = _dist.global_state.client
+    me, n = jax.process_index(), jax.process_count()
+    peers = [p for p in range(n) if p != me]
+
+    def watch() -> None:
+        beat, seen, changed = 0, {}, {p: time.monotonic() for p in peers}
+        why = None
+        while why is None:
+            try:
+                beat += 1
+                client.key_value_set(f"vlajax/beat/{me}", str(beat), allow_overwrite=True)
+                for p in peers:
+                    try:
+                        v = client.key_value_try_get(f"vlajax/beat/{p}")
+                    except Exception:  # not beating yet (NOT_FOUND)
+                        v = None
+                    if v is not None and v != seen.get(p):
+                        seen[p], changed[p] = v, time.monotonic()
+                gone = [p for p in peers if time.monotonic() - changed[p] > timeout_s]
+                if gone:
+                    why = f"process(es) {', '.join(map(str, gone))} stopped (no heartbeat for {timeout_s:g} s)"
+            except Exception as e:  # the store (on process 0) is gone
+                why = f"process 0 (the coordinator at {_coordinator_in_use()}) stopped answering ({_first_line(e)})"
+            if why is None:
+                time.sleep(interval_s)
+        msg = (f"vlajax.distributed.multihost: process {me} of {n}: {why}; ending this process too "
+               f"(exit code {exit_code}). See the log of that process for why it ended.")
+        os.write(2, (msg + "\n").encode())
+        _end_children(cleanup)
+        os.write(2, (msg + "\n").encode())
+        os._exit(exit_code)
+
+    t = threading.Thread(target=watch, name="vlajax-peer-watchdog", daemon=True)
+    t.start()
+    return t
+
+
+def _end_children(cleanup, timeout_s: float = 15.0) -> None:
+    """Run `cleanup` (at most `timeout_s`), then kill this process's remaining descendants."""
+    if cleanup is not None:
+        worker = threading.Thread(target=cleanup, daemon=True)
+        worker.start()
+        worker.join(timeout_s)
+    try:
+        import psutil
+
+        kids = psutil.Process().children(recursive=True)
+        for k in kids:
+            try:
+                k.kill()
+            except psutil.Error:
+                pass
+        psutil.wait_procs(kids, timeout=5)
+    except Exception as e:  # best effort: the process exits regardless
+        log.debug("killing child processes: %s", _first_line(e))

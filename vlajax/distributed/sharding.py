@@ -243,7 +243,10 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
     """Put every leaf's leading (batch) dim over ("data", "fsdp"); other dims replicated.
 
     Single process: `batch` is the global batch. Multi-host: each process passes its own
-    slice and the global array is assembled with `make_array_from_process_local_data`.
+    slice and the global array is assembled with `make_array_from_process_local_data`, or
+    passes arrays that are already global (`multihost.global_batch`): those are kept as they
+    are when already laid out this way, else resharded (never pulled to the host, which a
+    process cannot do for rows it does not hold).
     """
     n = mesh.shape[DATA_AXIS] * mesh.shape[FSDP_AXIS]
     multi = jax.process_count() > 1
@@ -253,6 +256,8 @@ def shard_batch(batch: Any, mesh: Mesh) -> Any:
         if x.ndim == 0:
             raise ValueError(f"batch leaf {jax.tree_util.keystr(path)} is a scalar; need a batch dim")
         sharding = NamedSharding(mesh, P(BATCH_AXES))
+        if isinstance(x, jax.Array) and not x.is_fully_addressable:  # already a global array
+            return x if x.sharding.is_equivalent_to(sharding, x.ndim) else jax.device_put(x, sharding)
         if multi:
             return jax.make_array_from_process_local_data(sharding, np.asarray(x))
         if x.shape[0] % n:

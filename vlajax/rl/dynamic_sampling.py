@@ -169,10 +169,13 @@ class GroupBuffer:
         self._kept += stats["kept_groups"]
         return stats
 
-    def pop(self) -> GroupBatch | None:
-        """Take up to `groups_per_batch` groups (oldest first). None if nothing is kept."""
-        full = self.full
-        take, rest = self._groups[: self.groups_per_batch], self._groups[self.groups_per_batch:]
+    def pop(self, limit: int | None = None) -> GroupBatch | None:
+        """Take up to `groups_per_batch` groups (oldest first), at most `limit` if given (a
+        multi-process step trains the same number of groups on every process, see
+        `vlajax.train.Trainer.collect`). None if nothing is taken."""
+        size = self.groups_per_batch if limit is None else max(0, min(limit, self.groups_per_batch))
+        full = self.full and size == self.groups_per_batch  # a limit below the batch size: not full
+        take, rest = self._groups[:size], self._groups[size:]
         self._groups = rest if self.keep_excess else []
         metrics = dict(
             rounds=float(self.rounds),

@@ -22,7 +22,8 @@ Sharding: parameters, gradients and optimizer state follow the logical-axis rule
 `vlajax.distributed.sharding` (FSDP over the "fsdp" mesh axis); the batch is split over
 ("data", "fsdp"). The same code runs on 1 CPU, N fake CPU devices, one GPU or several; for
 several hosts call `vlajax.distributed.sharding.maybe_initialize_distributed()` before anything
-touches jax, and pass each process's slice of the batch.
+touches jax, and pass each process's slice of the batch, or the global arrays
+`vlajax.distributed.multihost.global_batch` assembled from those slices.
 
 Batch (a dict; numpy or jax arrays, M = mini-batch size, a multiple of `batch_multiple`):
   images         uint8 (M, H, W, 3) or (M, n_img, H, W, 3): raw frames, preprocessed inside the
@@ -469,7 +470,8 @@ class Learner:
             raise ValueError(f"batch['advantages'] has shape {np.shape(out['advantages'])}, expected ({m},) or {(m, t)}")
         if "images" in out and np.dtype(out["images"].dtype) != np.uint8:
             raise TypeError(f"batch['images'] must be uint8 raw frames, got {out['images'].dtype}")
-        global_m = local_m * jax.process_count()
+        spans = any(isinstance(x, jax.Array) and not x.is_fully_addressable for x in out.values())
+        global_m = local_m if spans else local_m * jax.process_count()  # global arrays: rows already global
         if global_m % self.batch_multiple:
             raise ValueError(
                 f"mini-batch of {global_m} samples is not a multiple of micro_batch_size x devices = "
@@ -512,7 +514,9 @@ class Learner:
 
     def set_lr(self, lr: float) -> None:
         """Change the learning rate (no recompilation)."""
-        self.state = dataclasses.replace(self.state, lr=jax.device_put(jnp.asarray(lr, jnp.float32),
+        # from the host (the same value on every process): a device array could not be put onto a
+        # sharding that spans processes
+        self.state = dataclasses.replace(self.state, lr=jax.device_put(np.asarray(lr, np.float32),
                                                                        self.state.lr.sharding))
 
     # -- checkpoints -----------------------------------------------------------------------------
