@@ -9,7 +9,6 @@ previous reset leaves in the model, so it also checks that a reused env does not
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +17,7 @@ import pytest
 pytest.importorskip("libero")
 pytest.importorskip("robosuite")
 
-from vlajax.envs import libero_setup  # noqa: E402
+from tests.test_libero_env import assets  # noqa: E402,F401  (the asset-pack fixture)
 from vlajax.envs.base import NOOP_ACTION, SAMPLED_STATE_BASE, EnvError, sampled_state_id  # noqa: E402
 from vlajax.envs.libero import NUM_SETTLE_STEPS, LiberoEnv, make_libero_vector_env  # noqa: E402
 
@@ -30,20 +29,6 @@ SETTLED_M = 1e-4  # an object may move this far (m) in one more no-op step after
 APART_M = 3e-3  # a sampled state has an object at least this far (xy, m) from where any stored state has it
 
 
-def _pack_path() -> str | None:
-    env = os.environ.get(libero_setup.ASSETS_ENV)
-    if env:
-        return env
-    pack = REPO.parent / "shared" / "libero-assets.tar.xz"
-    return str(pack) if pack.exists() else None
-
-
-@pytest.fixture(scope="module")
-def assets() -> str:
-    pack = _pack_path()
-    if pack is None:
-        pytest.skip(f"no LIBERO asset pack: set {libero_setup.ASSETS_ENV} or put shared/ beside the repo")
-    return str(libero_setup.setup_libero(pack))
 
 
 @pytest.fixture(scope="module")

@@ -32,7 +32,7 @@ import pytest
 pytest.importorskip("libero")
 pytest.importorskip("robosuite")
 
-from tests.test_libero_env import _pack_path  # noqa: E402
+from tests.test_libero_env import assets  # noqa: E402,F401  (the asset-pack fixture)
 from vlajax.envs import libero_setup  # noqa: E402
 from vlajax.envs.libero import LiberoEnv  # noqa: E402
 
@@ -65,12 +65,6 @@ def _load_check():
 check = _load_check()
 
 
-@pytest.fixture(scope="module")
-def assets() -> str:
-    pack = _pack_path()
-    if pack is None:
-        pytest.skip(f"no LIBERO asset pack: set {libero_setup.ASSETS_ENV} or put shared/ beside the repo")
-    return str(libero_setup.setup_libero(pack))
 
 
 def _mujoco_version() -> str:
