@@ -198,7 +198,6 @@ BAD = [
       "actor_rollout_ref.model.image_size=null"], "actor_rollout_ref.model.init_scheme", "preset:"),
     # a missing checkpoint is named first, before the keys that only apply to presets
     (["actor_rollout_ref.model.path=/nonexistent"], "actor_rollout_ref.model.path", "does not exist"),
-    (["trainer.nnodes=2"], "trainer.nnodes", "not implemented"),
     (["env.rollout.step_timeout_s=0"], "env.rollout.step_timeout_s", "> 0"),
     (["env.train.task_suite_name=tabletop_hard"], "env.train.task_suite_name", "tabletop_anchored"),
     (["trainer.mesh.data=2", "trainer.mesh.fsdp=2", "actor_rollout_ref.actor.ppo_micro_batch_size=6"],

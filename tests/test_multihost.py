@@ -192,6 +192,24 @@ def test_aggregate_metrics_two_processes(updates):
 
 
 @pytest.mark.slow  # the update jobs: ~1-2 min of compiling on 2 cores
+def test_advantages_are_job_wide(updates):
+    """REINFORCE++ whitens over the job's whole batch, not each process's rows: the two processes'
+    advantages, put together, are the single-process ones of the whole batch (GRPO too)."""
+    from vlajax.config import load_config
+    from vlajax.train import trajectory_advantages
+
+    _, res2 = updates["two"]
+    for est in ("reinforce_plus_plus", "grpo"):
+        want = trajectory_advantages(load_config("demo", [f"algorithm.adv_estimator={est}"]), _trajectories(),
+                                     action_dim=7, chunk_len=2)
+        got = np.concatenate([r["advantages"][est] for r in res2])
+        np.testing.assert_allclose(got, want, rtol=1e-6, err_msg=est)
+    alone = trajectory_advantages(load_config("demo", ["algorithm.adv_estimator=reinforce_plus_plus"]),
+                                  _trajectories(slice(0, M // 2)), action_dim=7, chunk_len=2)
+    assert not np.allclose(alone, res2[0]["advantages"]["reinforce_plus_plus"])  # per-process whitening differs
+
+
+@pytest.mark.slow  # the update jobs: ~1-2 min of compiling on 2 cores
 def test_global_batch_rejects_unequal_local_rows(updates):
     _, res2 = updates["two"]
     for r in res2:  # raised on both processes, naming the key and the counts
@@ -238,10 +256,12 @@ def test_count_metric_rule():
     from vlajax.distributed.multihost import is_count_metric
 
     for name in ("train/episodes", "train/successes", "train/env_steps", "rollout/restarts", "num_groups",
-                 "rollout/decode_calls_b8", "x/skipped_total", "sampling/kept_count"):
+                 "rollout/decode_calls_b8", "x/skipped_total", "sampling/kept_count", "sampling/groups_seen",
+                 "sampling/groups_kept", "sampling/carried_in", "sampling/carried_out", "sampling/dropped_excess"):
         assert is_count_metric(name), name
     for name in ("train/success_rate", "train/episode_length", "perf/env_steps_per_s", "rollout/wall_s",
-                 "actor/grad_norm", "rollout/sim_busy_fraction", "train/success_rate/pick up the bowl"):
+                 "actor/grad_norm", "rollout/sim_busy_fraction", "train/success_rate/pick up the bowl",
+                 "sampling/rounds", "sampling/kept_fraction"):
         assert not is_count_metric(name), name
 
 
@@ -263,6 +283,19 @@ def test_single_process_initialize_is_a_no_op():
 
 
 # -- worker side --------------------------------------------------------------------------------------
+def _trajectories(rows: slice = slice(None)):
+    """8 trajectories (4 GRPO groups of 2) with mixed successes and lengths, or the given rows."""
+    from vlajax.rl.samples import Trajectories
+
+    n, c, k, a = M, 4, 2, 7
+    length = np.array([1, 4, 2, 4, 3, 4, 4, 2])
+    tr = Trajectories(actions_tokens=np.zeros((n, c, k * a), np.int32), old_logp=np.zeros((n, c, k * a), np.float32),
+                      chunk_valid=np.arange(c)[None, :] < length[:, None],
+                      success=np.array([1, 0, 1, 1, 0, 0, 1, 0], bool), finish_step=2 * length.astype(np.int32),
+                      group_id=np.arange(n) // GROUP + 100, task_id=np.zeros(n, np.int64))
+    return type(tr)(**{f: getattr(tr, f)[rows] for f in tr.__dataclass_fields__})
+
+
 def _batch_keys() -> tuple[str, ...]:
     return ("input_ids", "attention_mask", "tokens", "old_logp", "advantages", "mask", "pixel_values")
 
@@ -280,8 +313,10 @@ def _worker_update(out: str, nproc: str, pid: str, port: str) -> None:
     sys.path.insert(0, str(HERE))
     from _learner_worker import flat_params, init_params, make_batch, make_policy
 
+    from vlajax.config import load_config
     from vlajax.distributed.sharding import make_mesh
     from vlajax.rl.learner import Learner, LearnerConfig
+    from vlajax.train import trajectory_advantages
 
     assert jax.device_count() == 4 and jax.local_device_count() == 4 // nproc and jax.process_count() == nproc
     mesh = make_mesh()
@@ -315,10 +350,14 @@ def _worker_update(out: str, nproc: str, pid: str, port: str) -> None:
         except ValueError as e:
             unequal = str(e)
 
+    adv = {est: trajectory_advantages(load_config("demo", [f"algorithm.adv_estimator={est}"]), _trajectories(rows),
+                                      action_dim=7, chunk_len=2).tolist() for est in ("reinforce_plus_plus", "grpo")}
+
     gathered = multihost_utils.process_allgather({"p": learner.params(), "batch": batch}, tiled=True)
     res = dict(rows=[rows.start, rows.stop], groups=[groups.start, groups.stop],
                spec=str(batch["tokens"].sharding.spec),
                same_as_learner=bool(same), metrics=metrics, aggregated=aggregated, unequal_rows_error=unequal,
+               advantages=adv,
                distributed=jax.distributed.is_initialized(), info=[info.process_id, info.num_processes],
                fsdp_params_span_processes=len({d.process_index for d in q.sharding.device_set}))
     Path(out, f"result{pid}.json").write_text(json.dumps(res))

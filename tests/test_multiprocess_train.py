@@ -1,39 +1,47 @@
 """`vlajax train` as several JAX processes on one machine (2 CPU processes x 2 devices, gloo):
 
-(a) a 2-process run takes a checkpoint, is resumed on 2 processes, then again on 1 process: the
-    metrics file has every step once (no gap, no repeat), only process 0 wrote logs, each resumed run
-    printed the resume line;
-(b) killing one process mid-run ends the other with an error naming the dead process within the
-    heartbeat timeout, and no process of the job is left behind.
+(a) launched as a user launches it, `vlajax train demo trainer.nnodes=2 ray.address=auto` on a real
+    2-node Ray cluster on this machine (one trainer per raylet): a 2-process run takes a checkpoint,
+    is resumed on 2 processes, then again on 1 process (`trainer.nnodes=1`); the metrics file has
+    every step once (no gap, no repeat), only process 0 wrote logs, each resumed run printed the
+    resume line, no process and no Ray resource is left behind;
+(b) launched with the JAX_* variables (as srun or any other launcher does), each process
+    `python -m vlajax.cli train demo ...` in its own session (a "node"): killing one mid-run ends the
+    other with an error naming the dead process within the heartbeat timeout, and no process of the
+    job is left behind.
 
-Each process is `python -m vlajax.cli train demo ...` with the JAX_* launch variables, in its own
-session (so a test can end one "node" with everything it started); a temp cwd holds the relative
-run directory.
+A temp cwd holds the relative run directory.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 import pytest
+import ray
+from ray.cluster_utils import Cluster
+
+from vlajax.distributed.ray_sim import init_ray
 
 ROOT = Path(__file__).parent.parent
 HEARTBEAT_S = 10
-TINY = [
+TINY = [  # a 2-step-a-minute demo: 2 groups of 4 per step
     "actor_rollout_ref.model.image_size=56", "actor_rollout_ref.rollout.n=4", "data.train_batch_size=2",
     "env.train.num_envs=2", "env.train.max_episode_steps=16", "env.train.init_params.camera_heights=32",
     "env.train.init_params.camera_widths=32", "actor_rollout_ref.actor.ppo_mini_batch_size=8",
     "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4", "actor_rollout_ref.actor.ppo_epochs=1",
     "data.val_num_trials_per_task=1", "trainer.test_freq=-1", "trainer.val_before_train=false",
     "trainer.save_freq=1", "data.filter_accuracy=false", "trainer.logger=[console,jsonl]",
-    "trainer.default_local_dir=run", "ray.num_cpus=2",
+    "trainer.default_local_dir=run",
 ]
 
 
@@ -62,7 +70,7 @@ class Job:
                 with open(self.log_path(i), "w") as f:
                     self.procs.append(subprocess.Popen(
                         [sys.executable, "-m", "vlajax.cli", "train", "demo", f"trainer.nnodes={nproc}", *TINY,
-                         *overrides], cwd=cwd, env={**e, "PYTHONPATH": str(ROOT)}, stdout=f,
+                         "ray.num_cpus=2", *overrides], cwd=cwd, env={**e, "PYTHONPATH": str(ROOT)}, stdout=f,
                         stderr=subprocess.STDOUT, start_new_session=True))
         except BaseException:
             self.kill()
@@ -121,30 +129,122 @@ def _steps(run: Path) -> list[int]:
     return [x["step"] for x in lines if "train/success_rate" in x]
 
 
+@pytest.fixture
+def ray_cluster():
+    """A real 2-node Ray cluster on this machine (2 raylets, 2 CPUs each, its own temp dir), found
+    by `ray.address=auto` through $RAY_TMPDIR, as `ray start` on two nodes would be."""
+    tmp = tempfile.mkdtemp(prefix="vjm_", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+    old = {k: os.environ.get(k) for k in ("RAY_TMPDIR", "RAY_AUTH_MODE")}
+    os.environ["RAY_TMPDIR"] = tmp  # the raylets (and so the launched trainers) inherit it
+    # One auth mode for every process. Left unset, Ray 2.60 turns token auth on in this process after
+    # the cluster's processes have started without it (when ~/.ray/auth_token exists), and a driver in
+    # another process then refuses the GCS's calls. (`ray start` + `vlajax train` in a shell agree.)
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    try:
+        c.add_node(num_cpus=2)
+        session = init_ray(c.address)
+        c.wait_for_nodes()
+        yield tmp
+        session.shutdown()
+    finally:
+        c.shutdown()
+        for k, v in old.items():
+            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class UserCommand:
+    """`vlajax train demo ...` run the way a user types it, in `cwd` (relative run dir), on the Ray
+    cluster (`ray.address=auto`); output in cwd/<tag>.log."""
+
+    def __init__(self, cwd: Path, tag: str, overrides: list[str], ray_tmpdir: str):
+        self.cwd, self.log_path = cwd, cwd / f"{tag}.log"
+        env = {**os.environ, "RAY_TMPDIR": ray_tmpdir, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1",
+               "XLA_FLAGS": "--xla_force_host_platform_device_count=2",  # passed on to the launched processes
+               "JAX_COMPILATION_CACHE_DIR": str(cwd / "jax_cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+        with open(self.log_path, "w") as f:
+            self.proc = subprocess.Popen([sys.executable, "-m", "vlajax.cli", "train", "demo", "ray.address=auto",
+                                          *TINY, *overrides], cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                         start_new_session=True)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def wait(self, timeout: float) -> int:
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            pytest.fail(f"still running after {timeout} s\n{self.log()[-5000:]}")
+
+    def kill(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        self.proc.wait()
+
+
+def _in_dir(cwd: Path) -> list[int]:
+    """Pids of live processes (other than this one) whose working directory is `cwd`: the trainers."""
+    out = []
+    for pid in (int(d) for d in os.listdir("/proc") if d.isdigit()):
+        try:
+            if pid != os.getpid() and Path(f"/proc/{pid}/cwd").resolve() == cwd.resolve() \
+                    and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+                out.append(pid)
+        except OSError:
+            pass
+    return out
+
+
+def _released() -> bool:
+    """Every placement group removed and every CPU of the cluster free again (a few seconds' grace)."""
+    for _ in range(30):
+        if (all(v["state"] == "REMOVED" for v in ray.util.placement_group_table().values())
+                and ray.available_resources().get("CPU") == ray.cluster_resources().get("CPU")):
+            return True
+        time.sleep(1)
+    return False
+
+
 @pytest.mark.slow  # three short runs, one after the other (~2 min each on 2 busy cores)
-def test_resume_across_process_counts(tmp_path):
+def test_launched_run_resumes_across_process_counts(tmp_path, ray_cluster):
+    """The user's commands on a 2-node cluster: `vlajax train demo trainer.nnodes=2 ray.address=auto`
+    (one trainer per node, launched through Ray) for 1 step; the same for 2 steps (resumes on 2
+    processes); `trainer.nnodes=1` for 3 steps (resumes on 1). Metrics have every step once, only
+    process 0 writes logs, each resumed run prints where it resumed, nothing is left running."""
     runs = []
     try:
-        for tag, nproc, steps in (("a", 2, 1), ("b", 2, 2), ("c", 1, 3)):
-            job = Job(tmp_path, tag, nproc, [f"trainer.total_training_steps={steps}"])
-            runs.append(job)
-            codes = job.wait(360)
-            assert codes == [0] * nproc, f"{tag}: exit codes {codes}\n{job.logs()}"
-            assert not job.leftovers(), f"{tag}: processes left behind"
-        a, b, c = runs
+        for tag, nnodes, steps in (("a", 2, 1), ("b", 2, 2), ("c", 1, 3)):
+            cmd = UserCommand(tmp_path, tag, [f"trainer.nnodes={nnodes}", f"trainer.total_training_steps={steps}"],
+                              ray_cluster)
+            runs.append(cmd)
+            code = cmd.wait(420)
+            assert code == 0, f"{tag}: exit code {code}\n{cmd.log()[-5000:]}"
+            assert not _in_dir(tmp_path), f"{tag}: processes left behind"
+            assert _released(), f"{tag}: Ray resources not released: {ray.available_resources()}"
+        a, b, c = (r.log() for r in runs)
         run = tmp_path / "run"
         assert _steps(run) == [1, 2, 3]  # no gap, no repeat: only process 0 logs, resumed at the right step
         assert sorted(int(p.name) for p in (run / "checkpoints").iterdir() if p.name.isdigit()) == [2, 3]
-        assert "vlajax train: resumed from checkpoint" not in a.log(0)
-        assert f"resumed from checkpoint {run.resolve()}/checkpoints/1 at training step 1" in b.log(0)
-        assert f"resumed from checkpoint {run.resolve()}/checkpoints/2 at training step 2" in c.log(0)
-        for job, last in ((a, 1), (b, 2)):  # console metrics and the resume line: process 0 only
-            assert f"step {last}/{last}" in job.log(0) and f"step {last}/{last}" not in job.log(1)
-            assert "resumed from checkpoint" not in job.log(1)
+        for log in (a, b):  # one trainer per node (STRICT_SPREAD over the two raylets), both joined
+            assert "vlajax train: 2 trainer processes finished" in log, log[-3000:]
+            for i in range(2):
+                assert f"] vlajax: process {i} of 2 on " in log and "devices local 2 / global 4" in log, log[-3000:]
+        assert "resumed from checkpoint" not in a
+        assert f"[0@" in b and f"resumed from checkpoint {run.resolve()}/checkpoints/1 at training step 1" in b
+        assert f"resumed from checkpoint {run.resolve()}/checkpoints/2 at training step 2" in c
+        for log, last in ((a, 1), (b, 2)):  # console metrics, the resume line and the summary: process 0 only
+            assert f"step {last}/{last}" in log
+            ones = [x for x in log.splitlines() if x.startswith("[1@")]
+            assert not any("step " in x or "resumed from" in x or "run directory:" in x for x in ones), ones
+            assert log.count("run directory: ") == 1
         assert (run / "eval" / "final.md").exists() and (run / "learning_curve.png").exists()
     finally:
-        for job in runs:
-            job.kill()
+        for r in runs:
+            r.kill()
 
 
 @pytest.mark.slow  # one 2-process run until its first step (~2 min), then the heartbeat timeout
@@ -177,15 +277,22 @@ def test_killed_process_ends_the_other(tmp_path):
         job.kill()
 
 
-def test_nnodes_needs_a_multi_process_launch(monkeypatch):
-    """Single process: trainer.nnodes=2 is an error saying how to launch; a described job of another
-    size is an error naming both counts."""
+def test_nnodes_needs_a_multi_process_launch(monkeypatch, capsys):
+    """One process and trainer.nnodes=2: the config loads (the head node launches from it), `vlajax
+    train` without a Ray cluster says how to start one, and training in that process is an error
+    naming the key and saying how to launch; a described job of another size is a config error."""
+    from vlajax import cli
     from vlajax.config import ConfigError, load_config
+    from vlajax.train import train
 
-    for k in ("JAX_NUM_PROCESSES", "NUM_PROCESSES", "WORLD_SIZE", "SLURM_JOB_ID"):
+    for k in ("JAX_NUM_PROCESSES", "NUM_PROCESSES", "WORLD_SIZE", "SLURM_JOB_ID", "VLAJAX_LAUNCHED",
+              "VLAJAX_LAUNCH_STRATEGY"):
         monkeypatch.delenv(k, raising=False)
-    with pytest.raises(ConfigError, match=r"ray\.address=auto.*srun") as e:
-        load_config(None, ["trainer.nnodes=2"])
+    cfg = load_config(None, ["trainer.nnodes=2"])
+    assert cli.main(["train", "trainer.nnodes=2"]) == 1  # embedded Ray is one node: nothing is started
+    assert "trainer.nnodes=2 needs a Ray cluster of 2 train nodes: start one" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match=r"cannot train in a single process.*ray\.address=auto.*srun") as e:
+        train(cfg)
     assert e.value.key == "trainer.nnodes"
     monkeypatch.setenv("JAX_NUM_PROCESSES", "3")
     with pytest.raises(ConfigError, match="trainer.nnodes=2 but the job has 3 processes"):

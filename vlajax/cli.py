@@ -62,8 +62,9 @@ def _train(args) -> int:
 
     res = train(cfg)
     fe = res.final_eval or {}
-    print(f"run directory: {res.run_dir} ({res.steps} steps); final greedy success rate "
-          f"{fe.get('success_rate', float('nan')):.2f}; learning curve: {res.run_dir / 'learning_curve.png'}")
+    if res.primary:  # one summary per job
+        print(f"run directory: {res.run_dir} ({res.steps} steps); final greedy success rate "
+              f"{fe.get('success_rate', float('nan')):.2f}; learning curve: {res.run_dir / 'learning_curve.png'}")
     return 0
 
 
@@ -95,8 +96,9 @@ def _join(nnodes: int) -> None:
     info = initialize()
     if not info.multi:
         return
+    # stderr: a Ray launch shows every process's stderr (stdout: process 0's only)
     print(f"vlajax: process {jax.process_index()} of {jax.process_count()} on {socket.gethostname()}, "
-          f"devices local {jax.local_device_count()} / global {jax.device_count()}", flush=True)
+          f"devices local {jax.local_device_count()} / global {jax.device_count()}", file=sys.stderr, flush=True)
     if info.num_processes != nnodes:
         print(f"vlajax train: warning: trainer.nnodes={nnodes} but the job has {info.num_processes} processes "
               f"(one per node expected)", file=sys.stderr, flush=True)

@@ -33,7 +33,8 @@ Each mini-batch is the global array of every process's rows (`multihost.global_b
 is one job-wide step. Metrics are combined with `multihost.aggregate_metrics`; only process 0 writes
 logs, videos, the learning curve and the evaluation table. Checkpoints are written by all processes
 (orbax) into the one run directory; the sampler state in them is the same on every process, so a run
-resumes on the same or another process count. REINFORCE++ whitens advantages per process there.
+resumes on the same or another process count. Advantages are computed over the job's whole batch
+(`trajectory_advantages`), so REINFORCE++ whitens job-wide.
 """
 
 from __future__ import annotations
@@ -73,11 +74,25 @@ log = logging.getLogger(__name__)
 def trajectory_advantages(cfg: RunConfig, traj, *, action_dim: int, chunk_len: int) -> np.ndarray:
     """(N,) advantage per trajectory by `algorithm.adv_estimator`: GRPO within groups; REINFORCE++
     whitened over all valid *tokens* of the batch, as verl does (each trajectory weighted by its
-    valid-token count, `samples.token_mask`)."""
-    rewards = traj.success.astype(np.float32) * cfg.env.train.reward_coef
+    valid-token count, `samples.token_mask`).
+
+    Several processes: the estimator sees the job's whole batch (every process's rewards, weights and
+    group ids, all-gathered: a few floats per trajectory; every process has the same count) and each
+    keeps its own rows, so a batch-wide baseline (REINFORCE++) is the job's, as on one process. GRPO's
+    groups never straddle processes, so it gets the same values either way."""
+    rewards = traj.success.astype(np.float64) * cfg.env.train.reward_coef
     weights = token_mask(traj, action_dim=action_dim, chunk_len=chunk_len).sum(axis=(1, 2))
-    return compute_advantages(cfg.algorithm.adv_estimator, rewards, traj.group_id, token_weights=weights,
-                              norm_by_std=cfg.algorithm.norm_adv_by_std_in_grpo)
+    group_ids, n = np.asarray(traj.group_id, np.int64), len(rewards)
+    mine = slice(0, n)
+    if jax.process_count() > 1:  # group ids are job-wide (one sampler), so they stay distinct
+        every = multihost.allgather_floats(np.concatenate([rewards, weights, group_ids]))  # (P, 3N)
+        rewards, weights, group_ids = every[:, :n].ravel(), every[:, n:2 * n].ravel(), every[:, 2 * n:].ravel()
+        group_ids = group_ids.astype(np.int64)
+        me = jax.process_index()
+        mine = slice(me * n, (me + 1) * n)
+    adv = compute_advantages(cfg.algorithm.adv_estimator, rewards.astype(np.float32), group_ids,
+                             token_weights=weights, norm_by_std=cfg.algorithm.norm_adv_by_std_in_grpo)
+    return adv[mine]
 
 
 def video_dir(cfg: RunConfig) -> str | None:
@@ -175,6 +190,7 @@ class TrainResult:
     steps: int
     history: list[dict]
     final_eval: dict | None
+    primary: bool = True  # process 0 of the job (the one that wrote the run's logs)
 
 
 class Trainer(Closing):
@@ -425,14 +441,16 @@ class Trainer(Closing):
     def _evaluate_shared(self, pairs, temp: float, video_dir: str | None) -> list[dict]:
         """Several processes: each evaluates its contiguous share of `pairs` (padded with repeats of
         the first to equal shares), the results are all-gathered, every process returns all records.
-        Only process 0 records videos (of its share)."""
+        Videos: each process records its own share into `video_dir/process<i>` (its simulators'
+        file names are only unique within one process)."""
         procs, me = self.job.num_processes, self.job.process_id
         share = -(-len(pairs) // procs)
         padded = list(pairs) + [pairs[0]] * (share * procs - len(pairs))
         mine = padded[me * share:(me + 1) * share]
-        if video_dir is not None and self.primary:
+        if video_dir is not None:
             self.sim.close()
-            with SimSession(self.sim_cfg, self.policy, params=self._decode_params(), video_dir=video_dir) as sim:
+            with SimSession(self.sim_cfg, self.policy, params=self._decode_params(),
+                            video_dir=str(Path(video_dir) / f"process{me}")) as sim:
                 res = sim.evaluate(mine, temperature=temp)
         else:
             res = self.sim.evaluate(mine, temperature=temp)
@@ -489,6 +507,14 @@ def train(cfg: RunConfig) -> TrainResult:
     from vlajax.evaluate import eval_states_line, train_states_line
 
     job = join_job()  # before anything starts jax's backend; a no-op for one process
+    if cfg.trainer.nnodes > 1 and not job.multi:
+        n = cfg.trainer.nnodes
+        raise ConfigError(f"trainer.nnodes={n} cannot train in a single process: `vlajax train` then runs as one "
+                          f"JAX process per train node. Launch it with `vlajax train ... trainer.nnodes={n} "
+                          f"ray.address=auto` on a Ray cluster, or `srun -N {n} --ntasks-per-node=1 vlajax train ...` "
+                          "under SLURM (or set JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID in each "
+                          "process). Or use trainer.nnodes=1 (simulators can still run on other nodes: "
+                          "env.disagg_sim.enable=true)", key="trainer.nnodes")
     primary = job.process_id == 0
     run_dir = cfg.run_dir
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -553,4 +579,4 @@ def train(cfg: RunConfig) -> TrainResult:
         if primary:
             plot_learning_curve(run_dir / "metrics.jsonl", run_dir / "learning_curve.png",
                                 keys=((TRAIN_SUCCESS, "train (sampled rollouts)"), (VAL_SUCCESS, val)))
-        return TrainResult(run_dir, tr.step, history, final)
+        return TrainResult(run_dir, tr.step, history, final, primary)

@@ -8,6 +8,11 @@ subprocess of its node with the JAX multi-process variables set:
     JAX_COORDINATOR_ADDRESS = <node IP of process 0>:<a port free there>
     JAX_NUM_PROCESSES = N, JAX_PROCESS_ID = i, VLAJAX_LAUNCHED = 1 (so the child does not launch again)
 
+Variables of the launching shell whose names start with one of `FORWARD_PREFIXES` (JAX_, XLA_,
+VLAJAX_, NCCL_, MUJOCO_, PYOPENGL_, LIBERO_, WANDB_) are passed on to every child, as srun and
+torchrun pass theirs: `XLA_FLAGS=... vlajax train ...` applies to every node. Everything else comes
+from the node (the environment its `ray start` ran in).
+
 The children then join one JAX job (`vlajax.distributed.multihost.initialize`). The launcher
 streams their output, prefixed with ``[i@IP]`` (process 0: everything; the others: stderr only, so
 N copies of the same log do not drown each other), and watches them:
@@ -58,13 +63,15 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from vlajax.distributed.placement import MARKER_SHARE, TRAIN_RESOURCE
 
-__all__ = ["LAUNCHED_ENV", "STRATEGY_ENV", "PYTHON", "LaunchError", "LaunchResult", "launch", "launch_train",
-           "train_command", "is_launched_child", "in_multiprocess_job", "placement_strategy"]
+__all__ = ["LAUNCHED_ENV", "STRATEGY_ENV", "PYTHON", "FORWARD_PREFIXES", "LaunchError", "LaunchResult", "launch",
+           "launch_train", "forwarded_env", "train_command", "is_launched_child", "in_multiprocess_job", "placement_strategy"]
 
 LAUNCHED_ENV = "VLAJAX_LAUNCHED"  # set in every child: `vlajax train` there joins instead of launching
 STRATEGY_ENV = "VLAJAX_LAUNCH_STRATEGY"  # STRICT_SPREAD (default) | PACK | SPREAD
 PYTHON = "{python}"  # in a command: replaced by the node's own interpreter (the actor's sys.executable)
 TAIL_LINES = 40  # stderr lines kept per child for the error message
+# variables of the launching process passed on to every child (the rest is the node's own environment)
+FORWARD_PREFIXES = ("JAX_", "XLA_", "VLAJAX_", "NCCL_", "MUJOCO_", "PYOPENGL_", "LIBERO_", "WANDB_")
 _STRATEGIES = ("STRICT_SPREAD", "SPREAD", "PACK", "STRICT_PACK")
 
 
@@ -112,6 +119,12 @@ def placement_strategy(strategy: str | None = None) -> str:
     if s not in _STRATEGIES:
         raise ValueError(f"launch strategy {s!r} (${STRATEGY_ENV}) is not one of {', '.join(_STRATEGIES)}")
     return s
+
+
+def forwarded_env(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The launching environment's variables every child gets (`FORWARD_PREFIXES`)."""
+    environ = os.environ if environ is None else environ
+    return {k: v for k, v in environ.items() if k.startswith(FORWARD_PREFIXES)}
 
 
 def train_command(argv: Sequence[str]) -> list[str]:
@@ -272,7 +285,8 @@ def launch(argv: Sequence[str], nnodes: int, *, command: Sequence[str] | None = 
     argv: the `vlajax train` arguments (ignored when `command` is given).
     command: what each node runs (default `train_command(argv)`); the token `PYTHON` is replaced by
       the node's interpreter. Tests pass a small python -c here.
-    env: extra variables for every child (on top of the node's environment and the JAX_* ones).
+    env: extra variables for every child, on top of the node's environment and this process's
+      `forwarded_env()`; the JAX_* launch variables are set last.
     strategy: placement group strategy (default `placement_strategy()`: STRICT_SPREAD).
     cwd: the children's working directory (default: this process's; the same path on every node).
     stream: "first" = process 0's output and the others' stderr, "all", or "none".
@@ -292,7 +306,7 @@ def launch(argv: Sequence[str], nnodes: int, *, command: Sequence[str] | None = 
         children = _Children(pg, nnodes)
         coordinator = f"{children.ips[0]}:{ray.get(children.actors[0].free_port.remote())}"
         for i, a in enumerate(children.actors):
-            child_env = {**(env or {}), LAUNCHED_ENV: "1", "PYTHONUNBUFFERED": "1",
+            child_env = {**forwarded_env(), **(env or {}), LAUNCHED_ENV: "1", "PYTHONUNBUFFERED": "1",
                          "JAX_COORDINATOR_ADDRESS": coordinator, "JAX_NUM_PROCESSES": str(nnodes),
                          "JAX_PROCESS_ID": str(i)}
             children.pids[i] = ray.get(a.start.remote(cmd, child_env, cwd or os.getcwd()))

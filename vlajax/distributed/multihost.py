@@ -297,13 +297,15 @@ def assign_groups(train_batch_size: int, num_processes: int | None = None, proce
 # -- metrics --------------------------------------------------------------------------------------
 # Summed (counts); everything else is averaged. Matched against the last "/" part of the name.
 _COUNT = re.compile(r"^(num|n)_|_(count|total|calls)(_|$)|^(episodes|successes|env_steps|restarts|"
-                    r"valid_tokens|valid_samples|samples|tokens)$")
+                    r"valid_tokens|valid_samples|samples|tokens|groups_seen|groups_kept|carried_in|carried_out|"
+                    r"dropped_excess)$")
 
 
 def is_count_metric(name: str) -> bool:
     """True for a count, summed across processes: the last "/" part starts with ``num_`` / ``n_``,
-    contains ``_count``, ``_total`` or ``_calls`` as a word, or is one of episodes, successes,
-    env_steps, restarts, valid_tokens, valid_samples, samples, tokens (train.py's counts)."""
+    contains ``_count``, ``_total`` or ``_calls`` as a word, or is one of train.py's counts: episodes,
+    successes, env_steps, restarts, valid_tokens, valid_samples, samples, tokens, and dynamic sampling's
+    groups_seen, groups_kept, carried_in, carried_out, dropped_excess."""
     return bool(_COUNT.search(name.rsplit("/", 1)[-1]))
 
 
