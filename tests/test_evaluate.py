@@ -78,13 +78,19 @@ def test_eval_of_a_training_run(run_dir, capsys):
     assert [r["task"] for r in _rows(run_dir / "eval1" / "tabletop_anchored_step1.csv")] == ["reach_blue", "reach_red", "all"]
 
 
-def test_eval_errors_name_the_problem(run_dir, tmp_path, capsys):
+def test_eval_errors_name_the_problem(run_dir, tmp_path, capsys, monkeypatch):
     assert cli_main(["eval", str(run_dir), "--step", "7", "--trials", "1"]) == 2
     assert "no checkpoint of training step 7" in capsys.readouterr().err
     assert cli_main(["eval", str(run_dir), "--tasks", "reach_purple", "--trials", "1"]) == 2
     assert "no task named 'reach_purple'" in capsys.readouterr().err
     assert cli_main(["eval", str(tmp_path / "missing")]) == 2
-    assert "does not exist" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "does not exist" in err and "set VLAJAX_TRACEBACK=1 to see where" in err and "Traceback" not in err
+    monkeypatch.setenv("VLAJAX_TRACEBACK", "1")  # the same error with where it was raised
+    assert cli_main(["eval", str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert "Traceback (most recent call last)" in err and "does not exist" in err
+    monkeypatch.delenv("VLAJAX_TRACEBACK")
     assert cli_main(["eval", str(run_dir), "--suite", "libero_99"]) == 2
     assert "libero_99" in capsys.readouterr().err
 

@@ -1,11 +1,13 @@
-"""`vlajax train` as several JAX processes on one machine (2 CPU processes x 2 devices, gloo):
+"""`vlajax train` as several JAX processes on one machine (CPU devices, gloo collectives):
 
 (a) launched as a user launches it, `vlajax train demo trainer.nnodes=2 ray.address=auto` on a real
-    2-node Ray cluster on this machine (one trainer per raylet): a 2-process run takes a checkpoint,
+    2-node Ray cluster on this machine (one trainer per raylet, one CPU device each, as a one-GPU
+    node has; the data axis alone crosses processes): a 2-process run takes a checkpoint,
     is resumed on 2 processes, then again on 1 process (`trainer.nnodes=1`); the metrics file has
     every step once (no gap, no repeat), only process 0 wrote logs, each resumed run printed the
     resume line, no process and no Ray resource is left behind;
-(b) launched with the JAX_* variables (as srun or any other launcher does), each process
+(b) launched with the JAX_* variables (as srun or any other launcher does), 2 devices per process
+    (FSDP inside each), each process
     `python -m vlajax.cli train demo ...` in its own session (a "node"): killing one mid-run ends the
     other with an error naming the dead process within the heartbeat timeout, and no process of the
     job is left behind.
@@ -160,9 +162,11 @@ class UserCommand:
 
     def __init__(self, cwd: Path, tag: str, overrides: list[str], ray_tmpdir: str):
         self.cwd, self.log_path = cwd, cwd / f"{tag}.log"
+        # one CPU device per process, as a user gets by default (and as a one-GPU node has); the
+        # JAX_* variables reach the launched processes through the launcher
         env = {**os.environ, "RAY_TMPDIR": ray_tmpdir, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1",
-               "XLA_FLAGS": "--xla_force_host_platform_device_count=2",  # passed on to the launched processes
                "JAX_COMPILATION_CACHE_DIR": str(cwd / "jax_cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+        env.pop("XLA_FLAGS", None)
         with open(self.log_path, "w") as f:
             self.proc = subprocess.Popen([sys.executable, "-m", "vlajax.cli", "train", "demo", "ray.address=auto",
                                           *TINY, *overrides], cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT,
@@ -232,7 +236,7 @@ def test_launched_run_resumes_across_process_counts(tmp_path, ray_cluster):
         for log in (a, b):  # one trainer per node (STRICT_SPREAD over the two raylets), both joined
             assert "vlajax train: 2 trainer processes finished" in log, log[-3000:]
             for i in range(2):
-                assert f"] vlajax: process {i} of 2 on " in log and "devices local 2 / global 4" in log, log[-3000:]
+                assert f"] vlajax: process {i} of 2 on " in log and "devices local 1 / global 2" in log, log[-3000:]
         assert "resumed from checkpoint" not in a
         assert f"[0@" in b and f"resumed from checkpoint {run.resolve()}/checkpoints/1 at training step 1" in b
         assert f"resumed from checkpoint {run.resolve()}/checkpoints/2 at training step 2" in c

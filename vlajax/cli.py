@@ -11,7 +11,12 @@ import argparse
 import os
 import signal
 import sys
+import traceback
 from pathlib import Path
+
+from vlajax.config import ConfigError
+
+TRACEBACK_ENV = "VLAJAX_TRACEBACK"  # "1": errors also print their traceback
 
 
 def _absolute(path: str | None) -> Path | None:
@@ -190,7 +195,11 @@ def main(argv: list[str] | None = None) -> int:
     # ConfigError is a ValueError; OSError covers missing files, a damaged checkpoint
     # (CheckpointReadError), an unreachable cluster (ConnectionError)
     except (OSError, ValueError, KeyError) as e:
+        if os.environ.get(TRACEBACK_ENV) == "1":
+            traceback.print_exc()
         print(f"vlajax {args.command}: error: {e}", file=sys.stderr)
+        if not isinstance(e, ConfigError) and os.environ.get(TRACEBACK_ENV) != "1":
+            print(f"(set {TRACEBACK_ENV}=1 to see where it was raised)", file=sys.stderr)
         return 2
     finally:
         signal.signal(signal.SIGTERM, previous)

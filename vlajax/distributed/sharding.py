@@ -62,7 +62,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 __all__ = [
     "DATA_AXIS", "FSDP_AXIS", "BATCH_AXES", "LOGICAL_AXIS_RULES", "make_mesh",
     "logical_to_spec", "logical_to_sharding", "state_shardings", "fsdp_fallback_spec",
-    "shard_batch", "with_logical_constraint", "maybe_initialize_distributed",
+    "place", "shard_batch", "with_logical_constraint", "maybe_initialize_distributed",
 ]
 
 log = logging.getLogger(__name__)
@@ -237,6 +237,18 @@ def state_shardings(
 
     return jax.tree_util.tree_map_with_path(
         one, tree, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+def place(x: Any, sharding: NamedSharding) -> jax.Array:
+    """`jax.device_put(x, sharding)`, also when `sharding` spans several processes and `x` is this
+    process's own copy of the value (a jax array on its local devices; every process passes the
+    same value). That case goes through `jax.make_array_from_callback`, each local shard sliced on
+    the device: jax 0.10's device_put of a process-local array onto devices of several processes
+    returns an array whose shards cannot be read when a process has one device (and refuses a
+    committed one as a cross-host transfer)."""
+    if sharding.is_fully_addressable or not isinstance(x, jax.Array) or not x.is_fully_addressable:
+        return jax.device_put(x, sharding)
+    return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
 
 
 def shard_batch(batch: Any, mesh: Mesh) -> Any:

@@ -86,7 +86,7 @@ import optax
 from flax import nnx, traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from vlajax.distributed.sharding import BATCH_AXES, make_mesh, shard_batch, state_shardings
+from vlajax.distributed.sharding import BATCH_AXES, make_mesh, place, shard_batch, state_shardings
 from vlajax.model.preprocess import preprocess_images
 from vlajax.rl.checkpoint import CheckpointManager, Restored
 from vlajax.rl.lora import has_lora, trainable_filter
@@ -345,7 +345,7 @@ def _place(tree: dict, shardings: dict, dtype) -> dict:
     """Shard, then cast floats to `dtype`. Arrays already right are taken over, not copied: a 7B
     policy's fp32 weights must not exist twice on one GPU."""
     def one(x, s):
-        x = jax.device_put(x, s)
+        x = place(x, s)
         return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) and x.dtype != dtype else x
     return jax.tree.map(one, tree, shardings)
 
@@ -384,7 +384,7 @@ class Learner:
         opt_sh = _opt_shardings(self.tx, jax.eval_shape(self.tx.init, params), t_sh, self.mesh)
         opt_state = jax.jit(self.tx.init, out_shardings=opt_sh)(params)
         repl = NamedSharding(self.mesh, P())
-        scalar = lambda v, dt: jax.device_put(jnp.asarray(v, dt), repl)  # noqa: E731
+        scalar = lambda v, dt: jax.device_put(np.asarray(v, dt), repl)  # noqa: E731 (host value: any process count)
         self.state = TrainState(params, opt_state, scalar(cfg.lr, jnp.float32), scalar(0, jnp.int32),
                                 scalar(0, jnp.int32))
         self.ref_params = self._reference(params) if cfg.kl_coef else None
