@@ -196,6 +196,10 @@ def test_strategy_and_child_detection(monkeypatch):
     monkeypatch.setenv("VLAJAX_LAUNCHED", "1")
     assert L.in_multiprocess_job()
     assert L.train_command(["demo", "a=1"]) == [L.PYTHON, "-m", "vlajax.cli", "train", "demo", "a=1"]
+    assert (L._exit_text(3), L._exit_text(-9)) == ("exited with code 3", "was killed by SIGKILL")
+    monkeypatch.setenv("XLA_FLAGS", "--x")
+    assert L.forwarded_env({"XLA_FLAGS": "--x", "JAX_PLATFORMS": "cpu", "HOME": "/h", "CUDA_VISIBLE_DEVICES": "0"}) \
+        == {"XLA_FLAGS": "--x", "JAX_PLATFORMS": "cpu"}  # the node keeps its own devices and home
 
 
 def test_cli_launches_only_for_several_nodes(monkeypatch):

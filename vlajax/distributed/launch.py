@@ -337,9 +337,20 @@ def _watch(children: _Children, stream: str, out: TextIO, poll_s: float, stop_ti
                 children.codes[i] = rc
                 if rc != 0:
                     tail = _safe_tail(a)
-                    raise _failure(children, i, f"exited with code {rc}", tail, stop_timeout_s, exit_code=rc)
+                    raise _failure(children, i, _exit_text(rc), tail, stop_timeout_s,
+                                   exit_code=rc if rc > 0 else 128 - rc)
         if any(c is None for c in children.codes):
             time.sleep(poll_s)
+
+
+def _exit_text(rc: int) -> str:
+    """'exited with code 3' / 'was killed by SIGKILL' (Popen's negative return codes)."""
+    if rc >= 0:
+        return f"exited with code {rc}"
+    try:
+        return f"was killed by {signal.Signals(-rc).name}"
+    except ValueError:
+        return f"was killed by signal {-rc}"
 
 
 def _forward(i: int, ip: str, lines: list[tuple[str, str]], stream: str, out: TextIO) -> None:
