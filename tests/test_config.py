@@ -202,6 +202,11 @@ BAD = [
     (["env.train.task_suite_name=tabletop_hard"], "env.train.task_suite_name", "tabletop_anchored"),
     (["trainer.mesh.data=2", "trainer.mesh.fsdp=2", "actor_rollout_ref.actor.ppo_micro_batch_size=6"],
      "actor_rollout_ref.actor.ppo_micro_batch_size", "4 devices"),
+    # several train nodes (the head node that launches them loads the config in one process)
+    (["trainer.nnodes=2", "data.train_batch_size=3", "env.rollout.pipeline_stage_num=1", "env.train.num_envs=4",
+      "actor_rollout_ref.actor.ppo_mini_batch_size=8"], "data.train_batch_size", "split evenly over trainer.nnodes=2"),
+    (["trainer.nnodes=2", "actor_rollout_ref.actor.ppo_mini_batch_size=1"], "actor_rollout_ref.actor.ppo_mini_batch_size",
+     "split evenly over trainer.nnodes=2"),
 ]
 
 

@@ -1004,8 +1004,16 @@ def _validate_batches(cfg: RunConfig) -> None:
            f"{t.n_env_gpus_per_node} x {'env.disagg_sim.nnodes' if env.disagg_sim.enable else 'trainer.nnodes'}="
            f"{cfg.placement().sim_nnodes}) x env.train.num_envs={e.num_envs} = {round_size} "
            "envs per rollout round: it must be a multiple of that")
+    if t.nnodes > 1:  # each process trains its own whole groups, the same number on every process
+        _check(d.train_batch_size % t.nnodes == 0, "data.train_batch_size",
+               f"{d.train_batch_size} GRPO groups cannot be split evenly over trainer.nnodes={t.nnodes} processes "
+               "(a group never straddles processes): use a multiple of trainer.nnodes")
     mini = a.ppo_mini_batch_size
     _positive(mini, p + "ppo_mini_batch_size")
+    if t.nnodes > 1:
+        _check(mini % t.nnodes == 0, p + "ppo_mini_batch_size",
+               f"{mini} trajectories cannot be split evenly over trainer.nnodes={t.nnodes} processes (each "
+               "contributes the same number of rows to every mini-batch): use a multiple of trainer.nnodes")
     _check(n_traj % mini == 0, p + "ppo_mini_batch_size",
            f"{mini} trajectories does not divide the {n_traj} trajectories of a step "
            f"(data.train_batch_size x actor_rollout_ref.rollout.n)")
