@@ -317,3 +317,22 @@ def test_group_buffer_pop_limit():
     assert batch.num_groups == 2 and batch.trajectories["x"].tolist() == [0, 1, 2, 3] and not batch.full
     buf.add({"x": np.arange(6)}, np.ones(6, bool), g + 10)
     assert buf.pop().num_groups == 3  # without a limit: as before
+
+
+def test_processes_draw_their_own_sampling_noise():
+    """Each decode row's key is fold_in(fold_in(round key, row), call), rows counted per process: the
+    round key must differ per process, or row i of every process would sample the same noise. One
+    process keeps its (seed, step, round) key, which exact resume relies on."""
+    import jax
+    import numpy as np
+
+    from vlajax.train import rollout_key
+
+    base = jax.random.key(0)
+    data = lambda k: np.asarray(jax.random.key_data(k))  # noqa: E731
+    want = jax.random.fold_in(jax.random.fold_in(base, 3), 1)
+    np.testing.assert_array_equal(data(rollout_key(base, 3, 1)), data(want))
+    row_noise = [jax.random.uniform(jax.random.fold_in(jax.random.fold_in(rollout_key(base, 3, 1, p), 5), 0), (4,))
+                 for p in (0, 1)]
+    assert not np.allclose(row_noise[0], row_noise[1])
+    assert not np.array_equal(data(rollout_key(base, 3, 1, 0)), data(rollout_key(base, 3, 2, 0)))

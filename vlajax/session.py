@@ -150,11 +150,12 @@ class SimSession(Closing):
         return self.pool.capacity
 
     def evaluate(self, pairs: Sequence[tuple[int, int]], *, temperature: float = 0.0, seed: int | None = None,
-                 on_round: Callable[[list[dict]], None] | None = None) -> list[dict]:
+                 on_round: Callable[[list[dict]], None] | None = None, stream: int | None = None) -> list[dict]:
         """Episodes for (task_id, state_id) pairs, greedy (temperature 0) or sampled, in rounds of
         `capacity` (the last padded with repeats whose results are dropped). One record per pair: task,
         state_id, success, length; `on_round` gets each round's records as they finish. Sampling keys
-        derive from `seed` and the round, so an evaluation is reproducible."""
+        derive from `seed` and the round, so an evaluation is reproducible; `stream` (a process id)
+        is folded in too, so that processes sharing an evaluation do not share sampling noise."""
         seed = self.cfg.env.train.seed if seed is None else seed
         cap = self.capacity
         results = []
@@ -165,6 +166,8 @@ class SimSession(Closing):
             t_ids = np.array([p[0] for p in chunk])
             s_ids = np.array([p[1] for p in chunk])
             key = jax.random.fold_in(jax.random.key(seed), r)
+            if stream is not None:
+                key = jax.random.fold_in(key, stream)
             tr = self.engine.rollout(t_ids, s_ids, np.arange(cap), seed=seed, temperature=temperature,
                                      key=key).trajectories
             recs = [{"task": self.tasks[t_ids[i]].name, "state_id": int(s_ids[i]), "success": bool(tr.success[i]),

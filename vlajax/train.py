@@ -12,7 +12,8 @@ One training step (SimpleVLA-RL's recipe):
      is reset before the update so the resets overlap it;
   4. log, validate greedily every `trainer.test_freq`, checkpoint every `trainer.save_freq`.
 
-Exact resume: rollout sampling keys derive from (seed, step, round), env starts from (task, state,
+Exact resume: rollout sampling keys derive from (seed, step, round; and the process id in a
+multi-process job, `rollout_key`), env starts from (task, state,
 seed), the sampler position and the learner state are checkpointed; so a run resumed after step k
 computes the same steps as one that never stopped: bit-identical on CPU when a rollout round decodes
 at most 32 rows (the demo's 16; `policy_step.default_buckets` says why), else the rollout's log-probs
@@ -93,6 +94,14 @@ def trajectory_advantages(cfg: RunConfig, traj, *, action_dim: int, chunk_len: i
     adv = compute_advantages(cfg.algorithm.adv_estimator, rewards.astype(np.float32), group_ids,
                              token_weights=weights, norm_by_std=cfg.algorithm.norm_adv_by_std_in_grpo)
     return adv[mine]
+
+
+def rollout_key(base: jax.Array, step: int, round_: int, process_id: int | None = None) -> jax.Array:
+    """The sampling key of a training rollout round: from (seed, step, round), and the process id in a
+    multi-process job. The decoder derives each row's key from it and the row's index in its process's
+    round, so without the process id row i of every process would draw the same noise."""
+    key = jax.random.fold_in(jax.random.fold_in(base, step), round_)
+    return key if process_id is None else jax.random.fold_in(key, process_id)
 
 
 def video_dir(cfg: RunConfig) -> str | None:
@@ -339,7 +348,7 @@ class Trainer(Closing):
         while not self._sampling_done(buf):
             groups, issued = (self.pending, True) if self.pending is not None else (self._round_groups(), False)
             self.pending = None
-            key = jax.random.fold_in(jax.random.fold_in(self.key, self.step), r)
+            key = rollout_key(self.key, self.step, r, self.job.process_id if self.job.multi else None)
             with timer("rollout"):
                 rb = self._rollout_round(groups, key, issued)
             rounds.append(rb)
@@ -451,9 +460,9 @@ class Trainer(Closing):
             self.sim.close()
             with SimSession(self.sim_cfg, self.policy, params=self._decode_params(),
                             video_dir=str(Path(video_dir) / f"process{me}")) as sim:
-                res = sim.evaluate(mine, temperature=temp)
+                res = sim.evaluate(mine, temperature=temp, stream=me)
         else:
-            res = self.sim.evaluate(mine, temperature=temp)
+            res = self.sim.evaluate(mine, temperature=temp, stream=me)
         got = multihost.allgather_floats([v for r in res for v in (r["success"], r["length"])])
         got = got.reshape(procs * share, 2)[:len(pairs)]
         return [{"task": self.tasks[t].name, "state_id": int(sid), "success": bool(ok), "length": int(n)}
