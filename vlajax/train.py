@@ -13,8 +13,8 @@ One training step (SimpleVLA-RL's recipe):
   4. log, validate greedily every `trainer.test_freq`, checkpoint every `trainer.save_freq`.
 
 Exact resume: rollout sampling keys derive from (seed, step, round; and the process id in a
-multi-process job, `rollout_key`), env starts from (task, state,
-seed), the sampler position and the learner state are checkpointed; so a run resumed after step k
+multi-process job, `rollout_key`), env starts from (task, state, seed), the sampler position and
+the learner state are checkpointed; so a run resumed after step k
 computes the same steps as one that never stopped: bit-identical on CPU when a rollout round decodes
 at most 32 rows (the demo's 16; `policy_step.default_buckets` says why), else the rollout's log-probs
 can differ at float32 rounding, depending on how simulator timing groups the decodes. On GPUs only
