@@ -207,6 +207,8 @@ BAD = [
       "actor_rollout_ref.actor.ppo_mini_batch_size=8"], "data.train_batch_size", "split evenly over trainer.nnodes=2"),
     (["trainer.nnodes=2", "actor_rollout_ref.actor.ppo_mini_batch_size=1"], "actor_rollout_ref.actor.ppo_mini_batch_size",
      "split evenly over trainer.nnodes=2"),
+    (["trainer.nnodes=2", "env.disagg_sim.enable=true", "env.disagg_sim.nnodes=3"], "env.disagg_sim.nnodes",
+     "shared evenly by trainer.nnodes=2"),
 ]
 
 

@@ -336,3 +336,25 @@ def test_processes_draw_their_own_sampling_noise():
                  for p in (0, 1)]
     assert not np.allclose(row_noise[0], row_noise[1])
     assert not np.array_equal(data(rollout_key(base, 3, 1, 0)), data(rollout_key(base, 3, 2, 0)))
+
+
+@pytest.mark.parametrize("layout", [[], ["env.disagg_sim.enable=true", "env.disagg_sim.nnodes=4"]],
+                         ids=["colocated", "disaggregated"])
+def test_each_process_places_its_share_of_the_simulators(layout, monkeypatch):
+    """Process configs of a 2-process job: together they place exactly the configured simulators
+    (one train node's worth each, or half the simulator nodes each), and a job-wide rollout round
+    is the processes' rounds put together."""
+    from vlajax.config import load_config
+    from vlajax.distributed.multihost import JobInfo
+    from vlajax.train import process_config
+
+    for k in ("JAX_NUM_PROCESSES", "NUM_PROCESSES", "WORLD_SIZE", "SLURM_JOB_ID"):
+        monkeypatch.delenv(k, raising=False)
+    cfg = load_config("demo", ["trainer.nnodes=2", "env.rollout.pipeline_stage_num=1", "env.train.num_envs=4", *layout])
+    mine = process_config(cfg, JobInfo(1, 2, "localhost:1"))
+    assert mine.trainer.nnodes == 1 and cfg.trainer.nnodes == 2
+    assert mine.placement().num_workers * 2 == cfg.placement().num_workers
+    assert mine.envs_per_round * 2 == cfg.envs_per_round
+    if layout:
+        assert mine.env.disagg_sim.nnodes == 2
+    assert process_config(cfg, JobInfo(0, 1, None)) is cfg  # one process: the config as it is

@@ -982,6 +982,11 @@ def _validate_cluster(cfg: RunConfig) -> None:
         procs = described_processes()  # 1 on the head node that launches them (vlajax.cli): checked by train()
         _check(procs in (1, t.nnodes), "trainer.nnodes",
                f"trainer.nnodes={t.nnodes} but the job has {procs} processes: run one process per train node")
+        dis = cfg.env.disagg_sim
+        if dis.enable:  # each trainer process owns an equal share of the simulator nodes
+            _check(dis.nnodes % t.nnodes == 0, "env.disagg_sim.nnodes",
+                   f"{dis.nnodes} simulator nodes cannot be shared evenly by trainer.nnodes={t.nnodes} trainer "
+                   "processes (each owns its own): use a multiple of trainer.nnodes")
     _check(t.n_env_gpus_per_node >= 0, "trainer.n_env_gpus_per_node",
            f"must be >= 0 (0 = CPU-only simulators), got {t.n_env_gpus_per_node}")
     _check(t.n_rollout_gpus_per_node >= 0, "trainer.n_rollout_gpus_per_node",

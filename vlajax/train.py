@@ -166,11 +166,17 @@ def train_mesh(cfg: RunConfig, job: multihost.JobInfo):
 
 
 def process_config(cfg: RunConfig, job: multihost.JobInfo) -> RunConfig:
-    """The config of this process's simulators: one node's worth (`trainer.nnodes=1`), since each
-    process of a multi-process job places its own simulators (its own embedded Ray)."""
+    """The config of this process's simulators: its share of the job's. Each process of a
+    multi-process job places its own simulators: colocated, one train node's worth
+    (`trainer.nnodes=1`); disaggregated, `env.disagg_sim.nnodes / trainer.nnodes` simulator nodes
+    (the config checks that it divides), so the job runs as many simulators as configured."""
     if not job.multi:
         return cfg
-    return dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, nnodes=1))
+    n = cfg.trainer.nnodes
+    env = cfg.env
+    if env.disagg_sim.enable:
+        env = dataclasses.replace(env, disagg_sim=dataclasses.replace(env.disagg_sim, nnodes=env.disagg_sim.nnodes // n))
+    return dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, nnodes=1), env=env)
 
 
 class _Quiet:
