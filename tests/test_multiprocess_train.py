@@ -29,10 +29,6 @@ import time
 from pathlib import Path
 
 import pytest
-import ray
-from ray.cluster_utils import Cluster
-
-from vlajax.distributed.ray_sim import init_ray
 
 ROOT = Path(__file__).parent.parent
 HEARTBEAT_S = 10
@@ -131,40 +127,117 @@ def _steps(run: Path) -> list[int]:
     return [x["step"] for x in lines if "train/success_rate" in x]
 
 
+RAY_ENV = {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}  # the same for every process of the test
+
+
+class RayCluster:
+    """A real 2-node Ray cluster on this machine, started as a user starts one: `ray start --head` and
+    `ray start --address=...` (two raylets, 2 CPUs each), `--block` so that ending those two
+    processes stops everything they started. Its own temp dir ($RAY_TMPDIR: `ray.address=auto` finds
+    it there), its own ports. Nothing of it lives in the pytest process, whose own Ray state other
+    tests use (Ray caches its auth mode per process)."""
+
+    def __init__(self, cpus: int = 2):
+        self.tmp = tempfile.mkdtemp(prefix="vjm_", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
+        self.env = {**os.environ, **RAY_ENV, "RAY_TMPDIR": self.tmp}
+        ray_cli = str(Path(sys.executable).parent / "ray")
+        port = free_port()
+        self.address = f"127.0.0.1:{port}"
+        node = lambda: ["--block", f"--num-cpus={cpus}", f"--dashboard-agent-listen-port={free_port()}",  # noqa: E731
+                        f"--metrics-export-port={free_port()}", f"--runtime-env-agent-port={free_port()}"]
+        self.procs = []
+        try:
+            self.procs.append(self._start([ray_cli, "start", "--head", f"--port={port}", "--include-dashboard=false",
+                                           f"--ray-client-server-port={free_port()}", *node()], "head"))
+            self._wait_nodes(1)
+            self.procs.append(self._start([ray_cli, "start", f"--address={self.address}", *node()], "node2"))
+            self._wait_nodes(2)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _start(self, cmd: list[str], tag: str) -> subprocess.Popen:
+        with open(Path(self.tmp) / f"{tag}.log", "w") as f:
+            return subprocess.Popen(cmd, env=self.env, stdout=f, stderr=subprocess.STDOUT, start_new_session=True)
+
+    def query(self, code: str) -> dict:
+        """Run `code` (which sets `out`) in a fresh driver connected to the cluster; `out` as a dict."""
+        script = (f"import json, ray\nray.init(address={self.address!r}, log_to_driver=False)\n{code}\n"
+                  "print('OUT ' + json.dumps(out))")
+        r = subprocess.run([sys.executable, "-c", script], env=self.env, capture_output=True, text=True, timeout=120)
+        line = [x for x in r.stdout.splitlines() if x.startswith("OUT ")]
+        assert line, f"query failed: {r.stdout[-2000:]}{r.stderr[-3000:]}"
+        return json.loads(line[-1][4:])
+
+    def _wait_nodes(self, n: int, timeout: float = 90) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            assert all(p.poll() is None for p in self.procs), self.logs()
+            try:
+                if self.query("out = {'n': sum(x['Alive'] for x in ray.nodes())}")["n"] >= n:
+                    return
+            except AssertionError:
+                pass
+            assert time.monotonic() < deadline, f"{n} Ray node(s) not up in {timeout} s\n{self.logs()}"
+            time.sleep(2)
+
+    def released(self) -> tuple[bool, dict]:
+        """Every placement group removed and every CPU free again (a few seconds' grace)."""
+        code = ("import time\nfor _ in range(30):\n"
+                "    out = {'pgs': [v['state'] for v in ray.util.placement_group_table().values()],\n"
+                "           'free': ray.available_resources().get('CPU'), 'total': ray.cluster_resources().get('CPU')}\n"
+                "    if all(s == 'REMOVED' for s in out['pgs']) and out['free'] == out['total']:\n"
+                "        break\n"
+                "    time.sleep(1)")
+        out = self.query(code)
+        return all(s == "REMOVED" for s in out["pgs"]) and out["free"] == out["total"], out
+
+    def logs(self) -> str:
+        return "\n".join(f"--- {p.name}:\n{p.read_text(errors='replace')[-2000:]}" for p in Path(self.tmp).glob("*.log"))
+
+    def stop(self) -> None:
+        """End the two `ray start --block` processes (they stop their nodes); SIGKILL what is left of
+        their sessions after 30 s."""
+        for p in reversed(self.procs):
+            if p.poll() is None:
+                p.terminate()
+        deadline = time.monotonic() + 30
+        for p in self.procs:
+            try:
+                p.wait(max(0.1, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                pass
+        sids = {p.pid for p in self.procs}
+        for pid in _pids_where(lambda pid: os.getsid(pid) in sids):
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        for p in self.procs:
+            if p.poll() is None:
+                p.kill()
+            p.wait()
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
 @pytest.fixture
 def ray_cluster():
-    """A real 2-node Ray cluster on this machine (2 raylets, 2 CPUs each, its own temp dir), found
-    by `ray.address=auto` through $RAY_TMPDIR, as `ray start` on two nodes would be."""
-    tmp = tempfile.mkdtemp(prefix="vjm_", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    old = {k: os.environ.get(k) for k in ("RAY_TMPDIR", "RAY_AUTH_MODE")}
-    os.environ["RAY_TMPDIR"] = tmp  # the raylets (and so the launched trainers) inherit it
-    # One auth mode for every process. Left unset, Ray 2.60 turns token auth on in this process after
-    # the cluster's processes have started without it (when ~/.ray/auth_token exists), and a driver in
-    # another process then refuses the GCS's calls. (`ray start` + `vlajax train` in a shell agree.)
-    os.environ["RAY_AUTH_MODE"] = "disabled"
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 2, "include_dashboard": False})
+    c = RayCluster()
     try:
-        c.add_node(num_cpus=2)
-        session = init_ray(c.address)
-        c.wait_for_nodes()
-        yield tmp
-        session.shutdown()
+        yield c
     finally:
-        c.shutdown()
-        for k, v in old.items():
-            os.environ.pop(k, None) if v is None else os.environ.__setitem__(k, v)
-        shutil.rmtree(tmp, ignore_errors=True)
+        c.stop()
 
 
 class UserCommand:
     """`vlajax train demo ...` run the way a user types it, in `cwd` (relative run dir), on the Ray
     cluster (`ray.address=auto`); output in cwd/<tag>.log."""
 
-    def __init__(self, cwd: Path, tag: str, overrides: list[str], ray_tmpdir: str):
+    def __init__(self, cwd: Path, tag: str, overrides: list[str], cluster: RayCluster):
         self.cwd, self.log_path = cwd, cwd / f"{tag}.log"
         # one CPU device per process, as a user gets by default (and as a one-GPU node has); the
         # JAX_* variables reach the launched processes through the launcher
-        env = {**os.environ, "RAY_TMPDIR": ray_tmpdir, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1",
+        env = {**cluster.env, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1",
                "JAX_COMPILATION_CACHE_DIR": str(cwd / "jax_cache"), "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
         env.pop("XLA_FLAGS", None)
         with open(self.log_path, "w") as f:
@@ -190,27 +263,21 @@ class UserCommand:
         self.proc.wait()
 
 
-def _in_dir(cwd: Path) -> list[int]:
-    """Pids of live processes (other than this one) whose working directory is `cwd`: the trainers."""
+def _pids_where(pred) -> list[int]:
+    """Live (not zombie) processes other than this one for which `pred(pid)` holds."""
     out = []
     for pid in (int(d) for d in os.listdir("/proc") if d.isdigit()):
         try:
-            if pid != os.getpid() and Path(f"/proc/{pid}/cwd").resolve() == cwd.resolve() \
-                    and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            if pid != os.getpid() and pred(pid) and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
                 out.append(pid)
         except OSError:
             pass
     return out
 
 
-def _released() -> bool:
-    """Every placement group removed and every CPU of the cluster free again (a few seconds' grace)."""
-    for _ in range(30):
-        if (all(v["state"] == "REMOVED" for v in ray.util.placement_group_table().values())
-                and ray.available_resources().get("CPU") == ray.cluster_resources().get("CPU")):
-            return True
-        time.sleep(1)
-    return False
+def _in_dir(cwd: Path) -> list[int]:
+    """Pids of live processes whose working directory is `cwd`: the trainers."""
+    return _pids_where(lambda pid: Path(f"/proc/{pid}/cwd").resolve() == cwd.resolve())
 
 
 @pytest.mark.slow  # three short runs, one after the other (~2 min each on 2 busy cores)
@@ -228,7 +295,8 @@ def test_launched_run_resumes_across_process_counts(tmp_path, ray_cluster):
             code = cmd.wait(420)
             assert code == 0, f"{tag}: exit code {code}\n{cmd.log()[-5000:]}"
             assert not _in_dir(tmp_path), f"{tag}: processes left behind"
-            assert _released(), f"{tag}: Ray resources not released: {ray.available_resources()}"
+            ok, state = ray_cluster.released()
+            assert ok, f"{tag}: Ray resources not released: {state}"
         a, b, c = (r.log() for r in runs)
         run = tmp_path / "run"
         assert _steps(run) == [1, 2, 3]  # no gap, no repeat: only process 0 logs, resumed at the right step
