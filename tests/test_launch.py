@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import io
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import textwrap
 import time
 import types
@@ -21,10 +19,9 @@ from pathlib import Path
 
 import pytest
 import ray
-from ray.cluster_utils import Cluster
 
+from tests._ray_cluster import local_cluster
 from vlajax.distributed import launch as L
-from vlajax.distributed.ray_sim import init_ray
 
 ROOT = Path(__file__).parent.parent
 CHILD_ENV = {"XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
@@ -62,21 +59,8 @@ FAIL = textwrap.dedent("""
 
 @pytest.fixture(scope="module")
 def cluster():
-    tmp = tempfile.mkdtemp(prefix="vjl_", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    old = os.environ.get("RAY_TMPDIR")
-    os.environ["RAY_TMPDIR"] = tmp  # Cluster writes its address file under $RAY_TMPDIR/ray
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    c.add_node(num_cpus=1)
-    session = init_ray(c.address)
-    c.wait_for_nodes()
-    yield c
-    session.shutdown()
-    c.shutdown()
-    if old is None:
-        os.environ.pop("RAY_TMPDIR", None)
-    else:
-        os.environ["RAY_TMPDIR"] = old
-    shutil.rmtree(tmp, ignore_errors=True)
+    with local_cluster("vjl_", {"num_cpus": 1}, {"num_cpus": 1}) as (c, _, _):
+        yield c
 
 
 def _no_live_placement_groups() -> bool:

@@ -7,24 +7,21 @@ from __future__ import annotations
 
 import functools
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 import numpy as np
 import pytest
 import ray
-from ray.cluster_utils import Cluster
 
+from tests._ray_cluster import local_cluster
 from tests.test_rollout import IMAGE, DirectedDecoder, _wait_gone, check_against_replay
 from vlajax.distributed.ray_sim import (
     PlacementError,
     PlacementOptions,
     SimPool,
     check_cluster_resources,
-    init_ray,
 )
 from vlajax.envs.tabletop import make_tabletop_vector_env
 from vlajax.rl.rollout import RolloutConfig, RolloutEngine
@@ -42,23 +39,10 @@ GROUPS = np.array([100, 101, 102, 103, 104, 105, 106, 107])
 
 @pytest.fixture(scope="module")
 def cluster():
-    tmp = tempfile.mkdtemp(prefix="vjr_", dir="/tmp")  # short: Ray's socket paths must fit 107 bytes
-    old = os.environ.get("RAY_TMPDIR")
-    os.environ["RAY_TMPDIR"] = tmp  # Cluster writes its address file under $RAY_TMPDIR/ray
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"train_rollout": 1},
-                                                      "include_dashboard": False})
-    sim_nodes = [c.add_node(num_cpus=1, resources={"sim": 1}) for _ in range(2)]
-    session = init_ray(c.address)
-    c.wait_for_nodes()
-    yield {"cluster": c, "session": session, "sim_node_ids": {n.node_id for n in sim_nodes},
-           "head_node_id": c.head_node.node_id}
-    session.shutdown()
-    c.shutdown()
-    if old is None:
-        os.environ.pop("RAY_TMPDIR", None)
-    else:
-        os.environ["RAY_TMPDIR"] = old
-    shutil.rmtree(tmp, ignore_errors=True)
+    with local_cluster("vjr_", {"num_cpus": 1, "resources": {"train_rollout": 1}},
+                       *[{"num_cpus": 1, "resources": {"sim": 1}}] * 2) as (c, sim_nodes, session):
+        yield {"cluster": c, "session": session, "sim_node_ids": {n.node_id for n in sim_nodes},
+               "head_node_id": c.head_node.node_id}
 
 
 @pytest.fixture(scope="module")

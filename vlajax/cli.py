@@ -96,9 +96,9 @@ def _join(nnodes: int) -> None:
 
     import jax
 
-    from vlajax.distributed.multihost import initialize
+    from vlajax.train import join_job
 
-    info = initialize()
+    info = join_job()  # the trainer's own join (its heartbeat settings); train() finds it done
     if not info.multi:
         return
     # stderr: a Ray launch shows every process's stderr (stdout: process 0's only)

@@ -214,12 +214,12 @@ class Trainer(Closing):
     Weights: the learner owns them; the rollout's decoder is handed `learner.decode_params()` at the
     start and after every update or restore (`_hand_over`), the same arrays, never a copy."""
 
-    def __init__(self, cfg: RunConfig):
+    def __init__(self, cfg: RunConfig, job: multihost.JobInfo | None = None):
         self.cfg = cfg
         self.run_dir = cfg.run_dir
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._closers = []
-        self.job = join_job()
+        self.job = job or join_job()
         if self.job.multi and self.job.num_processes != cfg.trainer.nnodes:
             raise ConfigError(f"the job has {self.job.num_processes} processes but trainer.nnodes="
                               f"{cfg.trainer.nnodes}: run one process per train node", key="trainer.nnodes")
@@ -536,7 +536,7 @@ def train(cfg: RunConfig) -> TrainResult:
     if primary:
         save_config(cfg, run_dir)
     history = []
-    with Trainer(cfg) as tr:
+    with Trainer(cfg, job) as tr:
         tr.maybe_resume()
         logger = MetricsLogger(run_dir, backends=tuple(cfg.trainer.logger), wandb_project=cfg.trainer.project_name,
                                experiment_name=cfg.trainer.experiment_name,
