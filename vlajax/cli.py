@@ -1,5 +1,6 @@
 """The `vlajax` command: `train` (config-driven GRPO runs), `eval` (greedy success tables),
-`convert` (HF <-> vlajax checkpoints) and `demo` (the untrained policy on the built-in task).
+`convert` (HF <-> vlajax checkpoints), `demos` (scripted-expert demonstrations) and `demo` (the
+untrained policy on the built-in task).
 
 Each subcommand imports its own stack (JAX, Ray, simulators) when it runs, so `vlajax --help` and a
 mistyped argument answer at once.
@@ -109,6 +110,23 @@ def _join(nnodes: int) -> None:
               f"(one per node expected)", file=sys.stderr, flush=True)
 
 
+def _demos(args) -> int:
+    from vlajax.config import load_config
+    from vlajax.demos import make_demos
+
+    cfg = load_config(args.config, list(args.overrides))
+    tasks = [int(t) for t in args.tasks.split(",") if t] if args.tasks else None
+    out = _absolute(args.out)
+    try:
+        make_demos(cfg, out, per_task=args.per_task, tasks=tasks, max_attempts=args.max_attempts,
+                   progress_bar=not args.no_progress)
+    except KeyboardInterrupt:
+        print(f"vlajax demos: interrupted; the finished episodes are kept in {out / cfg.env.train.task_suite_name}: "
+              f"rerun the same command to continue", file=sys.stderr)
+        return 130
+    return 0
+
+
 def _eval(args) -> int:
     from vlajax.evaluate import run_eval
 
@@ -173,6 +191,17 @@ def main(argv: list[str] | None = None) -> int:
                    help="0 = greedy; default: the config's actor_rollout_ref.rollout.val_kwargs (LIBERO recipe: greedy)")
     e.add_argument("overrides", nargs="*", help="config overrides, e.g. env.train.num_envs=4 ray.address=auto")
     e.set_defaults(fn=_eval)
+
+    m = sub.add_parser("demos", help="demonstrations by the simulator's scripted expert (LIBERO HDF5 files)")
+    m.add_argument("config", help="YAML file or packaged config name whose env section names the suite "
+                                  "(e.g. libero_grpo env.train.task_suite_name=libero_spatial)")
+    m.add_argument("overrides", nargs="*", help="config overrides, e.g. env.train.num_envs=8")
+    m.add_argument("--out", default="demos", help="output folder; files go to <out>/<suite>/<task>_demo.hdf5")
+    m.add_argument("--per-task", type=int, default=50, help="successful episodes to keep per task")
+    m.add_argument("--tasks", default=None, help="comma list of task ids (default: all)")
+    m.add_argument("--max-attempts", type=int, default=None, help="attempts per task at most (default 4 x --per-task)")
+    m.add_argument("--no-progress", action="store_true", help="no progress bar")
+    m.set_defaults(fn=_demos)
 
     d = sub.add_parser("demo", help="run the small preset policy (untrained) on the built-in tabletop task")
     d.add_argument("--episodes", type=int, default=2)

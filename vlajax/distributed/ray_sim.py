@@ -418,6 +418,11 @@ class SimPool:
     def issue_step(self, worker: int, stage: int, rows: np.ndarray, actions: np.ndarray) -> _RayCall:
         return _RayCall(worker, stage, "step", self.actors[worker].step.remote(stage, rows, actions))
 
+    def issue_demo(self, worker: int, stage: int, task_ids: np.ndarray, state_ids: np.ndarray, seed: int,
+                   max_steps: int | None = None) -> _RayCall:
+        ref = self.actors[worker].demonstrate.remote(stage, task_ids, state_ids, seed, max_steps)
+        return _RayCall(worker, stage, "demo", ref)
+
     def wait(self, handles: Sequence[_RayCall], *, timeout_s: float | None, wait_all: bool = False) -> list[_RayCall]:
         """Block until one handle (all, with `wait_all`) is done or `timeout_s` passed; every handle done by then."""
         if not handles:

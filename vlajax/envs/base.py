@@ -220,5 +220,11 @@ class SingleEnv(abc.ABC):
         """Execute (K, A) actions, stopping after the sub-step at which the task succeeds.
         Cameras are rendered for the last executed sub-step (all sub-steps if asked)."""
 
+    def demonstrate(self, task_id: int, state_id: int, seed: int = 0, max_steps: int | None = None) -> dict:
+        """One episode of this simulator's scripted expert from (task, state): the frames, proprio
+        and executed actions, and whether it succeeded (see `libero_expert.run_expert_episode`)."""
+        raise EnvError(f"{type(self).__name__} has no scripted expert: demonstrations need a simulator that has one "
+                       f"(LIBERO)")
+
     def close(self) -> None:
         pass

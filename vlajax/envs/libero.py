@@ -230,6 +230,7 @@ class LiberoEnv(SingleEnv):
         self._env = None  # libero OffScreenRenderEnv of task self._task_id
         self._task_id: int | None = None
         self._ready = False  # reset since the last build
+        self._raw_obs: dict[str, np.ndarray] = {}  # robosuite's observation after the last reset or step
         self._real_sensors: dict[str, Any] = {}  # camera observable -> robosuite's render sensor
         self._snapshot = None  # MjData copied at the cameras' last sampling instant
         self._snapshot_model = None  # the MjModel it was allocated for
@@ -278,6 +279,7 @@ class LiberoEnv(SingleEnv):
             for _ in range(self.num_settle_steps):
                 obs, _, _, _ = env.step(NOOP_ACTION)
         self._ready = True
+        self._raw_obs = obs
         return EnvOutput(self._render_snapshot(), proprio_from_obs(obs), self._tasks[task_id].instruction)
 
     def chunk_step(self, actions: np.ndarray, render_every_substep: bool = False) -> EnvOutput:
@@ -296,6 +298,7 @@ class LiberoEnv(SingleEnv):
                 if done:
                     success = True
                     break
+        self._raw_obs = obs
         if render_every_substep:
             images = {cam: f[-1] for cam, f in frames.items()}
             substep_images = {cam: np.stack(f) for cam, f in frames.items()}
@@ -305,6 +308,33 @@ class LiberoEnv(SingleEnv):
             images, proprio_from_obs(obs), self._tasks[self._task_id].instruction, success, steps,
             substep_images=substep_images,
         )
+
+    def demonstrate(self, task_id: int, state_id: int, seed: int = 0, max_steps: int | None = None) -> dict:
+        """One episode of the scripted expert (`libero_expert.run_expert_episode`) from (task, state)."""
+        from vlajax.envs.libero_expert import run_expert_episode
+
+        limit = self._tasks[self._check_ids(task_id, state_id)[0]].max_episode_steps
+        return run_expert_episode(self, task_id, state_id, seed, max_steps or limit)
+
+    def step_raw(self, action: np.ndarray) -> tuple[dict[str, np.ndarray], bool]:
+        """One control step of (7,) `action`: robosuite's raw observation dict and LIBERO's success.
+        For the scripted expert, which reads more of the robot than `EnvOutput` carries; the cameras
+        are rendered by `render()`, not here."""
+        with self._physics():
+            obs, _, done, _ = self._env.step(np.asarray(action, dtype=np.float64))
+        self._raw_obs = obs
+        return obs, bool(done)
+
+    @property
+    def raw_obs(self) -> dict[str, np.ndarray]:
+        """robosuite's observation dict after the last reset or step."""
+        if not self._ready:
+            raise EnvError(f"{self._describe()}: no observation before reset")
+        return self._raw_obs
+
+    def render(self) -> dict[str, np.ndarray]:
+        """Camera images (OpenGL row order) at the last step's sampling instant."""
+        return self._render_snapshot()
 
     def object_poses(self) -> dict[str, np.ndarray]:
         """Object name -> (7,) world position and quaternion (w, x, y, z) of the task's objects, now.

@@ -92,6 +92,12 @@ class LocalSimPool:
         fut = self._executors[worker].submit(self.workers[worker].step, stage, rows, actions)
         return _Call(worker, stage, "step", fut)
 
+    def issue_demo(self, worker: int, stage: int, task_ids: np.ndarray, state_ids: np.ndarray, seed: int,
+                   max_steps: int | None = None) -> _Call:
+        fut = self._executors[worker].submit(self.workers[worker].demonstrate, stage, task_ids, state_ids, seed,
+                                             max_steps)
+        return _Call(worker, stage, "demo", fut)
+
     def wait(self, handles: Sequence[_Call], *, timeout_s: float | None, wait_all: bool = False) -> list[_Call]:
         if handles:
             cf.wait([h.future for h in handles], timeout=timeout_s,

@@ -99,6 +99,9 @@ class SimPoolAPI(Protocol):
 
     def issue_step(self, worker: int, stage: int, rows: np.ndarray, actions: np.ndarray) -> Hashable: ...
 
+    def issue_demo(self, worker: int, stage: int, task_ids: np.ndarray, state_ids: np.ndarray, seed: int,
+                   max_steps: int | None = None) -> Hashable: ...  # result: list of episode dicts
+
     def wait(self, handles: Sequence[Hashable], *, timeout_s: float | None, wait_all: bool = False) -> list[Hashable]:
         """Block until one handle (all, with `wait_all`) is done or `timeout_s` passed (None: no limit);
         return every handle done by then."""
@@ -290,6 +293,19 @@ class SimWorker:
             terminated=np.asarray(res.terminated, bool)[slots], truncated=np.asarray(res.truncated, bool)[slots],
             elapsed_steps=np.asarray(res.info["elapsed_steps"], np.int32)[slots],
             steps=np.asarray(res.info["steps"], np.int32)[slots], reward=np.asarray(res.reward, np.float32)[slots])
+
+    def demonstrate(self, stage: int, task_ids, state_ids, seed: int, max_steps: int | None = None) -> list[dict]:
+        """One scripted-expert episode per (task, state) pair (at most num_envs), on stage `stage`'s
+        envs in parallel (`SubprocVectorEnv.demonstrate`); the stage needs a reset before its next step."""
+        env = self._env(stage)
+        ids = {"task_id": np.asarray(task_ids, np.int64), "state_id": np.asarray(state_ids, np.int64)}
+        if ids["task_id"].shape != ids["state_id"].shape or not 0 < len(ids["task_id"]) <= self.num_envs:
+            raise EnvError(f"sim worker {self.worker_index} stage {stage}: demonstrate takes 1..{self.num_envs} "
+                           f"(task, state) pairs, got {ids['task_id'].shape} and {ids['state_id'].shape}")
+        self._ids[stage] = None
+        self._done[stage] = np.ones(self.num_envs, bool)
+        return self._run(stage, ids, lambda: env.demonstrate(ids["task_id"].tolist(), ids["state_id"].tolist(),
+                                                             seed=int(seed), max_steps=max_steps))
 
     def take_busy(self) -> float:
         """Seconds during which an env call ran since the last call (union over stages)."""

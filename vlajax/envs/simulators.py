@@ -45,6 +45,8 @@ class SimulatorSpec:
     mujoco_gl: renders through MuJoCo's GL (EGL on a GPU, OSMesa / llvmpipe on CPUs).
     videos: can record episode videos.
     eval_config: the packaged config whose simulator settings `vlajax eval` uses for a bare checkpoint.
+    has_expert: its envs have a scripted expert (`SingleEnv.demonstrate`), so `vlajax demos` can
+        make demonstrations.
     """
 
     name: str
@@ -61,6 +63,7 @@ class SimulatorSpec:
     mujoco_gl: bool
     videos: bool
     eval_config: str
+    has_expert: bool = False
 
     def check_suite(self, suite: str) -> None:
         """A clear ValueError unless `suite` is one of this simulator's."""
@@ -101,7 +104,7 @@ SIMULATORS: dict[str, SimulatorSpec] = {
                       suites=("libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90"),
                       init_states_per_task=50, sampled_init_states=True, image_flip=True, gripper="libero", proprio_dim=8,
                       stats_key="suite", scratch_statistics=None, mujoco_gl=True, videos=True,
-                      eval_config="libero_grpo"),
+                      eval_config="libero_grpo", has_expert=True),
         SimulatorSpec(name="tabletop", label="tabletop", module="vlajax.envs.tabletop",
                       suites=("tabletop", "tabletop_anchored"),
                       init_states_per_task=None, sampled_init_states=False, image_flip=False, gripper=None, proprio_dim=8,

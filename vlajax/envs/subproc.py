@@ -91,6 +91,8 @@ def _worker_main(conn: Connection, factory_bytes: bytes, index: int, env_vars: d
                     out = env.reset(*args)
                 elif cmd == "step":
                     out = env.chunk_step(*args)
+                elif cmd == "demo":
+                    out = env.demonstrate(*args)
                 else:
                     raise ValueError(f"unknown worker command {cmd!r}")
                 msg = ("ok", out, time.perf_counter() - t0)
@@ -354,6 +356,28 @@ class SubprocVectorEnv(VectorEnv):
             raise EnvWorkerError(self._failure_message("chunk_step", failures), sorted(failures), result)
         return result
 
+    def demonstrate(self, task_ids: Sequence[int], state_ids: Sequence[int], seed: int = 0, *,
+                    max_steps: int | None = None, timeout_s: float | None = None) -> list[dict]:
+        """One scripted-expert episode per env (`SingleEnv.demonstrate`), in parallel; each env
+        then needs a reset before `chunk_step`. A whole episode may outlast one step's timeout:
+        `timeout_s` (default: 20 x the env's) bounds it."""
+        self._check_open()
+        idx = list(range(len(task_ids)))
+        if len(task_ids) > self.num_envs or len(state_ids) != len(task_ids):
+            raise EnvError(f"{self.name}: demonstrate got {len(task_ids)} task ids and {len(state_ids)} state ids "
+                           f"for {self.num_envs} envs")
+        self._check_usable(idx)
+        for i, t, s in zip(idx, task_ids, state_ids):
+            self._task_ids[i], self._state_ids[i] = int(t), int(s)
+            self._needs_reset[i] = True
+        limit = max_steps if max_steps is None else int(max_steps)
+        results, failures = self._run({i: ("demo", (int(t), int(s), int(seed), limit))
+                                       for i, t, s in zip(idx, task_ids, state_ids)}, "demo",
+                                      timeout_s=timeout_s or 20 * self.timeout_s)
+        if failures:
+            raise EnvWorkerError(self._failure_message("demo", failures), sorted(failures))
+        return [results[i][0] for i in idx]
+
     def restart(self, env_index: int) -> None:
         """Replace env `env_index`'s worker by a fresh one (after a failure); reset it next."""
         self._check_open()
@@ -390,7 +414,7 @@ class SubprocVectorEnv(VectorEnv):
         child.close()
         self._workers[i] = _Worker(proc, parent)
 
-    def _run(self, commands: dict[int, tuple[str, tuple]], what: str):
+    def _run(self, commands: dict[int, tuple[str, tuple]], what: str, timeout_s: float | None = None):
         """Send every command, then gather the answers (so workers run in parallel)."""
         failures: dict[int, str] = {}
         for i, msg in commands.items():
@@ -398,20 +422,21 @@ class SubprocVectorEnv(VectorEnv):
                 self._workers[i].conn.send(msg)
             except (BrokenPipeError, EOFError, OSError) as e:
                 failures[i] = self._dead_message(i, f"could not send ({type(e).__name__})")
-        results, more = self._gather({i: what for i in commands if i not in failures})
+        results, more = self._gather({i: what for i in commands if i not in failures}, timeout_s)
         failures.update(more)
         for i, why in failures.items():
             self._workers[i].broken = why
         return results, failures
 
-    def _gather(self, pending: dict[int, str]):
-        """Wait (up to timeout_s in total) for one answer from each pending worker.
+    def _gather(self, pending: dict[int, str], timeout_s: float | None = None):
+        """Wait (up to timeout_s, default the env's, in total) for one answer from each pending worker.
 
         Returns ({i: (payload, sim_time_s)}, {i: failure text}); hung workers are killed."""
         results: dict[int, tuple[Any, float]] = {}
         failures: dict[int, str] = {}
         waiting = set(pending)
-        deadline = time.monotonic() + self.timeout_s
+        timeout_s = self.timeout_s if timeout_s is None else timeout_s
+        deadline = time.monotonic() + timeout_s
         while waiting:
             handles = {}
             for i in waiting:
@@ -443,7 +468,7 @@ class SubprocVectorEnv(VectorEnv):
             w = self._workers[i]
             w.process.kill()
             w.process.join(5.0)
-            failures[i] = f"no answer within {self.timeout_s:g} s (worker killed)"
+            failures[i] = f"no answer within {timeout_s:g} s (worker killed)"
         return results, failures
 
     def _dead_message(self, i: int, what: str) -> str:

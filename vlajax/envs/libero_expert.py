@@ -1,0 +1,442 @@
+"""A scripted LIBERO expert: reads the task's BDDL goal and the simulator's privileged state, and
+emits LIBERO's own actions (OSC delta pose + gripper), so demonstrations need no download.
+
+Why scripted: a user without a hub (or an air-gapped cluster) has no SFT checkpoint and no
+demonstrations; this expert makes both possible inside vlajax (`vlajax demos`, then `vlajax sft`).
+
+How it works: the goal (`parsed_problem["goal_state"]`) becomes a list of primitives
+(`plan_goal`), each a sequence of waypoints that the expert tracks one control step at a time:
+- pick-and-place (`On`, `In`): approach above the object, descend, close, lift, carry above the
+  target, lower, open, retreat. The grasp point comes from the object's collision geometry
+  (a bowl is taken by its rim, anything else across its narrow side, top-down); the carry keeps
+  the object-to-gripper offset measured at the grasp, so the object (not the hand) lands on target.
+Actions: position (3) in [-1, 1] = delta / 0.05 m, orientation (3) = axis-angle delta / 0.5 rad
+(robosuite's OSC_POSE scaling), gripper -1 open / +1 close.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable, Sequence
+
+import numpy as np
+
+from vlajax.envs.base import EnvError
+
+POS_SCALE = 0.05  # metres per unit of OSC position action (osc_pose.json output_max)
+ROT_SCALE = 0.5  # radians per unit of OSC orientation action
+OPEN, CLOSE = -1.0, 1.0
+HOLD = 0.0  # the gripper keeps its opening (robosuite ramps it by the sign of the command)
+PINCH_STEPS = 3  # closing steps from fully open that leave ~3 cm between the pads (a bowl's rim in a tight place)
+SAFE_Z_CLEARANCE = 0.12  # carry height above the highest point to pass over
+GRIPPER_STEPS = 12  # control steps the Panda gripper needs to close or open fully
+
+
+class ExpertError(EnvError):
+    """The expert cannot plan or follow this task (names the suite, task and what it lacks)."""
+
+
+# ---- geometry ------------------------------------------------------------------------------------
+def _subtree_bodies(model, root: int) -> np.ndarray:
+    ids = [root]
+    for b in range(root + 1, model.nbody):
+        p = model.body_parentid[b]
+        if p in ids:
+            ids.append(b)
+    return np.array(ids)
+
+
+def _collision_geoms(model, bodies: np.ndarray) -> np.ndarray:
+    mask = np.isin(model.geom_bodyid, bodies) & ((model.geom_contype != 0) | (model.geom_conaffinity != 0))
+    return np.flatnonzero(mask)
+
+
+def geoms_box(model, data, geoms: np.ndarray, frame_pos=None, frame_mat=None) -> tuple[np.ndarray, np.ndarray]:
+    """(lo, hi) of the geoms' bounding boxes' corners, in world axes or in a body frame."""
+    corners = []
+    signs = np.array([[sx, sy, sz] for sx in (-1, 1) for sy in (-1, 1) for sz in (-1, 1)], dtype=float)
+    for g in geoms:
+        aabb = model.geom_aabb[g]
+        local = aabb[:3] + signs * aabb[3:]
+        world = data.geom_xpos[g] + local @ data.geom_xmat[g].reshape(3, 3).T
+        corners.append(world)
+    pts = np.concatenate(corners)
+    if frame_mat is not None:
+        pts = (pts - frame_pos) @ frame_mat
+    return pts.min(0), pts.max(0)
+
+
+@dataclasses.dataclass
+class Shape:
+    """What a grasp needs of an object: world box, and its horizontal extents in its own frame."""
+
+    lo: np.ndarray  # (3,) world box
+    hi: np.ndarray
+    center: np.ndarray  # (3,) body position
+    axis_x: np.ndarray  # (2,) body x axis projected on the table, unit
+    half_x: float  # half extent along axis_x
+    half_y: float  # half extent across it
+
+
+def _shape(inner, name: str) -> Shape:
+    model, data = inner.sim.model._model, inner.sim.data._data
+    body = inner.obj_body_id[name]
+    geoms = _collision_geoms(model, _subtree_bodies(model, body))
+    if len(geoms) == 0:
+        raise ExpertError(f"object {name!r} has no collision geometry")
+    lo, hi = geoms_box(model, data, geoms)
+    pos, mat = data.xpos[body].copy(), data.xmat[body].reshape(3, 3)
+    # The body axis closest to horizontal-long decides the grasp direction.
+    llo, lhi = geoms_box(model, data, geoms, pos, mat)
+    ext = (lhi - llo) / 2
+    axes = [(mat[:2, i], ext[i]) for i in range(3) if np.linalg.norm(mat[:2, i]) > 0.7]
+    if len(axes) < 2:  # lying with no axis flat: fall back to world axes
+        axes = [(np.array([1.0, 0.0]), (hi - lo)[0] / 2), (np.array([0.0, 1.0]), (hi - lo)[1] / 2)]
+    (ax, hx), (_, hy) = axes[0], axes[1]
+    return Shape(lo, hi, pos, ax / np.linalg.norm(ax), float(hx), float(hy))
+
+
+def _target_point(inner, name: str) -> tuple[np.ndarray, float]:
+    """(xy target, top z) of a place target: an object's body, or a region's site."""
+    model, data = inner.sim.model._model, inner.sim.data._data
+    if name in inner.obj_body_id:
+        s = _shape(inner, name)
+        return s.center[:2].copy(), float(s.hi[2])
+    if name in inner.object_sites_dict:
+        site = model.site(name).id
+        pos = data.site_xpos[site].copy()
+        half = model.site_size[site]
+        return pos[:2], float(pos[2] + (half[2] if len(half) > 2 else 0.0))
+    raise ExpertError(f"place target {name!r} is neither an object nor a region of the scene")
+
+
+# ---- control -------------------------------------------------------------------------------------
+def _axis_angle(rot: np.ndarray) -> np.ndarray:
+    """Axis-angle (3,) of a rotation matrix."""
+    cos = np.clip((np.trace(rot) - 1) / 2, -1.0, 1.0)
+    angle = np.arccos(cos)
+    if angle < 1e-6:
+        return np.zeros(3)
+    axis = np.array([rot[2, 1] - rot[1, 2], rot[0, 2] - rot[2, 0], rot[1, 0] - rot[0, 1]])
+    norm = np.linalg.norm(axis)
+    if norm < 1e-6:  # angle ~ pi: the axis is the dominant column of (R + I)
+        m = (rot + np.eye(3)) / 2
+        axis = m[:, int(np.argmax(np.diag(m)))]
+        norm = np.linalg.norm(axis)
+    return axis / norm * angle
+
+
+def _rot_z(yaw: float) -> np.ndarray:
+    c, s = np.cos(yaw), np.sin(yaw)
+    return np.array([[c, -s, 0.0], [s, c, 0.0], [0.0, 0.0, 1.0]])
+
+
+def _quat_to_mat(q_xyzw: np.ndarray) -> np.ndarray:
+    x, y, z, w = q_xyzw
+    return np.array([
+        [1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+        [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+        [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)],
+    ])
+
+
+@dataclasses.dataclass
+class Waypoint:
+    """Track `pos` (world) with gripper `grip` until within `tol` (and `min_steps` passed)."""
+
+    pos: Callable[[], np.ndarray] | np.ndarray
+    grip: float | Callable[[], float]
+    tol: float = 0.01
+    max_steps: int = 80
+    min_steps: int = 0
+    speed: float = 1.0  # cap on the position action's magnitude
+    on_exit: Callable[[np.ndarray], None] | None = None  # called with the eef position when left
+
+
+class LiberoExpert:
+    """Scripted policy for one LIBERO env (`vlajax.envs.libero.LiberoEnv`, after `reset`).
+
+    `act(obs)` -> (7,) action for the next control step; `done` once the plan is spent."""
+
+    def __init__(self, libero_env):
+        self._libero = libero_env
+        self._plan: list[Waypoint] = []
+        self._i = 0
+        self._steps_here = 0
+        self._yaw = 0.0
+        self._r0: np.ndarray | None = None
+
+    @property
+    def inner(self):  # robosuite's env: privileged state
+        return self._libero._env.env
+
+    def reset(self, obs: dict[str, np.ndarray]) -> None:
+        """Plan the task of the env's current episode; `obs` is the raw robosuite observation."""
+        self._r0 = _quat_to_mat(np.asarray(obs["robot0_eef_quat"], dtype=float))
+        self._yaw = 0.0
+        self._plan = plan_goal(self, self.inner.parsed_problem["goal_state"])
+        self._i = 0
+        self._steps_here = 0
+
+    @property
+    def done(self) -> bool:
+        return self._i >= len(self._plan)
+
+    def act(self, obs: dict[str, np.ndarray]) -> np.ndarray:
+        eef = np.asarray(obs["robot0_eef_pos"], dtype=float)
+        while not self.done:
+            wp = self._plan[self._i]
+            target = wp.pos() if callable(wp.pos) else wp.pos
+            reached = np.linalg.norm(target - eef) < wp.tol and self._steps_here >= wp.min_steps
+            if reached or self._steps_here >= wp.max_steps:
+                if wp.on_exit is not None:
+                    wp.on_exit(eef)
+                self._i += 1
+                self._steps_here = 0
+                continue
+            self._steps_here += 1
+            return self._action(obs, target, wp.grip() if callable(wp.grip) else wp.grip, wp.speed)
+        return np.array([0, 0, 0, 0, 0, 0, OPEN])
+
+    def _action(self, obs, target: np.ndarray, grip: float, speed: float) -> np.ndarray:
+        eef = np.asarray(obs["robot0_eef_pos"], dtype=float)
+        delta = (target - eef) / POS_SCALE
+        norm = np.linalg.norm(delta)
+        if norm > speed:
+            delta *= speed / norm
+        rot_now = _quat_to_mat(np.asarray(obs["robot0_eef_quat"], dtype=float))
+        rot_goal = _rot_z(self._yaw) @ self._r0
+        rot = np.clip(_axis_angle(rot_goal @ rot_now.T) / ROT_SCALE, -1, 1)
+        return np.concatenate([delta, rot, [grip]])
+
+    # ---- what plans read -------------------------------------------------------------------------
+    def closing_axis(self) -> np.ndarray:
+        """(2,) the fingers' closing direction on the table at yaw 0."""
+        ax = self._r0[:2, 1]
+        return ax / np.linalg.norm(ax)
+
+
+FINGER_REACH = 0.045  # an open finger's pad from the grip site, along the closing axis
+HAND_HALF_LENGTH = 0.1  # the Panda hand's half length along the closing axis
+HAND_LIFT = 0.065  # grip site to the middle of the hand's housing
+
+
+def _obstacle_boxes(inner, skip: str, floor_z: float) -> tuple[np.ndarray, np.ndarray]:
+    """(lo, hi) world boxes (G, 3) of the collision geoms the hand could touch: every geom that is
+    not part of the robot or of `skip` and reaches above `floor_z` (so the table is left out)."""
+    model, data = inner.sim.model._model, inner.sim.data._data
+    own = set(_subtree_bodies(model, inner.obj_body_id[skip]).tolist())
+    robot = set()
+    for name in ("robot0_base", "mount0_base", "gripper0_right_gripper"):
+        bid = model.body(name).id if name in _body_names(model) else -1
+        if bid >= 0:
+            robot |= set(_subtree_bodies(model, bid).tolist())
+    los, his = [], []
+    for g in _collision_geoms(model, np.arange(model.nbody)):
+        if model.geom_bodyid[g] in own or model.geom_bodyid[g] in robot:
+            continue
+        lo, hi = geoms_box(model, data, np.array([g]))
+        if hi[2] > floor_z:
+            los.append(lo)
+            his.append(hi)
+    return np.array(los).reshape(-1, 3), np.array(his).reshape(-1, 3)
+
+
+def _body_names(model) -> frozenset:
+    import mujoco
+
+    return frozenset(mujoco.mj_id2name(model, mujoco.mjtObj.mjOBJ_BODY, b) for b in range(model.nbody))
+
+
+def _hand_points(grasp: np.ndarray, close_dir: np.ndarray, reach: float = FINGER_REACH) -> np.ndarray:
+    """Points the open hand occupies at a grasp: both finger pads and the housing above them."""
+    d = np.array([close_dir[0], close_dir[1], 0.0])
+    pts = [grasp + sgn * reach * d + np.array([0, 0, dz]) for sgn in (-1, 1) for dz in (-0.01, 0.015, 0.04)]
+    pts += [grasp + t * d + np.array([0, 0, HAND_LIFT]) for t in np.linspace(-HAND_HALF_LENGTH, HAND_HALF_LENGTH, 9)]
+    return np.array(pts)
+
+
+def _clearance(points: np.ndarray, boxes) -> float:
+    lo, hi = boxes
+    if len(lo) == 0:
+        return 1.0
+    gap = np.maximum(np.maximum(lo[None] - points[:, None], points[:, None] - hi[None]), 0.0)
+    return float(np.linalg.norm(gap, axis=2).min())
+
+
+def _best_grasp(candidates, boxes, reach: float = FINGER_REACH, enough: float = 0.02):
+    """The (xyz, closing direction) candidate whose hand is clearest of obstacles; the first
+    candidates are preferred while they clear by `enough`."""
+    best = None
+    for rank, (xyz, close_dir) in enumerate(candidates):
+        score = min(_clearance(_hand_points(xyz, close_dir, reach), boxes), enough) - 1e-4 * rank
+        if best is None or score > best[0]:
+            best = (score, xyz, close_dir)
+    return best[1], best[2]
+
+
+def _rotated(v: np.ndarray, angle: float) -> np.ndarray:
+    c, s = np.cos(angle), np.sin(angle)
+    return np.array([c * v[0] - s * v[1], s * v[0] + c * v[1]])
+
+
+# ---- primitives ----------------------------------------------------------------------------------
+def _yaw_to_close_along(expert: LiberoExpert, direction: np.ndarray) -> float:
+    """The yaw (|yaw| <= pi/2) that turns the fingers' closing axis onto `direction` (mod pi)."""
+    c = expert.closing_axis()
+    yaw = np.arctan2(direction[1], direction[0]) - np.arctan2(c[1], c[0])
+    return float((yaw + np.pi / 2) % np.pi - np.pi / 2)
+
+
+def pick_and_place(expert: LiberoExpert, obj: str, target: str, *, drop: bool) -> list[Waypoint]:
+    """Waypoints that move object `obj` onto (or, with `drop`, into) `target`."""
+    inner = expert.inner
+    state: dict[str, Any] = {}
+
+    def shape() -> Shape:
+        return _shape(inner, obj)
+
+    def plan_grasp():
+        s = shape()
+        if "bowl" in obj:  # rim grasp: the fingers pinch the wall, closing radially
+            z = s.hi[2] - 0.012
+            rim = max(s.half_x, s.half_y) - 0.01
+            state["pinch"], reach = True, 0.025
+            base = expert.closing_axis()
+            cands = []
+            for deg in (0, 180, 30, -30, 150, -150, 60, -60, 120, -120, 90, -90):
+                radial = _rotated(base, np.deg2rad(deg))
+                xy = s.center[:2] + rim * radial
+                cands.append((np.array([xy[0], xy[1], z]), radial))
+        else:  # top-down across the narrow side, turned and shifted to keep the hand off neighbours
+            narrow = s.axis_x if s.half_x <= s.half_y else np.array([-s.axis_x[1], s.axis_x[0]])
+            long_axis = np.array([-narrow[1], narrow[0]])
+            height = s.hi[2] - s.lo[2]
+            z = s.hi[2] - min(0.035, max(0.01, height * 0.5))
+            z = max(z, s.lo[2] + 0.012)
+            slack = max(0.0, max(s.half_x, s.half_y) - 0.025)
+            state["pinch"], reach = False, FINGER_REACH
+            cands = []
+            for dev in (0, 15, -15, 30, -30, 40, -40):
+                for shift in (0.0, slack / 2, -slack / 2, slack, -slack):
+                    xy = s.center[:2] + shift * long_axis
+                    cands.append((np.array([xy[0], xy[1], z]), _rotated(narrow, np.deg2rad(dev))))
+        grasp_xyz, close_dir = _best_grasp(cands, _obstacle_boxes(inner, obj, s.lo[2] + 0.005), reach)
+        xy, z = grasp_xyz[:2], grasp_xyz[2]
+        yaw = _yaw_to_close_along(expert, close_dir)
+        state["grasp"] = np.array([xy[0], xy[1], z])
+        state["yaw"] = yaw
+        expert._yaw = yaw
+        return state["grasp"]
+
+    def above_grasp():
+        g = state.get("grasp")
+        if g is None:
+            g = plan_grasp()
+        return g + np.array([0, 0, 0.10])
+
+    def grasp():
+        return state["grasp"]
+
+    def preshape() -> float:
+        return CLOSE if state.get("pinch") else OPEN
+
+    def opening() -> float:
+        return HOLD if state.get("pinch") else OPEN
+
+    def lift():
+        tz, top = _target_point(inner, target)
+        z = max(state["grasp"][2] + 0.15, top + SAFE_Z_CLEARANCE)
+        state["carry_z"] = z
+        return np.array([state["grasp"][0], state["grasp"][1], z])
+
+    def held(eef: np.ndarray) -> None:  # gripper minus object, measured once the object is held
+        state["offset"] = eef - shape().center
+
+    def offset() -> np.ndarray:
+        return state["offset"]
+
+    def above_target():
+        xy, _ = _target_point(inner, target)
+        goal = np.array([xy[0], xy[1], 0.0]) + offset()
+        return np.array([goal[0], goal[1], state["carry_z"]])
+
+    def lower():
+        xy, top = _target_point(inner, target)
+        s = shape()
+        bottom_to_center = s.center[2] - s.lo[2]
+        clearance = 0.04 if drop else 0.012
+        z_obj = top + bottom_to_center + clearance
+        return np.array([xy[0], xy[1], z_obj]) + offset()
+
+    wps = [
+        Waypoint(above_grasp, OPEN, tol=0.01, max_steps=100),
+        Waypoint(above_grasp, preshape, tol=1.0, min_steps=PINCH_STEPS, max_steps=PINCH_STEPS),
+        Waypoint(grasp, opening, tol=0.006, max_steps=60, speed=0.6),
+        Waypoint(grasp, CLOSE, tol=1.0, min_steps=GRIPPER_STEPS, max_steps=GRIPPER_STEPS, on_exit=held),
+        Waypoint(lift, CLOSE, tol=0.015, max_steps=100),
+        Waypoint(above_target, CLOSE, tol=0.01, max_steps=120),
+        Waypoint(lower, CLOSE, tol=0.008, max_steps=80, speed=0.6),
+        Waypoint(lower, OPEN, tol=1.0, min_steps=GRIPPER_STEPS, max_steps=GRIPPER_STEPS),
+        Waypoint(lambda: lower() + np.array([0, 0, 0.08]), OPEN, tol=0.02, max_steps=40),
+    ]
+    return wps
+
+
+def plan_goal(expert: LiberoExpert, goal: Sequence[Sequence[str]]) -> list[Waypoint]:
+    """The waypoints for a conjunction of BDDL goal predicates, in order."""
+    plan: list[Waypoint] = []
+    for pred in goal:
+        kind = pred[0].lower()
+        if kind == "on":
+            plan += pick_and_place(expert, pred[1], pred[2], drop=False)
+        elif kind == "in":
+            plan += pick_and_place(expert, pred[1], pred[2], drop=True)
+        else:
+            raise ExpertError(f"no primitive for goal predicate {pred}")
+    return plan
+
+
+def run_expert_episode(env, task_id: int, state_id: int, seed: int, max_steps: int) -> dict:
+    """Reset `env` (a `LiberoEnv`) to (task, state) and let the expert act until LIBERO's success,
+    the end of its plan, or `max_steps`. Returns what a policy would have seen before each executed
+    action: images {camera: (T, H, W, 3) uint8, OpenGL rows}, proprio (T, 8) float32, actions (T, 7)
+    float32, states (T, S) float64, joint_states (T, 7), eef_quat (T, 4), success, steps, and
+    `error` (a reason when the expert has no plan for the task, else None)."""
+    out = env.reset(task_id, state_id, seed)
+    from vlajax.envs.libero import proprio_from_obs
+
+    images, obs = out.images, env.raw_obs
+    rec: dict[str, list] = {"proprio": [], "actions": [], "states": [], "joint_states": [], "eef_quat": []}
+    frames: dict[str, list] = {cam: [] for cam in images}
+    expert = LiberoExpert(env)
+    error, success = None, False
+    try:
+        expert.reset(obs)
+    except ExpertError as e:
+        error = f"{env.suite} task {task_id} ({env.tasks[task_id].name}): {e}"
+    while error is None and not expert.done and len(rec["actions"]) < max_steps:
+        action = expert.act(obs).astype(np.float32)
+        for cam, img in images.items():
+            frames[cam].append(img)
+        rec["proprio"].append(proprio_from_obs(obs))
+        rec["actions"].append(action)
+        rec["states"].append(env._env.get_sim_state().copy())
+        rec["joint_states"].append(np.asarray(obs["robot0_joint_pos"], dtype=np.float64))
+        rec["eef_quat"].append(np.asarray(obs["robot0_eef_quat"], dtype=np.float64))
+        obs, success = env.step_raw(action)
+        images = env.render()
+        if success:
+            break
+    T = len(rec["actions"])
+    return {
+        "images": {cam: np.stack(f) if f else np.zeros((0,) + images[cam].shape, np.uint8) for cam, f in frames.items()},
+        "proprio": np.array(rec["proprio"], np.float32).reshape(T, 8),
+        "actions": np.array(rec["actions"], np.float32).reshape(T, 7),
+        "states": np.array(rec["states"], np.float64).reshape(T, -1) if T else np.zeros((0, 0)),
+        "joint_states": np.array(rec["joint_states"], np.float64).reshape(T, -1),
+        "eef_quat": np.array(rec["eef_quat"], np.float64).reshape(T, 4),
+        "success": bool(success), "steps": T, "error": error,
+        "task": env.tasks[task_id].name, "instruction": env.tasks[task_id].instruction,
+        "task_id": int(task_id), "state_id": int(state_id),
+    }
