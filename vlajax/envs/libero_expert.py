@@ -429,12 +429,13 @@ def run_expert_episode(env, task_id: int, state_id: int, seed: int, max_steps: i
         if success:
             break
     T = len(rec["actions"])
+    state_dim = env._env.get_sim_state().shape[0]
     return {
         "images": {cam: np.stack(f) if f else np.zeros((0,) + images[cam].shape, np.uint8) for cam, f in frames.items()},
         "proprio": np.array(rec["proprio"], np.float32).reshape(T, 8),
         "actions": np.array(rec["actions"], np.float32).reshape(T, 7),
-        "states": np.array(rec["states"], np.float64).reshape(T, -1) if T else np.zeros((0, 0)),
-        "joint_states": np.array(rec["joint_states"], np.float64).reshape(T, -1),
+        "states": np.array(rec["states"], np.float64).reshape(T, state_dim),
+        "joint_states": np.array(rec["joint_states"], np.float64).reshape(T, 7),
         "eef_quat": np.array(rec["eef_quat"], np.float64).reshape(T, 4),
         "success": bool(success), "steps": T, "error": error,
         "task": env.tasks[task_id].name, "instruction": env.tasks[task_id].instruction,
