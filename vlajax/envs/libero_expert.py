@@ -304,7 +304,7 @@ def pick_and_place(expert: LiberoExpert, obj: str, target: str, *, drop: bool) -
             state["pinch"], reach = True, 0.025
             base = expert.closing_axis()
             cands = []
-            for deg in (0, 180, 30, -30, 150, -150, 60, -60, 120, -120, 90, -90):
+            for deg in (0, 180, 30, -30, 150, -150, 45, -45, 135, -135, 60, -60, 120, -120, 90, -90):
                 radial = _rotated(base, np.deg2rad(deg))
                 xy = s.center[:2] + rim * radial
                 cands.append((np.array([xy[0], xy[1], z]), radial))
