@@ -3,8 +3,8 @@
     python benchmarks/expert_success.py --suite libero_spatial --states 50 --workers 16 [--json out.json]
 
 Runs `LiberoEnv.demonstrate` (the path `vlajax demos` uses) in `--workers` env processes, one
-episode per (task, state), at the suite's OpenVLA-OFT step budget; cameras are rendered at 32 px
-(the expert reads privileged state, not images). Prints a markdown table per task and the mean.
+episode per (task, state), at the suite's OpenVLA-OFT step budget; cameras are rendered at
+`--image-size` (default 32 px: the expert reads privileged state, not images). Prints a markdown table per task and the mean.
 """
 
 from __future__ import annotations
@@ -26,10 +26,13 @@ def main() -> None:
     p.add_argument("--states", type=int, default=50, help="fixed init states 0..N-1 per task")
     p.add_argument("--tasks", default=None, help="comma list of task ids (default: all)")
     p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--image-size", type=int, default=32, help="camera size (32: the expert needs no images; "
+                                                               "256 with both cameras times making demos)")
+    p.add_argument("--cameras", default="agentview")
     p.add_argument("--json", default=None)
     a = p.parse_args()
-    env = make_libero_vector_env(a.suite, a.workers, image_size=32, max_episode_steps=BUDGET[a.suite],
-                                 timeout_s=600)
+    env = make_libero_vector_env(a.suite, a.workers, image_size=a.image_size, cameras=tuple(a.cameras.split(",")),
+                                 max_episode_steps=BUDGET[a.suite], timeout_s=600)
     try:
         tasks = list(range(len(env.tasks))) if a.tasks is None else [int(t) for t in a.tasks.split(",")]
         pairs = [(t, s) for t in tasks for s in range(a.states)]
@@ -56,7 +59,9 @@ def main() -> None:
         print(f"| {t}: {name} | {ok.mean():.2f} ({ok.sum()}/{len(ok)}) | "
               f"{st.mean() if len(st) else float('nan'):.0f} | {errors.get(t, '')} |")
     mean = float(np.mean([np.mean(results[t]) for t in tasks]))
-    print(f"| mean | {mean:.3f} | | {len(pairs)} episodes, {elapsed:.0f} s on {a.workers} workers |")
+    total_steps = sum(sum(v) for v in steps.values())
+    print(f"| mean | {mean:.3f} | | {len(pairs)} episodes ({total_steps} steps), {elapsed:.0f} s on {a.workers} "
+          f"workers, cameras {a.cameras} at {a.image_size} px |")
     if a.json:
         with open(a.json, "w") as f:
             json.dump({"suite": a.suite, "mean": mean, "elapsed_s": elapsed, "workers": a.workers,
