@@ -43,8 +43,10 @@ One `LiberoEnv` is one `OffScreenRenderEnv` in one worker process of a `SubprocV
   - MuJoCo < 3.3.6 (the pinned 3.3.2): every `mj_forward` overwrites the constraint solver's warm
     start (`qacc_warmstart`; 3.3.6 moved that to the end of `mj_step`), and the next solve starts
     from it, so skipping a forward changes states (by up to 2e-6 within 34 steps). All three
-    constraint solves stay; only the position and velocity stages are computed once per sub-step
-    (mj_forward, then the acceleration stage alone, then `mj_step2`).
+    constraint solves stay; only the position and velocity stages (collisions included) are
+    computed once per sub-step (mj_forward, then the acceleration stage alone, then `mj_step2`):
+    MuJoCo time per sub-step 328 -> 179 us in libero_10, within 2% of the inexact step1/step2 form
+    (benchmarks/RESULTS.md, #25).
 - Images are returned exactly as robosuite renders them (`obs["<camera>_image"]`): OpenGL row
   order, i.e. upside-down. The OpenVLA-OFT/SimpleVLA preprocessing rotates them by 180 degrees
   (`img[::-1, ::-1]`, both axes) to match its training data; the policy side must do that exactly
