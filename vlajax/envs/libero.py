@@ -7,8 +7,17 @@ One `LiberoEnv` is one `OffScreenRenderEnv` in one worker process of a `SubprocV
   set_init_state(init_states[state_id])`, then `num_settle_steps` (10) no-op steps
   `[0,0,0,0,0,0,-1]`. The scene is rebuilt only when the task changes; otherwise robosuite's
   `hard_reset=False` path is used (here 0.4-0.6 s per reset including the settle steps and one
-  render, vs 1.4-2.7 s for a hard reset or rebuild on one CPU core), with the Panda gripper's command
-  ramp zeroed after `reset()` so a reused env follows the same trajectory as a fresh one.
+  render, vs 1.4-2.7 s for a hard reset or rebuild on one CPU core). What it owes a fresh env: the
+  same simulator state and solver warm start bit for bit, so a reused env and a fresh one follow
+  LIBERO's own (hard-reset) env exactly. That takes two things beyond robosuite's `sim.reset()`:
+  the Panda gripper's command ramp zeroed after `reset()`, and the warm start that a hard reset's
+  new MjData gets from the two `mj_forward` its new MjSim and render context run (before MuJoCo
+  3.3.6 each forward updates the warm start the next solve starts from; without them libero_object
+  states differ by ~5e-15 after reset, 2e-6 a few chunks later). Tested against LIBERO on
+  libero_10, libero_object and libero_goal. Not owed, as LIBERO itself does not keep it: where
+  LIBERO's sampler places fixtures (e.g. libero_10 tasks 3, 8, 9, libero_spatial task 4) their
+  poses -- model data, not state -- differ between two of LIBERO's own hard resets with the same
+  seed, so images (and, through contacts, states) there can differ from any one LIBERO run.
 - Sampled initial states (for training apart from the 50 evaluation states): a state id from
   `base.SAMPLED_STATE_BASE` on means "the state LIBERO's placement sampler draws after
   `seed(state_id - SAMPLED_STATE_BASE)`", settled like a stored one. The bodies are put back at their
@@ -26,10 +35,18 @@ One `LiberoEnv` is one `OffScreenRenderEnv` in one worker process of a `SubprocV
   own camera sensor. The images are bit-identical to rendering every sub-step
   (`render_every_substep=True`, which runs robosuite's sensors unmodified).
 - Physics: robosuite's control loop runs a full `mj_forward` (twice: the loop and the OSC
-  controller) before every `mj_step`, which repeats it. With `split_physics` (default) the loop's
-  `forward`/`step` become `mj_step1`/`mj_step2` while `chunk_step` and the settle steps run, so each
-  stage is computed once: ~25% less physics time, bit-identical states (Euler integrator only, as
-  in LIBERO; tested against unmodified LIBERO).
+  controller) before every `mj_step`, which repeats it. With `split_physics` (default), while
+  `chunk_step` and the settle steps run, work whose result is already there is skipped, and states
+  stay bit-identical to unmodified LIBERO (Euler integrator only, as in LIBERO; tested):
+  - MuJoCo >= 3.3.6: the loop's `forward`/`step` become `mj_step1`/`mj_step2`, so each stage is
+    computed once (~25% less physics time).
+  - MuJoCo < 3.3.6 (the pinned 3.3.2): every `mj_forward` overwrites the constraint solver's warm
+    start (`qacc_warmstart`; 3.3.6 moved that to the end of `mj_step`), and the next solve starts
+    from it, so skipping a forward changes states (by up to 2e-6 within 34 steps). All three
+    constraint solves stay; only the position and velocity stages (collisions included) are
+    computed once per sub-step (mj_forward, then the acceleration stage alone, then `mj_step2`):
+    MuJoCo time per sub-step 328 -> 179 us in libero_10, within 2% of the inexact step1/step2 form
+    (benchmarks/RESULTS.md, #25).
 - Images are returned exactly as robosuite renders them (`obs["<camera>_image"]`): OpenGL row
   order, i.e. upside-down. The OpenVLA-OFT/SimpleVLA preprocessing rotates them by 180 degrees
   (`img[::-1, ::-1]`, both axes) to match its training data; the policy side must do that exactly
@@ -108,6 +125,18 @@ def proprio_from_obs(obs: Mapping[str, np.ndarray]) -> np.ndarray:
     ).astype(np.float32)
 
 
+# MuJoCo 3.3.6 moved the solver's warm-start update (qacc_warmstart <- qacc) from every mj_forward
+# to the end of mj_step (changelog, "Breaking API changes"); `LiberoEnv._physics` depends on which.
+WARMSTART_IN_STEP_SINCE = "3.3.6"
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_sets_warmstart() -> bool:
+    """True where every mj_forward overwrites the warm start (the installed MuJoCo < 3.3.6)."""
+    return libero_setup._release(libero_setup.installed_mujoco_version()) < libero_setup._release(
+        WARMSTART_IN_STEP_SINCE)
+
+
 def _libero_reset(env):
     """`env.reset()` retrying only on RandomizationError (a failed object placement), as LIBERO
     means to. LIBERO's own loop ends in `finally: continue`, which retries on every exception, so
@@ -162,8 +191,10 @@ class LiberoEnv(SingleEnv):
     max_episode_steps: reported in `tasks` (the vector env enforces it).
     init_states_override: task id -> (S, state_dim) flattened MuJoCo states that replace LIBERO's
         init states of that task (e.g. states recorded from demonstrations or constructed ones).
-    hard_reset: True rebuilds robosuite's model and sim on every reset (slow; for comparison).
-    split_physics: compute MuJoCo's forward pass once per inner step (see module docstring).
+    hard_reset: True rebuilds robosuite's model and sim on every reset (slow; for comparison: the
+        fast reset gives the same states).
+    split_physics: skip the parts of MuJoCo's forward passes robosuite repeats, keeping states
+        bit-identical (see module docstring).
     mujoco_gl: MuJoCo GL backend; default: $MUJOCO_GL if set, else egl (osmesa without libEGL).
     """
 
@@ -265,7 +296,8 @@ class LiberoEnv(SingleEnv):
         if sample_seed is not None:
             self._restore_body_poses()
         env.seed(int(seed if sample_seed is None else sample_seed))
-        _libero_reset(env)
+        with self._fresh_data_on_reset():
+            _libero_reset(env)
         # With hard_reset=False robosuite keeps the gripper's command ramp from the last episode;
         # a fresh env starts it at zero (GripperModel.__init__), so zero it for identical dynamics.
         gripper = env.robots[0].gripper
@@ -435,8 +467,43 @@ class LiberoEnv(SingleEnv):
         np.copyto(model.body_quat, self._built_body_poses[1])
 
     @contextlib.contextmanager
+    def _fresh_data_on_reset(self):
+        """While resetting: robosuite's sim.reset() (fast reset) leaves MjData as its hard reset does.
+
+        A hard reset makes a new MjData, and the constructors of MjSim and of its offscreen render
+        context each run mj_forward on it before the robot and objects are placed. Before MuJoCo
+        3.3.6 those forwards set the solver's warm start that the placement's forwards, and so
+        set_init_state's, start from: without them libero_object states differ by ~5e-15 after
+        reset, 2e-6 a few chunks later. So: mj_resetData (what a new MjData holds), two mj_forward."""
+        import mujoco
+
+        if self.hard_reset:
+            yield
+            return
+        sim = self._env.sim
+        model, data = sim.model._model, sim.data._data
+
+        def reset():
+            mujoco.mj_resetData(model, data)
+            mujoco.mj_forward(model, data)  # MjSim.__init__ (robosuite's _initialize_sim)
+            mujoco.mj_forward(model, data)  # MjRenderContext.__init__
+
+        sim.reset = reset
+        try:
+            yield
+        finally:
+            del sim.reset
+
+    @contextlib.contextmanager
     def _physics(self):
-        """While stepping: robosuite's sim.forward()/sim.step() -> mj_step1/mj_step2 (split_physics)."""
+        """While stepping: robosuite's sim.forward()/sim.step() -> each stage computed once (split_physics).
+
+        robosuite calls forward() twice (its loop, then the controller) and step() once per sub-step.
+        Where mj_forward leaves the solver's warm start alone (MuJoCo >= 3.3.6) the forwards become
+        mj_step1 (positions and velocities) and step() mj_step2 (the rest). Before 3.3.6 every
+        mj_forward's constraint solve overwrites `qacc_warmstart`, and the next solve starts from it,
+        so all three solves must stay: the first forward of a sub-step is a full mj_forward, the
+        second only its acceleration stage (mj_forwardSkip past the velocity stage), step() mj_step2."""
         import mujoco
 
         sim = self._env.sim
@@ -446,8 +513,24 @@ class LiberoEnv(SingleEnv):
             return
         # Instance attributes shadow MjSim's methods. Only robosuite's step loop and its
         # controllers call these during env.step, always as forward(), [controls], step().
-        sim.forward = functools.partial(mujoco.mj_step1, model, data)
-        sim.step = lambda with_udd=True: mujoco.mj_step2(model, data)
+        if _forward_sets_warmstart():
+            stale = [True]  # positions/velocities changed since the last forward (or unknown)
+
+            def forward():
+                if stale[0]:
+                    mujoco.mj_forward(model, data)
+                    stale[0] = False
+                else:
+                    mujoco.mj_forwardSkip(model, data, mujoco.mjtStage.mjSTAGE_VEL, 0)
+
+            def step(with_udd=True):
+                mujoco.mj_step2(model, data)
+                stale[0] = True
+
+            sim.forward, sim.step = forward, step
+        else:
+            sim.forward = functools.partial(mujoco.mj_step1, model, data)
+            sim.step = lambda with_udd=True: mujoco.mj_step2(model, data)
         try:
             yield
         finally:
