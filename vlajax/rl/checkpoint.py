@@ -34,7 +34,8 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, Sharding
 
-__all__ = ["CheckpointManager", "CheckpointMismatchError", "CheckpointReadError", "Restored", "locate_checkpoint"]
+__all__ = ["CheckpointManager", "CheckpointMismatchError", "CheckpointReadError", "Restored", "latest_committed_step",
+           "locate_checkpoint"]
 
 _ARRAY_ITEMS = ("params", "train_state")
 _JSON_ITEMS = ("data_state", "config")
@@ -83,6 +84,14 @@ def locate_checkpoint(path: str | os.PathLike) -> tuple[str, int | None]:
         return str(p), None
     raise FileNotFoundError(f"{p} holds no vlajax checkpoint: expected a run directory (with checkpoints/), "
                             f"a checkpoints/ folder of step folders, or one step folder (<...>/checkpoints/<step>)")
+
+
+def latest_committed_step(directory: str | os.PathLike) -> int | None:
+    """The latest finished step under a checkpoint root, None if it has none (or does not exist); reads
+    only, so it can answer before a run starts anything, or after one stopped."""
+    if not Path(directory).is_dir():
+        return None
+    return max(ocp.utils.checkpoint_steps(os.path.abspath(directory)), default=None)
 
 
 @dataclasses.dataclass
