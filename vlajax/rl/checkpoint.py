@@ -81,6 +81,9 @@ def _quiet_failed_io() -> None:
     in <coroutine ...>', 'Event loop is closed'), and orbax logs the failure with its traceback. From now
     on, those are not printed (the error raised names the first failure); anything else still is. Set up
     when a manager opens: they are printed before that error is raised."""
+    absl = logging.getLogger("absl")
+    if not any(isinstance(f, _DropIOTracebacks) for f in absl.filters):
+        absl.addFilter(_DropIOTracebacks())
     hook = sys.unraisablehook
     if getattr(hook, "_vlajax_quiet", False):
         return
@@ -93,7 +96,6 @@ def _quiet_failed_io() -> None:
 
     quiet._vlajax_quiet = True
     sys.unraisablehook = quiet
-    logging.getLogger("absl").addFilter(_DropIOTracebacks())
 
 
 def locate_checkpoint(path: str | os.PathLike) -> tuple[str, int | None]:
