@@ -4,6 +4,8 @@
                   sharded state to OUT; prints a JSON line with the observed shardings.
   crash DIR       save step 1, start a large async save of step 2, print SAVING and wait
                   to be killed.
+  full DIR        save step 1, then step 2 with files limited to 1 MiB (RLIMIT_FSIZE: a full
+                  disk's failure, EFBIG for ENOSPC); prints the error raised as one line.
 `make_state(scale)` builds the deterministic state both sides compare against.
 """
 
@@ -77,5 +79,23 @@ def crash(directory: str) -> None:
     time.sleep(120)
 
 
+def full(directory: str) -> None:
+    import resource
+    import signal
+
+    from vlajax.rl.checkpoint import CheckpointWriteError
+
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead of killing
+    with CheckpointManager(directory) as ck:
+        ck.save(1, *make_state(1.0))
+        ck.wait_until_finished()
+        resource.setrlimit(resource.RLIMIT_FSIZE, (2**20, 2**20))
+        try:
+            ck.save(2, *make_state(3.0, big=2**20))  # 4 MiB of incompressible data
+            ck.wait_until_finished()
+        except CheckpointWriteError as e:
+            print(f"ERROR {e}", flush=True)
+
+
 if __name__ == "__main__":
-    {"reshard": reshard, "crash": crash}[sys.argv[1]](*sys.argv[2:])
+    {"reshard": reshard, "crash": crash, "full": full}[sys.argv[1]](*sys.argv[2:])

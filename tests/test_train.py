@@ -160,3 +160,27 @@ def test_clear_errors_before_anything_starts(tmp_path, capsys):
     assert "model_type is 'llava'" in capsys.readouterr().err
     assert cli_main(["train", "ray.address=127.0.0.1:9", f"trainer.default_local_dir={tmp_path / 'r3'}"] + TINY) == 2
     assert "127.0.0.1:9" in capsys.readouterr().err
+
+
+def test_refused_resume_changes_nothing_and_answers_first(tmp_path, capsys):
+    """A command that would collide with a run's checkpoints is refused before anything starts or is
+    written: the error is the resume's (not the unreachable Ray address it also names, found only once
+    the model is built) and the run's config.yaml is left as it was."""
+    run = tmp_path / "run"
+    with CheckpointManager(run / "checkpoints") as ck:  # a real committed checkpoint of the run
+        ck.save(3, {"w": np.zeros(4, np.float32)}, data_state={"rl_step": 3}, force=True)
+    (run / "config.yaml").write_text("the finished run's config\n")
+    later = ["ray.address=127.0.0.1:9"]
+    (tmp_path / "empty").mkdir()
+    for resume, says in (("disable", "collide"), (str(tmp_path / "empty"), "holds no vlajax checkpoint"),
+                         (str(run / "checkpoints" / "3"), None)):
+        other = f"trainer.default_local_dir={run if says else tmp_path / 'new'}"
+        if says is None:  # another run directory with checkpoints of its own refuses this one
+            with CheckpointManager(tmp_path / "new" / "checkpoints") as ck:
+                ck.save(1, {"w": np.zeros(4, np.float32)}, force=True)
+            says = "checkpoints of its own"
+        assert cli_main(["train", f"trainer.resume={resume}", other] + later) == 2
+        err = capsys.readouterr().err
+        assert says in err and "127.0.0.1:9" not in err, err
+    assert (run / "config.yaml").read_text() == "the finished run's config\n"
+    assert not (tmp_path / "new" / "config.yaml").exists()

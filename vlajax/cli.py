@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import argparse
 import os
-import signal
 import sys
 import traceback
 from pathlib import Path
 
+from vlajax import stopping
 from vlajax.config import ConfigError
 
 TRACEBACK_ENV = "VLAJAX_TRACEBACK"  # "1": errors also print their traceback
@@ -66,12 +66,29 @@ def _train(args) -> int:
         _join(cfg.trainer.nnodes)
     from vlajax.train import train
 
-    res = train(cfg)
+    try:
+        res = train(cfg)
+    except (KeyboardInterrupt, stopping.Terminated) as e:
+        print(f"vlajax train: stopped by {stopping.name(e)}; {_resume_hint(cfg)}", file=sys.stderr, flush=True)
+        return stopping.exit_code(e)
     fe = res.final_eval or {}
     if res.primary:  # one summary per job
         print(f"run directory: {res.run_dir} ({res.steps} steps); final greedy success rate "
               f"{fe.get('success_rate', float('nan')):.2f}; learning curve: {res.run_dir / 'learning_curve.png'}")
     return 0
+
+
+def _resume_hint(cfg) -> str:
+    """Where a stopped run continues from: its latest committed checkpoint (the run has unwound, so a
+    save in flight has finished or was discarded)."""
+    from vlajax.rl.checkpoint import latest_committed_step
+
+    root = cfg.run_dir / "checkpoints"
+    step = latest_committed_step(root)
+    if step is None:
+        return f"no checkpoint was written in {cfg.run_dir}: the same command starts the run again from step 0"
+    return (f"the same command (trainer.resume=auto) resumes from {root / str(step)} "
+            f"(step {step} of {cfg.trainer.total_training_steps})")
 
 
 def _launch(argv: list[str], cfg) -> int:
@@ -152,8 +169,21 @@ def _default_xla_flags() -> None:
         os.environ["XLA_FLAGS"] = " ".join([flags] + extra).strip()
 
 
-def _terminate(signum, frame):
-    raise SystemExit(128 + signum)
+def _quiet_abandoned_calls() -> None:
+    """Ray prints an 'Unhandled error' traceback for each failed call whose result nobody fetched. The
+    rollout fetches every call it waits for; the ones it abandons (a hung simulator's, replaced by a
+    restart, or those in flight when a run stops) failing is expected, and the reason is already the
+    error or warning vlajax printed."""
+    os.environ.setdefault("RAY_IGNORE_UNHANDLED_ERRORS", "1")
+
+
+def _one_line_errors() -> tuple[type[BaseException], ...]:
+    """The errors printed as one line: bad input or files (ConfigError is a ValueError; OSError covers
+    missing files, a damaged checkpoint (CheckpointReadError), an unreachable cluster (ConnectionError)),
+    and a rollout that cannot go on (RolloutError, when its module is loaded: the CLI imports nothing
+    heavy up front)."""
+    rollout = sys.modules.get("vlajax.rl.rollout_buffer")
+    return (OSError, ValueError, KeyError) + ((rollout.RolloutError,) if rollout else ())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -210,28 +240,28 @@ def main(argv: list[str] | None = None) -> int:
     d.set_defaults(fn=_demo)
 
     _default_xla_flags()
+    _quiet_abandoned_calls()
     args, extra = parser.parse_known_args(argv)
     # `key=value` overrides may also follow the options (`vlajax eval RUN --trials 5 env.train.num_envs=4`)
     if extra and hasattr(args, "overrides") and all("=" in x and not x.startswith("-") for x in extra):
         args.overrides = list(args.overrides) + extra
     elif extra:
         parser.error(f"unrecognized arguments: {' '.join(extra)}")
-    # SIGTERM (a scheduler's stop, `kill`) unwinds like Ctrl-C, so the run closes what it started:
-    # the simulator actors and an embedded Ray, whose agents would otherwise outlive it.
-    previous = signal.signal(signal.SIGTERM, _terminate)
+    restore_signals = stopping.install()  # Ctrl-C and SIGTERM unwind the run (vlajax.stopping)
     try:
         return args.fn(args)
-    # ConfigError is a ValueError; OSError covers missing files, a damaged checkpoint
-    # (CheckpointReadError), an unreachable cluster (ConnectionError)
-    except (OSError, ValueError, KeyError) as e:
+    except _one_line_errors() as e:
         if os.environ.get(TRACEBACK_ENV) == "1":
             traceback.print_exc()
         print(f"vlajax {args.command}: error: {e}", file=sys.stderr)
         if not isinstance(e, ConfigError) and os.environ.get(TRACEBACK_ENV) != "1":
             print(f"(set {TRACEBACK_ENV}=1 to see where it was raised)", file=sys.stderr)
         return 2
+    except (KeyboardInterrupt, stopping.Terminated) as e:  # one line, not the traceback of wherever it landed
+        print(f"vlajax {args.command}: stopped by {stopping.name(e)}", file=sys.stderr, flush=True)
+        return stopping.exit_code(e)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        restore_signals()
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ One training step (SimpleVLA-RL's recipe):
      tokens after the success step masked;
   3. `ppo_mini_batch_size` trajectories per optimizer step; the first rollout round of the next step
      is reset before the update so the resets overlap it;
-  4. log, validate greedily every `trainer.test_freq`, checkpoint every `trainer.save_freq`.
+  4. validate greedily every `trainer.test_freq`, log, then checkpoint every `trainer.save_freq`
+     (the record first, so that no committed step lacks its record; the save's time is in the
+     next step's `timing/checkpoint_s`).
 
 Exact resume: rollout sampling keys derive from (seed, step, round; and the process id in a
 multi-process job, `rollout_key`), env starts from (task, state, seed), the sampler position and
@@ -50,6 +52,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
+from vlajax import stopping
 from vlajax.config import ConfigError, RunConfig, save_config, to_dict
 from vlajax.distributed import multihost
 from vlajax.distributed.sharding import make_mesh
@@ -58,7 +61,7 @@ from vlajax.evaluate import select_pairs
 from vlajax.metrics import TRAIN_SUCCESS, VAL_SUCCESS, MetricsLogger, Progress, Timer, plot_learning_curve
 from vlajax.model.flops import forward_flops
 from vlajax.rl.advantages import compute_advantages
-from vlajax.rl.checkpoint import CheckpointManager, locate_checkpoint
+from vlajax.rl.checkpoint import CheckpointManager, latest_committed_step, locate_checkpoint
 from vlajax.rl.data import StateSampler
 from vlajax.rl.dynamic_sampling import GroupBuffer
 from vlajax.rl.learner import Learner
@@ -257,40 +260,22 @@ class Trainer(Closing):
         self.key = jax.random.key(cfg.trainer.seed)
 
     # -- lifecycle ------------------------------------------------------------------------------
-    def maybe_resume(self) -> None:
-        """Continue from a checkpoint as `trainer.resume` says: `auto` = the run directory's latest
-        (if any), `disable` = start fresh (an error if the run directory already has checkpoints,
-        which the new run's would collide with), or a path (a run directory, its `checkpoints/`, or
-        one step folder) to start from; its checkpoints are only read. Prints what it resumed."""
-        r = self.cfg.trainer.resume
-        own = self.ckpt.latest_step()
-        key = "trainer.resume"
-        if r == "disable":
-            if own is not None:
-                raise ConfigError(f"is 'disable' but the run directory {self.run_dir} already has checkpoints (latest "
-                                  f"step {own}) that the new run would collide with: use trainer.resume=auto to "
-                                  "continue it, or another trainer.default_local_dir", key=key)
+    def maybe_resume(self, source: tuple[str, int] | None) -> None:
+        """Continue from `source` = (checkpoint root, step) as `resume_source` chose it (None: start
+        fresh); a checkpoint of another run is only read. Prints what it resumed."""
+        if source is None:
             return
-        if r == "auto":
-            if own is None:
-                return
-            root, step = self.ckpt.directory, own
-        else:
-            root, step = locate_checkpoint(r)
-            if own is not None and Path(root) != Path(self.ckpt.directory):
-                raise ConfigError(f"names {r}, but the run directory {self.run_dir} already has checkpoints of its "
-                                  f"own (latest step {own}): use trainer.resume=auto to continue this run, or "
-                                  "another trainer.default_local_dir to start from that checkpoint", key=key)
+        root, step = source
         if Path(root) == Path(self.ckpt.directory):
             restored = self.learner.restore(self.ckpt, step)
         else:
-            with CheckpointManager(root, read_only=True) as source:
-                restored = self.learner.restore(source, step)
+            with CheckpointManager(root, read_only=True) as other:
+                restored = self.learner.restore(other, step)
         self._hand_over()
         ds = restored.data_state or {}
         if "rl_step" not in ds or "sampler" not in ds:
             raise ConfigError(f"checkpoint {root}/{restored.step} has no training data state (sampler, RL step): "
-                              "it is not a `vlajax train` checkpoint", key=key)
+                              "it is not a `vlajax train` checkpoint", key="trainer.resume")
         self.sampler.load_state_dict(ds["sampler"])
         self.step = int(ds["rl_step"])
         if self.primary:
@@ -358,6 +343,7 @@ class Trainer(Closing):
             with timer("rollout"):
                 rb = self._rollout_round(groups, key, issued)
             rounds.append(rb)
+            stopping.check()  # a stop signal whose exception Python lost (vlajax.stopping)
             tr = rb.trajectories
             buf.add({"traj": tr, "images": rb.images, "proprio": rb.proprio, "prompt_ids": rb.prompt_ids,
                      "prompt_mask": rb.prompt_mask}, tr.success, tr.group_id)
@@ -475,6 +461,35 @@ class Trainer(Closing):
                 for (t, sid), (ok, n) in zip(pairs, got)]
 
 
+def resume_source(cfg: RunConfig) -> tuple[str, int] | None:
+    """The checkpoint (root, step) that `trainer.resume` continues from, None = start fresh: `auto` =
+    the run directory's latest (if any), `disable` = none (an error if the run directory already has
+    checkpoints, which the new run's would collide with), or a path (a run directory, its
+    `checkpoints/`, or one step folder). From the files alone, so a refused command has started and
+    changed nothing (not even the run's config.yaml)."""
+    r, key = cfg.trainer.resume, "trainer.resume"
+    own_root = str(cfg.run_dir / "checkpoints")
+    own = latest_committed_step(own_root)
+    if r == "disable":
+        if own is not None:
+            raise ConfigError(f"is 'disable' but the run directory {cfg.run_dir} already has checkpoints (latest "
+                              f"step {own}) that the new run would collide with: use trainer.resume=auto to "
+                              "continue it, or another trainer.default_local_dir", key=key)
+        return None
+    if r == "auto":
+        return None if own is None else (own_root, own)
+    root, step = locate_checkpoint(r)
+    if own is not None and Path(root) != Path(own_root):
+        raise ConfigError(f"names {r}, but the run directory {cfg.run_dir} already has checkpoints of its "
+                          f"own (latest step {own}): use trainer.resume=auto to continue this run, or "
+                          "another trainer.default_local_dir to start from that checkpoint", key=key)
+    if step is None:
+        step = latest_committed_step(root)
+        if step is None:
+            raise FileNotFoundError(f"trainer.resume={r}: no finished checkpoint in {root}")
+    return root, step
+
+
 def resource_metrics() -> dict:
     """Peak accelerator memory (GB, largest over the local devices; absent on CPU) and this process's
     peak resident memory (GB; the simulators' processes not included)."""
@@ -532,12 +547,12 @@ def train(cfg: RunConfig) -> TrainResult:
                           "env.disagg_sim.enable=true)", key="trainer.nnodes")
     primary = job.process_id == 0
     run_dir = cfg.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if primary:
-        save_config(cfg, run_dir)
+    source = resume_source(cfg)  # before anything starts (Ray, the model) or is written
     history = []
     with Trainer(cfg, job) as tr:
-        tr.maybe_resume()
+        tr.maybe_resume(source)
+        if primary:  # once the run is sure to go on: a refused command leaves the run's config as it was
+            save_config(cfg, run_dir)
         logger = MetricsLogger(run_dir, backends=tuple(cfg.trainer.logger), wandb_project=cfg.trainer.project_name,
                                experiment_name=cfg.trainer.experiment_name,
                                config=to_dict(cfg), start_step=tr.step + 1 if tr.step else 0,  # keep the resumed step's own record
@@ -548,9 +563,8 @@ def train(cfg: RunConfig) -> TrainResult:
             logger.log(0, {"val/success_rate": v["success_rate"]})
         progress = Progress(total - tr.step, desc="GRPO steps", unit="step") if primary else _Quiet()
         try:
+            timer = Timer()
             while tr.step < total:
-                timer = Timer()
-                timer.start()
                 batch, rounds = tr.collect(timer)
                 nxt = tr.step + 1
                 val_due = cfg.trainer.test_freq > 0 and (nxt % cfg.trainer.test_freq == 0 or nxt == total)
@@ -562,21 +576,23 @@ def train(cfg: RunConfig) -> TrainResult:
                     with timer("update"):
                         upd = tr.update(batch)
                 tr.step += 1
-                last = tr.step == total
-                if (cfg.trainer.save_freq > 0 and tr.step % cfg.trainer.save_freq == 0) or last:
-                    with timer("checkpoint"):
-                        tr.learner.save(tr.ckpt, step=tr.step, data_state=tr.data_state(), config=to_dict(cfg),
-                                        force=True)
                 m = _step_metrics(tr, rounds, batch, upd, timer.breakdown())
                 if job.multi:  # job-wide values, the same on every process
                     m = multihost.aggregate_metrics(m)
                 if val_due:  # validation uses the same envs, so the next resets wait for it
                     v = tr.validate()
                     m["val/success_rate"] = v["success_rate"]
+                # logged before its checkpoint starts: a committed step always has its record (a record
+                # past the last commit is dropped on resume and the step run again)
                 logger.log(tr.step, m)
                 history.append(m)
                 progress.update(1, successes=m["train/successes"], episodes=m["train/episodes"],
                                 env_steps=m["train/env_steps"])
+                timer = Timer()  # the next step's: its "checkpoint" phase is this step's save
+                if (cfg.trainer.save_freq > 0 and tr.step % cfg.trainer.save_freq == 0) or tr.step == total:
+                    with timer("checkpoint"):
+                        tr.learner.save(tr.ckpt, step=tr.step, data_state=tr.data_state(), config=to_dict(cfg),
+                                        force=True)
             tr.ckpt.wait_until_finished()
             final = tr.validate(video_dir=video_dir(cfg))
             t = val_temperature(cfg)

@@ -132,6 +132,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpu
     if num_cpus is not None or num_gpus is not None or resources:
         raise ValueError("init_ray: num_cpus / num_gpus / resources describe an embedded Ray; a joined "
                          f"cluster ({address}) declares its resources with `ray start`")
+    _check_auth(address)
     with _keep_sigterm_handler():
         ray.init(address=address, **kw)
     return RaySession(address=address, started=False, connected=True)
@@ -200,6 +201,27 @@ def _probe(address: str, timeout_s: float) -> None:
         raise RayConnectError(
             f"cannot reach the Ray cluster at {address} within {timeout_s:g} s ({e}); is `ray start --head` "
             "running there and the port open?") from e
+
+
+def _check_auth(address: str) -> None:
+    """One question to the cluster's GCS before `ray.init`: a head that uses token authentication
+    refuses a shell without RAY_AUTH_MODE=token, and `ray.init` then retries for ~20 s and fails with
+    a message that does not say why. Anything else this cannot answer is left to `ray.init`."""
+    if address.startswith("ray://"):
+        return
+    try:
+        from ray._private.services import canonicalize_bootstrap_address
+
+        gcs = canonicalize_bootstrap_address(address)
+        if gcs:
+            ray._raylet.GcsClient(address=gcs).internal_kv_get(b"vlajax_auth_probe", namespace=None, timeout=10)
+    except ray.exceptions.AuthenticationError:
+        raise RayConnectError(
+            f"the Ray cluster at {address} uses token authentication and refused this shell: set "
+            "RAY_AUTH_MODE=token here (with the cluster's token in ~/.ray/auth_token, $RAY_AUTH_TOKEN_PATH or "
+            "$RAY_AUTH_TOKEN) and run the command again") from None
+    except Exception:  # noqa: BLE001 - an older Ray, an unreachable GCS: ray.init says what is wrong
+        pass
 
 
 # ---- placement -----------------------------------------------------------------------------------

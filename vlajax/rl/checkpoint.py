@@ -19,8 +19,10 @@ into a copy of the target State. Typed PRNG keys are saved as their raw key data
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import gc
+import logging
 import os
 import re
 import sys
@@ -34,7 +36,8 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P, Sharding
 
-__all__ = ["CheckpointManager", "CheckpointMismatchError", "CheckpointReadError", "Restored", "locate_checkpoint"]
+__all__ = ["CheckpointManager", "CheckpointMismatchError", "CheckpointReadError", "CheckpointWriteError", "Restored",
+           "latest_committed_step", "locate_checkpoint"]
 
 _ARRAY_ITEMS = ("params", "train_state")
 _JSON_ITEMS = ("data_state", "config")
@@ -49,23 +52,50 @@ class CheckpointReadError(OSError):
     tensor and the file, and the steps that remain."""
 
 
-def _quiet_failed_reads() -> None:
-    """orbax reads tensors concurrently; after the first failed read, the other reads die with errors
-    of their own, which Python prints as hundreds of lines ('Exception ignored in <coroutine ...>',
-    'Event loop is closed') whenever it collects them, up to the process's exit. From now on, those
-    are not printed (the error raised names the first failure); anything else still is."""
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, a file size limit, a lost mount); the message names
+    the step, the file and the reason, and the committed checkpoints that remain."""
+
+
+# TensorStore's message for a tensor it cannot read or write, buried in an asyncio traceback
+_TS_IO_ERROR = re.compile(r'([A-Z_]+): Error (reading|writing) "([^"]+)" in \w+ database at local file "([^"]+)"[^\n]*')
+
+
+class _DropIOTracebacks(logging.Filter):
+    """Drops orbax's logged tracebacks of a failed tensor read or write (the error raised names it), and
+    once one failed, those of its threads that then die too (e.g. at exit, 'cannot schedule new futures')."""
+
+    failed = False
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        if _TS_IO_ERROR.search(record.getMessage() + " " + str(exc or "")):
+            _DropIOTracebacks.failed = True
+            return False
+        return not (_DropIOTracebacks.failed and exc is not None)
+
+
+def _quiet_failed_io() -> None:
+    """orbax reads and writes tensors concurrently; after the first failure (a damaged file, a full disk)
+    the others die with errors of their own, which Python prints as hundreds of lines ('Exception ignored
+    in <coroutine ...>', 'Event loop is closed'), and orbax logs the failure with its traceback. From now
+    on, those are not printed (the error raised names the first failure); anything else still is. Set up
+    when a manager opens: they are printed before that error is raised."""
+    absl = logging.getLogger("absl")
+    if not any(isinstance(f, _DropIOTracebacks) for f in absl.filters):
+        absl.addFilter(_DropIOTracebacks())
     hook = sys.unraisablehook
     if getattr(hook, "_vlajax_quiet", False):
         return
 
     def quiet(u):
         closed_loop = isinstance(u.exc_value, RuntimeError) and "Event loop is closed" in str(u.exc_value)
-        if not (closed_loop or "_read_array" in repr(u.object) or "orbax" in repr(u.object)):
+        if not (closed_loop or "_read_array" in repr(u.object) or "orbax" in repr(u.object)
+                or _TS_IO_ERROR.search(str(u.exc_value))):
             hook(u)
 
     quiet._vlajax_quiet = True
     sys.unraisablehook = quiet
-    gc.collect()
 
 
 def locate_checkpoint(path: str | os.PathLike) -> tuple[str, int | None]:
@@ -83,6 +113,14 @@ def locate_checkpoint(path: str | os.PathLike) -> tuple[str, int | None]:
         return str(p), None
     raise FileNotFoundError(f"{p} holds no vlajax checkpoint: expected a run directory (with checkpoints/), "
                             f"a checkpoints/ folder of step folders, or one step folder (<...>/checkpoints/<step>)")
+
+
+def latest_committed_step(directory: str | os.PathLike) -> int | None:
+    """The latest finished step under a checkpoint root, None if it has none (or does not exist); reads
+    only, so it can answer before a run starts anything, or after one stopped."""
+    if not Path(directory).is_dir():
+        return None
+    return max(ocp.utils.checkpoint_steps(os.path.abspath(directory)), default=None)
 
 
 @dataclasses.dataclass
@@ -185,6 +223,7 @@ class CheckpointManager:
                 cleanup_tmp_directories=True,
                 create=True,
             )
+        _quiet_failed_io()
         handlers = {k: ocp.StandardCheckpointHandler() for k in _ARRAY_ITEMS}
         handlers.update({k: ocp.JsonCheckpointHandler() for k in _JSON_ITEMS})
         self._mngr = ocp.CheckpointManager(self.directory, options=options, item_handlers=handlers)
@@ -208,10 +247,12 @@ class CheckpointManager:
         )
         if train_state is not None and jax.tree.leaves(train_state):  # orbax rejects empty items
             args["train_state"] = ocp.args.StandardSave(_to_saveable(train_state))
-        return self._mngr.save(step, args=ocp.args.Composite(**args), force=force)
+        with self._write_errors(step):  # also the previous (async) save's, which orbax raises here
+            return self._mngr.save(step, args=ocp.args.Composite(**args), force=force)
 
     def wait_until_finished(self) -> None:
-        self._mngr.wait_until_finished()
+        with self._write_errors():
+            self._mngr.wait_until_finished()
 
     def latest_step(self) -> int | None:
         return self._mngr.latest_step()
@@ -220,7 +261,50 @@ class CheckpointManager:
         return sorted(self._mngr.all_steps())
 
     def close(self) -> None:
-        self._mngr.close()
+        with self._write_errors():
+            self._mngr.close()
+
+    @contextlib.contextmanager
+    def _write_errors(self, step: int | None = None):
+        """A failed save as one `CheckpointWriteError` naming its step, file and reason; other errors
+        pass unchanged."""
+        try:
+            yield
+        except Exception as e:  # noqa: BLE001 - re-raised unless it is a failed write
+            err = self._write_error(step, e)
+            if err is e:
+                raise
+            _DropIOTracebacks.failed = True
+            gc.collect()  # the failed writes' leftovers print now, quietly
+            raise err from None
+
+    _STEP_DIR = re.compile(r"/(\d+)(\.orbax-checkpoint-tmp[^/]*)?/")
+
+    def _write_error(self, step: int | None, error: BaseException) -> BaseException:
+        seen, todo = set(), [error]
+        while todo:
+            e = todo.pop()
+            if e is None or id(e) in seen:
+                continue
+            seen.add(id(e))
+            m = _TS_IO_ERROR.search(str(e))
+            if m and m.group(2) == "writing":
+                reason = re.search(r"(?:Failed to write|Failed writing)[^\n]*?: ([^:\[\n]+?)\s*(\[os_error_code|$)",
+                                   m.group(0))
+                what, where = (reason.group(1).strip() if reason else m.group(1)), m.group(4)
+            elif isinstance(e, OSError) and e.errno is not None:
+                what, where = e.strerror, e.filename or self.directory
+            else:
+                todo += [e.__cause__, e.__context__]
+                continue
+            s = self._STEP_DIR.search(str(where)[len(self.directory):] + "/")
+            failed = int(s.group(1)) if s else step
+            kept = self.all_steps()
+            return CheckpointWriteError(
+                f"checkpoint {self.directory} step {failed if failed is not None else '?'} could not be written: "
+                f"{what} (writing {where}); the checkpoints committed before it stay "
+                f"({kept or 'none'})")
+        return error
 
     def __enter__(self):
         return self
@@ -283,7 +367,8 @@ class CheckpointManager:
             if err is e:
                 raise
         if err is not None:
-            _quiet_failed_reads()
+            _DropIOTracebacks.failed = True
+            gc.collect()  # the failed reads' leftovers print now, quietly, not at some later collection
             raise err
         res = Restored(step=step, data_state=out["data_state"], config=out["config"])
         for item, fix in post.items():

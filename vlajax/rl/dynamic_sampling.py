@@ -13,7 +13,6 @@ beyond a full batch can be kept for the next step (SimpleVLA-RL drops them: its
 from __future__ import annotations
 
 import dataclasses
-import logging
 import warnings
 from typing import Any
 
@@ -21,8 +20,6 @@ import jax
 import numpy as np
 
 __all__ = ["filter_groups", "GroupBuffer", "GroupBatch"]
-
-log = logging.getLogger(__name__)
 
 
 def filter_groups(
@@ -192,8 +189,8 @@ class GroupBuffer:
                 f"rate in [{self.lower}, {self.upper}] after {self.rounds} rollout rounds "
                 f"(max_rounds={self.max_rounds}); training on {len(take)} groups"
             )
+            # one channel: a logged copy as well printed every such step twice
             warnings.warn(msg, RuntimeWarning, stacklevel=2)
-            log.warning(msg)
         self.start_step()
         if not take:
             return None
