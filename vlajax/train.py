@@ -126,6 +126,38 @@ def trim_prompts(ids: np.ndarray, mask: np.ndarray, multiple: int = 8) -> tuple[
     return ids[:, :width], mask[:, :width]
 
 
+def resume_point(resume: str, ckpt: CheckpointManager, run_dir: Path) -> tuple[str, int | None] | None:
+    """Where a run continues from by `trainer.resume` (`vlajax train` and `vlajax sft` alike): `auto`
+    = the run directory's latest checkpoint (None if it has none), `disable` = None (an error if the
+    run directory already has checkpoints, which the new run's would collide with), or a path (a run
+    directory, its `checkpoints/`, or one step folder) to start from, whose checkpoints are only read.
+    Returns (checkpoint root, step; None = its latest) or None to start fresh."""
+    own = ckpt.latest_step()
+    key = "trainer.resume"
+    if resume == "disable":
+        if own is not None:
+            raise ConfigError(f"is 'disable' but the run directory {run_dir} already has checkpoints (latest "
+                              f"step {own}) that the new run would collide with: use trainer.resume=auto to "
+                              "continue it, or another trainer.default_local_dir", key=key)
+        return None
+    if resume == "auto":
+        return None if own is None else (ckpt.directory, own)
+    root, step = locate_checkpoint(resume)
+    if own is not None and Path(root) != Path(ckpt.directory):
+        raise ConfigError(f"names {resume}, but the run directory {run_dir} already has checkpoints of its "
+                          f"own (latest step {own}): use trainer.resume=auto to continue this run, or "
+                          "another trainer.default_local_dir to start from that checkpoint", key=key)
+    return root, step
+
+
+def restore_from(learner: Learner, ckpt: CheckpointManager, root: str, step: int | None):
+    """`learner.restore` from `root` (this run's own manager, or another run's, opened read-only)."""
+    if Path(root) == Path(ckpt.directory):
+        return learner.restore(ckpt, step)
+    with CheckpointManager(root, read_only=True) as source:
+        return learner.restore(source, step)
+
+
 # ----------------------------------------------------------------------------- processes
 
 # Seconds after which a silent (dead) peer process fails the job (jax's coordination-service heartbeat).
@@ -262,30 +294,12 @@ class Trainer(Closing):
         (if any), `disable` = start fresh (an error if the run directory already has checkpoints,
         which the new run's would collide with), or a path (a run directory, its `checkpoints/`, or
         one step folder) to start from; its checkpoints are only read. Prints what it resumed."""
-        r = self.cfg.trainer.resume
-        own = self.ckpt.latest_step()
-        key = "trainer.resume"
-        if r == "disable":
-            if own is not None:
-                raise ConfigError(f"is 'disable' but the run directory {self.run_dir} already has checkpoints (latest "
-                                  f"step {own}) that the new run would collide with: use trainer.resume=auto to "
-                                  "continue it, or another trainer.default_local_dir", key=key)
+        point = resume_point(self.cfg.trainer.resume, self.ckpt, self.run_dir)
+        if point is None:
             return
-        if r == "auto":
-            if own is None:
-                return
-            root, step = self.ckpt.directory, own
-        else:
-            root, step = locate_checkpoint(r)
-            if own is not None and Path(root) != Path(self.ckpt.directory):
-                raise ConfigError(f"names {r}, but the run directory {self.run_dir} already has checkpoints of its "
-                                  f"own (latest step {own}): use trainer.resume=auto to continue this run, or "
-                                  "another trainer.default_local_dir to start from that checkpoint", key=key)
-        if Path(root) == Path(self.ckpt.directory):
-            restored = self.learner.restore(self.ckpt, step)
-        else:
-            with CheckpointManager(root, read_only=True) as source:
-                restored = self.learner.restore(source, step)
+        root, step = point
+        key = "trainer.resume"
+        restored = restore_from(self.learner, self.ckpt, root, step)
         self._hand_over()
         ds = restored.data_state or {}
         if "rl_step" not in ds or "sampler" not in ds:
