@@ -18,6 +18,7 @@ from vlajax.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[1]
 SHIPPED = ("demo", "libero_grpo", "libero_grpo_disagg")
+SHIPPED_SFT = ("sft_libero",)  # `vlajax sft` configs (loaded with purpose="sft")
 # A directory that exists, standing in for a user's SFT checkpoint where only the config is checked
 # (validation checks that actor_rollout_ref.model.path exists; building the policy reads it).
 SFT = REPO / "vlajax" / "assets" / "tiny_tokenizer"
@@ -73,7 +74,19 @@ def _shipped_yamls() -> list[Path]:
 
 
 def test_every_shipped_yaml_is_tested():
-    assert {p.stem for p in _shipped_yamls()} == set(SHIPPED)
+    assert {p.stem for p in _shipped_yamls()} == set(SHIPPED) | set(SHIPPED_SFT)
+
+
+@pytest.mark.parametrize("name", SHIPPED_SFT)
+def test_shipped_sft_yamls_load_and_validate(name, tmp_path):
+    path = next(p for p in _shipped_yamls() if p.stem == name)
+    with pytest.raises(ConfigError, match="actor_rollout_ref.model.path.*does not exist"):  # the first error
+        load_config(path, purpose="sft")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        cfg = load_config(path, LIBERO + [f"data.train_files={tmp_path}"], purpose="sft")
+    assert cfg.data.train_files == str(tmp_path) and cfg.actor_rollout_ref.model.lora_rank == 32
+    assert "${" not in str(C.to_dict(cfg))
 
 
 @pytest.mark.parametrize("name", SHIPPED)

@@ -1,4 +1,5 @@
-"""The `vlajax` command: `train` (config-driven GRPO runs), `eval` (greedy success tables),
+"""The `vlajax` command: `train` (config-driven GRPO runs), `sft` (supervised fine-tuning on
+demonstrations), `eval` (greedy success tables),
 `convert` (HF <-> vlajax checkpoints), `demos` (scripted-expert demonstrations) and `demo` (the
 untrained policy on the built-in task).
 
@@ -144,6 +145,25 @@ def _demos(args) -> int:
     return 0
 
 
+def _sft(args) -> int:
+    from vlajax.config import load_config
+
+    config, overrides = args.config, list(args.overrides)
+    if config is not None and "=" in config:  # `vlajax sft key=value ...`: the packaged sft_libero
+        config, overrides = None, [config] + overrides
+    # the config (model path first) is checked before any data is read or anything starts
+    cfg = load_config(config or "sft_libero", overrides, purpose="sft")
+    from vlajax.sft import sft
+
+    try:
+        res = sft(cfg)
+    except KeyboardInterrupt:  # sft() said what it kept
+        return 130
+    print(f"run directory: {res.run_dir} ({res.steps} steps); policy for `vlajax train ... "
+          f"actor_rollout_ref.model.path=`: {res.export_dir}")
+    return 0
+
+
 def _eval(args) -> int:
     from vlajax.evaluate import run_eval
 
@@ -205,6 +225,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="YAML file or packaged config name (demo, libero_grpo, libero_grpo_disagg); default demo")
     t.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. trainer.total_training_steps=10")
     t.set_defaults(fn=_train)
+
+    f = sub.add_parser("sft", help="supervised fine-tuning on LIBERO demonstrations (default config: sft_libero)")
+    f.add_argument("config", nargs="?", default=None,
+                   help="YAML file or packaged config name (default sft_libero)")
+    f.add_argument("overrides", nargs="*", help="dotted key=value overrides, e.g. data.train_files=demos/libero_spatial")
+    f.set_defaults(fn=_sft)
 
     e = sub.add_parser("eval", help="evaluation of a checkpoint over a suite's tasks and init states")
     e.add_argument("checkpoint", help="training run directory (config.yaml + checkpoints/), vlajax policy "

@@ -70,8 +70,11 @@ VERL_COMPAT_KEYS = {
     "data.val_batch_size": "validation runs in rollout rounds of the simulator pool's capacity "
                            "(env.rollout.pipeline_stage_num x simulator workers x env.train.num_envs)",
 }
+# Keys only `vlajax sft` reads (`vlajax train` ignores them; its every-key test leaves them out).
+SFT_KEYS = ("data.train_files", "data.val_episodes_per_task", "data.image_aug")
+PURPOSES = ("train", "sft")  # what a config is loaded for: which combinations `validate` checks
 # Keys holding filesystem paths: made absolute once, where the config is read (`resolve_paths`).
-PATH_KEYS = ("trainer.default_local_dir", "trainer.resume", "actor_rollout_ref.model.path",
+PATH_KEYS = ("data.train_files", "trainer.default_local_dir", "trainer.resume", "actor_rollout_ref.model.path",
              "env.train.video_cfg.video_base_dir", "ray.temp_dir")
 _NOT_PATHS = ("auto", "disable")  # trainer.resume's keywords
 
@@ -167,6 +170,16 @@ class DataConfig(_Section):
     # vlajax: init states per task used for validation; None = env.train.num_trials_per_task
     # (SimpleVLA-RL validates on the training pairs).
     val_num_trials_per_task: Optional[int] = None
+    # `vlajax sft` only (SFT_KEYS); there data.train_batch_size counts frames per optimizer step.
+    # Demonstrations (verl's key): a folder (`<out>/<suite>` or the --out root of `vlajax demos`),
+    # one LIBERO-layout HDF5 file, or a list of files.
+    train_files: Any = None
+    # vlajax: episodes per task held out of training (the last ones of each task), for the held-out
+    # token accuracy; a task with fewer episodes keeps them all for training.
+    val_episodes_per_task: int = 1
+    # vlajax: OpenVLA-OFT's training augmentation (a random 90%-area crop per sample, resized back;
+    # evaluation and rollouts take the centre crop).
+    image_aug: bool = True
 
 
 @dataclass(frozen=True)
@@ -305,10 +318,11 @@ class ActorRolloutRefConfig(_Section):
     actor: ActorConfig = field(default_factory=ActorConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
 
-    def learner_config(self, num_devices: int, image_flip: bool):
+    def learner_config(self, num_devices: int, image_flip: bool, objective: str = "ppo"):
         """The update's `vlajax.rl.learner.LearnerConfig` from the actor, model and rollout keys.
         num_devices: the learner mesh's size (splits `ppo_micro_batch_size`); image_flip: the
-        simulator's frame orientation (the update must preprocess frames as the rollout did)."""
+        simulator's frame orientation (the update must preprocess frames as the rollout did);
+        objective: "ppo" (`vlajax train`) or "nll" (`vlajax sft`)."""
         from vlajax.rl.learner import LearnerConfig
 
         a, m = self.actor, self.model
@@ -318,7 +332,7 @@ class ActorRolloutRefConfig(_Section):
             dual_clip_c=a.clip_ratio_c, entropy_coef=a.entropy_coeff,
             kl_coef=a.kl_loss_coef if a.use_kl_loss else 0.0, kl_type=a.kl_loss_type,
             remat=m.enable_gradient_checkpointing, compute_dtype=m.compute_dtype, image_flip=image_flip,
-            image_center_crop=True)
+            image_center_crop=True, objective=objective)
 
 
 @dataclass(frozen=True)
@@ -662,12 +676,12 @@ def _parse_override(item: str) -> tuple[str, DictConfig]:
         raise ConfigError(f"cannot parse the value of override {item!r}: {msg}", key) from None
 
 
-def _to_run_config(merged: DictConfig, where: str) -> RunConfig:
+def _to_run_config(merged: DictConfig, where: str, purpose: str = "train") -> RunConfig:
     try:
         cfg = OmegaConf.to_object(merged)
     except oc_errors.OmegaConfBaseException as e:
         raise _wrap(e, where) from None
-    return validate(resolve_paths(cfg))
+    return validate(resolve_paths(cfg), purpose)
 
 
 def _get(cfg: RunConfig, key: str) -> Any:
@@ -693,9 +707,13 @@ def resolve_paths(cfg: RunConfig, cwd: str | os.PathLike | None = None) -> RunCo
     with _not_counted():
         for key in PATH_KEYS:
             value = _get(cfg, key)
-            if value is None or value in _NOT_PATHS or value.startswith(PRESET_PREFIX):
+            if isinstance(value, list):  # data.train_files: a list of files
+                resolved = [x if not isinstance(x, str) else os.path.normpath(base / Path(x).expanduser())
+                            for x in value]
+            elif not isinstance(value, str) or value in _NOT_PATHS or value.startswith(PRESET_PREFIX):
                 continue
-            resolved = os.path.normpath(base / Path(value).expanduser())
+            else:
+                resolved = os.path.normpath(base / Path(value).expanduser())
             if resolved != value:
                 cfg = _replace(cfg, key, resolved)
     return cfg
@@ -716,7 +734,7 @@ def _apply(base: DictConfig, overrides: Sequence[str]) -> DictConfig:
     raise AssertionError("unreachable: merging overrides one by one succeeded after the joint merge failed")
 
 
-def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -> RunConfig:
+def load_config(path: str | Path | None = None, overrides: Sequence[str] = (), purpose: str = "train") -> RunConfig:
     """Schema defaults <- YAML file <- `key=value` overrides, then `validate`.
 
     Args:
@@ -724,16 +742,17 @@ def load_config(path: str | Path | None = None, overrides: Sequence[str] = ()) -
         "libero_grpo_disagg"), or None for the embedded default (`DEFAULT_CONFIG`).
       overrides: dotted `key=value` strings, values parsed as YAML (`trainer.logger=[console,wandb]`,
         `ray.address=null`); a leading `+`/`++` (hydra) is accepted.
+      purpose: "train" (GRPO) or "sft" (`vlajax sft`): which combinations `validate` checks.
 
     Raises:
       ConfigError naming the key: unknown key (with a "did you mean"), wrong type, missing file,
       inconsistent combination.
     """
     with _not_counted():  # loading copies and checks every value: that is not using one
-        return _load(path, overrides)
+        return _load(path, overrides, purpose)
 
 
-def _load(path, overrides) -> RunConfig:
+def _load(path, overrides, purpose: str = "train") -> RunConfig:
     src = _resolve_path(DEFAULT_CONFIG if path is None else path)
     try:
         loaded = OmegaConf.load(src)
@@ -743,14 +762,14 @@ def _load(path, overrides) -> RunConfig:
         raise ConfigError(f"config file {str(src)!r} must hold a mapping at the top level")
     merged = _merge(_schema(), loaded, f"in {src}")
     merged = _apply(merged, overrides)
-    return _to_run_config(merged, f"loading {src}")
+    return _to_run_config(merged, f"loading {src}", purpose)
 
 
-def from_dict(d: Mapping[str, Any], overrides: Sequence[str] = ()) -> RunConfig:
+def from_dict(d: Mapping[str, Any], overrides: Sequence[str] = (), purpose: str = "train") -> RunConfig:
     """Same as `load_config` from a nested dict (e.g. the config stored in a checkpoint)."""
     with _not_counted():
         merged = _merge(_schema(), OmegaConf.create(dict(d)), "in the given dict")
-        return _to_run_config(_apply(merged, overrides), "from a dict")
+        return _to_run_config(_apply(merged, overrides), "from a dict", purpose)
 
 
 def to_dict(cfg: RunConfig) -> dict[str, Any]:
@@ -781,12 +800,12 @@ def config_diff(a: RunConfig, b: RunConfig) -> dict[str, tuple[Any, Any]]:
     return {k: (fa.get(k), fb.get(k)) for k in sorted(set(fa) | set(fb)) if fa.get(k) != fb.get(k)}
 
 
-def save_config(cfg: RunConfig, run_dir: str | Path) -> Path:
+def save_config(cfg: RunConfig, run_dir: str | Path, command: str = "train") -> Path:
     """Write the resolved config to `<run_dir>/config.yaml` (loadable with `load_config`)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / CONFIG_FILE
-    text = "# vlajax run config (resolved); rerun with: vlajax train " + str(path) + "\n"
+    text = f"# vlajax run config (resolved); rerun with: vlajax {command} " + str(path) + "\n"
     text += OmegaConf.to_yaml(OmegaConf.create(to_dict(cfg)))
     tmp = path.with_suffix(".yaml.tmp")
     tmp.write_text(text)
@@ -812,18 +831,47 @@ def _freq(value: int, key: str) -> None:
     _check(value == -1 or value >= 1, key, f"must be >= 1 (steps) or -1 (off), got {value}")
 
 
-def validate(cfg: RunConfig) -> RunConfig:
-    """Check ranges and combinations; raises ConfigError naming the key. Returns cfg."""
+def validate(cfg: RunConfig, purpose: str = "train") -> RunConfig:
+    """Check ranges and combinations for `purpose` ("train" or "sft"); raises ConfigError naming the
+    key. Returns cfg."""
+    if purpose not in PURPOSES:
+        raise ValueError(f"purpose must be one of {PURPOSES}, got {purpose!r}")
     with _not_counted():
-        _validate(cfg)
+        _validate(cfg, purpose)
     return cfg
 
 
-def _validate(cfg: RunConfig) -> None:
-    for check in (_validate_data, _validate_model, _validate_actor, _validate_rollout, _validate_env,
-                  _validate_cluster, _validate_batches, _validate_trainer, _validate_ray):
+def _validate(cfg: RunConfig, purpose: str = "train") -> None:
+    if purpose == "sft":  # the model path first: a typo there is reported before anything is read
+        checks = (_validate_model, _validate_data, _validate_sft, _validate_actor, _validate_rollout, _validate_env,
+                  _validate_cluster, _validate_trainer, _validate_ray)
+    else:
+        checks = (_validate_data, _validate_model, _validate_actor, _validate_rollout, _validate_env,
+                  _validate_cluster, _validate_batches, _validate_trainer, _validate_ray)
+    for check in checks:
         check(cfg)
     _warn_unused_verl_keys(cfg)
+
+
+def _validate_sft(cfg: RunConfig) -> None:
+    """`vlajax sft`: the demonstrations, and what SFT does not do (several processes, a KL term)."""
+    d, key = cfg.data, "data.train_files"
+    files = d.train_files
+    _check(files is not None, key, "is required for vlajax sft: a folder of demonstrations (`vlajax demos` --out "
+                                   "root or <out>/<suite>), one *_demo.hdf5 file, or a list of files")
+    if isinstance(files, str):
+        files = [files]
+    _check(isinstance(files, list) and len(files) > 0 and all(isinstance(f, str) and f for f in files), key,
+           f"must be a path or a non-empty list of paths, got {d.train_files!r}")
+    missing = [f for f in files if not Path(f).exists()]
+    _check(not missing, key, f"{', '.join(missing)} does not exist")
+    _check(cfg.env.train.simulator_type == "libero", "env.train.simulator_type",
+           f"vlajax sft reads LIBERO-layout demonstrations; got {cfg.env.train.simulator_type}")
+    _check(d.val_episodes_per_task >= 0, "data.val_episodes_per_task", f"must be >= 0, got {d.val_episodes_per_task}")
+    _positive(d.train_batch_size, "data.train_batch_size")
+    _check(cfg.trainer.nnodes == 1, "trainer.nnodes", f"vlajax sft runs in one process, got {cfg.trainer.nnodes}")
+    _check(not cfg.actor_rollout_ref.actor.use_kl_loss, "actor_rollout_ref.actor.use_kl_loss",
+           "has no meaning for vlajax sft (the nll objective has no KL term): set it false")
 
 
 def _validate_data(cfg: RunConfig) -> None:

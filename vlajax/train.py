@@ -129,6 +129,15 @@ def trim_prompts(ids: np.ndarray, mask: np.ndarray, multiple: int = 8) -> tuple[
     return ids[:, :width], mask[:, :width]
 
 
+def restore_from(learner: Learner, ckpt: CheckpointManager, root: str, step: int | None):
+    """`learner.restore` from `root` (this run's own manager, or another run's, opened read-only);
+    `vlajax train` and `vlajax sft` alike, from what `resume_source` chose."""
+    if Path(root) == Path(ckpt.directory):
+        return learner.restore(ckpt, step)
+    with CheckpointManager(root, read_only=True) as source:
+        return learner.restore(source, step)
+
+
 # ----------------------------------------------------------------------------- processes
 
 # Seconds after which a silent (dead) peer process fails the job (jax's coordination-service heartbeat).
@@ -266,11 +275,7 @@ class Trainer(Closing):
         if source is None:
             return
         root, step = source
-        if Path(root) == Path(self.ckpt.directory):
-            restored = self.learner.restore(self.ckpt, step)
-        else:
-            with CheckpointManager(root, read_only=True) as other:
-                restored = self.learner.restore(other, step)
+        restored = restore_from(self.learner, self.ckpt, root, step)
         self._hand_over()
         ds = restored.data_state or {}
         if "rl_step" not in ds or "sampler" not in ds:

@@ -5,6 +5,11 @@ idx = clip(d - 1, 0, 254)) of the 255 bin centers of linspace(-1, 1, 256): a hig
 smaller value, and columns 0 and 1 both map to the top center. Normalised actions are mapped back
 with the checkpoint's BOUNDS_Q99 statistics (q01/q99) where the mask is True; the gripper dim is
 not normalised, then binarised and inverted for LIBERO.
+
+The way back (`actions_to_tokens`, SFT targets) is OpenVLA's ActionTokenizer encode: LIBERO gripper
+-1 open / +1 close -> 1 - clip(g, 0, 1) (OFT's `libero_dataset_transform`), BOUNDS_Q99 normalisation
+clipped to [-1, 1], then `token = 32000 - digitize(a_n, linspace(-1, 1, 256))`, i.e. column
+256 - digitize. Decoding a target gives back the action within half a bin (the round trip is tested).
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 
 N_BINS = 256
+BIN_EDGES = np.linspace(-1, 1, N_BINS)  # float64, as OpenVLA's ActionTokenizer `bins`
 BIN_CENTERS = ((np.linspace(-1, 1, N_BINS)[:-1] + np.linspace(-1, 1, N_BINS)[1:]) / 2).astype(np.float32)
 
 
@@ -39,6 +45,13 @@ def tokens_to_normalized(tokens: jax.Array | np.ndarray, chunk: int, action_dim:
     return a.reshape(a.shape[0], chunk, action_dim)
 
 
+def normalized_to_tokens(a_n: np.ndarray) -> np.ndarray:
+    """(..., D) normalised actions -> (..., D) int32 columns 0..255, the inverse of
+    `tokens_to_normalized` (ActionTokenizer: token = 32000 - digitize(clip(a_n, -1, 1), bins))."""
+    d = np.digitize(np.clip(np.asarray(a_n, np.float64), -1.0, 1.0), BIN_EDGES)  # 1..256
+    return (N_BINS - d).astype(np.int32)
+
+
 @dataclass(frozen=True)
 class ActionStats:
     """BOUNDS_Q99 statistics of one dataset key of `dataset_statistics.json`."""
@@ -55,6 +68,15 @@ class ActionStats:
             raise ValueError(f"actions have {a_n.shape[-1]} dims, statistics {self.key!r} have {self.q01.shape[0]}")
         a = 0.5 * (a_n + 1.0) * (self.q99 - self.q01 + eps) + self.q01
         return np.where(self.mask, a, a_n).astype(np.float32)
+
+    def normalize(self, a: np.ndarray, eps: float = 1e-8) -> np.ndarray:
+        """BOUNDS_Q99: a_n = clip(2 (a - q01) / (q99 - q01 + eps) - 1, -1, 1) where mask, else a (OFT
+        `normalize_action_and_proprio`); the inverse of `unnormalize` inside [q01, q99]."""
+        a = np.asarray(a, np.float32)
+        if a.shape[-1] != self.q01.shape[0]:
+            raise ValueError(f"actions have {a.shape[-1]} dims, statistics {self.key!r} have {self.q01.shape[0]}")
+        a_n = np.clip(2.0 * (a - self.q01) / (self.q99 - self.q01 + eps) - 1.0, -1.0, 1.0)
+        return np.where(self.mask, a_n, a).astype(np.float32)
 
     @staticmethod
     def identity(action_dim: int = 7, key: str = "identity") -> "ActionStats":
@@ -90,6 +112,33 @@ def libero_gripper(actions: np.ndarray) -> np.ndarray:
     g = out[..., -1]
     out[..., -1] = -np.sign(2.0 * g - 1.0)
     return out
+
+
+def libero_gripper_target(actions: np.ndarray) -> np.ndarray:
+    """The training target of LIBERO's gripper, OFT's `libero_dataset_transform`: env g (-1 open,
+    +1 close) -> 1 - clip(g, 0, 1) (1 = open, 0 = close), which `libero_gripper` maps back to the
+    env's sign. A 0 command (the scripted expert's "hold") becomes open, as in OFT."""
+    out = np.array(actions, np.float32, copy=True)
+    out[..., -1] = 1.0 - np.clip(out[..., -1], 0.0, 1.0)
+    return out
+
+
+def gripper_target(actions: np.ndarray, gripper: str | None) -> np.ndarray:
+    """Env actions -> what the policy is trained to output, per gripper convention (see
+    `tokens_to_actions`); also what dataset statistics are computed over."""
+    if gripper == "libero":
+        return libero_gripper_target(actions)
+    if gripper is not None:
+        raise ValueError(f"unknown gripper post-processing {gripper!r} (use 'libero' or None)")
+    return np.asarray(actions, np.float32)
+
+
+def actions_to_tokens(actions: np.ndarray, stats: ActionStats, gripper: str | None = "libero") -> np.ndarray:
+    """(B, chunk, action_dim) env actions -> (B, chunk*action_dim) int32 columns: the SFT targets,
+    the inverse of `tokens_to_actions` (time-major, token 7k + d)."""
+    a = np.asarray(actions, np.float32)
+    cols = normalized_to_tokens(stats.normalize(gripper_target(a, gripper)))
+    return cols.reshape(a.shape[0], -1)
 
 
 def tokens_to_actions(tokens: np.ndarray, stats: ActionStats, chunk: int = 8, action_dim: int = 7,

@@ -131,9 +131,47 @@ def center_crop_resize(images: jax.Array, crop_area: float = 0.9, out_size: int 
     return jnp.floor(jnp.minimum(jnp.clip(out, 0.0, 1.0) * np.float32(255.5), 255.0))
 
 
+def random_crop_resize(images: jax.Array, offsets: jax.Array, crop_area: float = 0.9,
+                       out_size: int = 224) -> jax.Array:
+    """OFT's training augmentation (`random_resized_crop(scale=[0.9, 0.9], ratio=[1, 1])`): a square
+    box of `crop_area` of the image at a per-image position, resized back bilinearly, quantised like
+    `center_crop_resize` (the same sampling formula with the box moved; offsets 0.5 = its centre box).
+
+    images: (N, H, W, C) holding integers 0..255; offsets: (N, 2) float in [0, 1], the box's (y, x)
+    position as a fraction of the free margin (traced: a new draw does not recompile).
+    Returns float32 (N, out_size, out_size, C) holding integers 0..255."""
+    n, h, w, _ = images.shape
+    if h != w:
+        raise ValueError(f"random_crop_resize expects square images, got H={h}, W={w}")
+    f32 = np.float32
+    side = np.clip(np.sqrt(f32(crop_area)), f32(0), f32(1)).astype(f32)
+    scale = f32(f32(side) * f32(h - 1)) / f32(out_size - 1)
+    start = jnp.clip(offsets.astype(jnp.float32), 0.0, 1.0) * (f32(1) - side)  # (N, 2) box corner
+    i = jnp.arange(out_size, dtype=jnp.float32)
+    coords = jnp.clip(start[:, :, None] * f32(h - 1) + i * scale, 0.0, f32(h - 1))  # (N, 2, out)
+    lo = jnp.floor(coords).astype(jnp.int32)
+    hi = jnp.ceil(coords).astype(jnp.int32)
+    frac = coords - lo.astype(jnp.float32)
+    x = images.astype(jnp.float32) * np.float32(1.0 / 255.0)
+
+    def one(img, lo, hi, frac):  # img (H, W, C); lo/hi/frac (2, out)
+        rows_lo, rows_hi = jnp.take(img, lo[0], axis=0), jnp.take(img, hi[0], axis=0)
+        fx = frac[1][None, :, None]
+
+        def lerp_cols(rows):
+            left, right = jnp.take(rows, lo[1], axis=1), jnp.take(rows, hi[1], axis=1)
+            return left + (right - left) * fx
+
+        top, bottom = lerp_cols(rows_lo), lerp_cols(rows_hi)
+        return top + (bottom - top) * frac[0][:, None, None]
+
+    out = jax.vmap(one)(x, lo, hi, frac)
+    return jnp.floor(jnp.minimum(jnp.clip(out, 0.0, 1.0) * np.float32(255.5), 255.0))
+
+
 @partial(jax.jit, static_argnames=("flip", "center_crop", "resize_to", "crop_area"))
 def preprocess_images(images: jax.Array, *, flip: bool = True, center_crop: bool = True,
-                      resize_to: int = 224, crop_area: float = 0.9) -> jax.Array:
+                      resize_to: int = 224, crop_area: float = 0.9, crop_offsets: jax.Array | None = None) -> jax.Array:
     """Raw camera frames -> Prismatic `pixel_values`.
 
     images: uint8 (B, n_img, H, W, 3) or (B, H, W, 3) (one image per sample).
@@ -143,6 +181,8 @@ def preprocess_images(images: jax.Array, *, flip: bool = True, center_crop: bool
 
     flip: rotate 180° first (LIBERO frames). center_crop: apply the 0.9-area centre crop that
     matches the training-time random-resized-crop augmentation (OFT `center_crop=True`).
+    crop_offsets: (B, 2) float in [0, 1]: crop the same area at these positions instead
+    (`random_crop_resize`, the training augmentation; every image of a sample alike).
     Vectorised over batch and images; jit-compiled with the keyword arguments static.
     """
     if images.dtype != jnp.uint8:
@@ -157,7 +197,9 @@ def preprocess_images(images: jax.Array, *, flip: bool = True, center_crop: bool
     if flip:
         x = x[:, ::-1, ::-1, :]
     x = resize_lanczos(x, resize_to)
-    if center_crop:
+    if crop_offsets is not None:
+        x = random_crop_resize(x, jnp.repeat(crop_offsets, n_img, axis=0), crop_area, resize_to)
+    elif center_crop:
         x = center_crop_resize(x, crop_area, resize_to)
     x = x / np.float32(255.0)
     mean = jnp.asarray(DINO_MEAN + SIGLIP_MEAN, jnp.float32)
@@ -231,7 +273,7 @@ def normalize_proprio(proprio, q01, q99, mask=None):
 
 
 __all__ = [
-    "preprocess_images", "resize_lanczos", "center_crop_resize", "crop_sample_coords",
+    "preprocess_images", "resize_lanczos", "center_crop_resize", "random_crop_resize", "crop_sample_coords",
     "jpeg_roundtrip", "normalize_proprio", "DINO_MEAN", "DINO_STD", "SIGLIP_MEAN", "SIGLIP_STD",
     "TF_JPEG_QUALITY",
 ]

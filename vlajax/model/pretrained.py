@@ -155,15 +155,20 @@ class Policy:
                 src = Path(self.asset_dir) / f
                 if src.exists() and src.resolve() != (assets / f).resolve():
                     shutil.copy(src, assets / f)
-        tok = getattr(self.tokenizer, "path", None)  # e.g. the shipped tiny tokenizer of a preset model
-        if tok is not None and Path(tok).name in TOKENIZER_FILES and not (assets / Path(tok).name).exists():
-            shutil.copy(tok, assets / Path(tok).name)
+        self._copy_tokenizer(assets)
         if self.unused:
             save_file(self.unused, str(assets / "unused_tensors.safetensors"))
         meta = {"format": "vlajax-policy", "version": 1, "config": config_to_dict(self.cfg),
                 "hf_config": self.hf_config, "hf_dtypes": self.hf_dtypes, "hf_weight_map": self.hf_weight_map,
                 "tokenizer": getattr(self.tokenizer, "source", None)}
         (path / MARKER).write_text(json.dumps(meta, indent=2))
+
+    def _copy_tokenizer(self, folder: Path) -> None:
+        """The tokenizer file itself where `asset_dir` did not bring one (e.g. the shipped tiny
+        tokenizer of a preset model), so the written checkpoint loads with its tokenizer."""
+        tok = getattr(self.tokenizer, "path", None)
+        if tok is not None and Path(tok).name in TOKENIZER_FILES and not (folder / Path(tok).name).exists():
+            shutil.copy(tok, folder / Path(tok).name)
 
     def model_has_lora(self) -> bool:
         return any(True for _ in jax.tree.leaves(nnx.filter_state(self.state, nnx.LoRAParam)))
@@ -191,6 +196,7 @@ class Policy:
             for f in TOKENIZER_FILES + HF_SIDE_FILES:
                 if (Path(self.asset_dir) / f).exists():
                     shutil.copy(Path(self.asset_dir) / f, path / f)
+        self._copy_tokenizer(path)
 
 
 def hf_config_for(cfg: OFTConfig) -> dict:

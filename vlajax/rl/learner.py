@@ -6,10 +6,12 @@ policy call with its 56 action tokens, `vlajax.rl.samples`):
 * the mini-batch is cut into K = M / (micro_batch_size * devices) micro-batches inside the jit
   (a `lax.scan`; sample i goes to micro-batch i % K, so every micro-batch is spread evenly over
   the devices without moving data); gradients are summed in fp32;
-* loss = PPO-clip (`vlajax.rl.loss.ppo_clip_loss`) on the log-probs of the sampled tokens at the
+* loss (objective "ppo") = PPO-clip (`vlajax.rl.loss.ppo_clip_loss`) on the log-probs of the sampled tokens at the
   rollout temperature over the 256 action bins, token-mean over the valid tokens of the whole
   mini-batch (each micro-batch divides by the mini-batch's token count, so the sum of the
   micro-batch losses is the mini-batch mean); entropy bonus and KL are off by default;
+  objective "nll" (SFT, `vlajax sft`): token-mean NLL of the target tokens at temperature 1, same
+  normalisation, token accuracy as a metric;
 * clip by global norm (1.0), AdamW (lr 5e-6 constant, betas 0.9/0.999, eps 1e-8, weight decay
   0.01 on every parameter, as torch AdamW in the reference); the learning rate lives in the
   train state (`set_lr`: schedules without recompiling);
@@ -37,6 +39,9 @@ Batch (a dict; numpy or jax arrays, M = mini-batch size, a multiple of `batch_mu
   advantages     float32 (M,) or (M, 56)
   mask           float32 (M, 56) 1 = valid token. Padding samples (`samples.pad_samples`) have
                  mask 0: they add nothing (their pixels are zeroed, NaN there cannot leak).
+  crop_offsets   float32 (M, 2), optional: the training crop's position per sample
+                 (`preprocess.random_crop_resize`, SFT augmentation) instead of the centre crop
+  (objective "nll" reads tokens = the target bins and mask; no old_logp / advantages)
   ref_logp       float32 (M, 56), optional with kl_coef > 0: the reference policy's log-probs; when
                  absent the learner computes them with its own reference (below)
 
@@ -95,11 +100,15 @@ from vlajax.rl.loss import masked_mean, ppo_clip_loss, token_logprobs_and_entrop
 __all__ = ["LearnerConfig", "TrainState", "Learner", "make_optimizer", "set_remat", "BATCH_KEYS"]
 
 BATCH_KEYS = ("images", "pixel_values", "input_ids", "attention_mask", "proprio", "tokens", "old_logp",
-              "advantages", "mask", "ref_logp")
-_REQUIRED = ("input_ids", "attention_mask", "tokens", "old_logp", "advantages", "mask")
+              "advantages", "mask", "ref_logp", "crop_offsets")
+OBJECTIVES = ("ppo", "nll")
+_REQUIRED = {"ppo": ("input_ids", "attention_mask", "tokens", "old_logp", "advantages", "mask"),
+             "nll": ("input_ids", "attention_mask", "tokens", "mask")}
 # ppo_clip_loss metrics divided by the mini-batch token count (summed over micro-batches); the
 # others are micro-batch token means (weighted by the micro-batch's share of valid tokens).
 _SUMMED = ("loss", "pg_loss", "kl_loss", "valid_tokens")
+# the nll objective's metrics (`Learner.evaluate` returns them for any objective's batch)
+NLL_METRICS = ("loss", "nll", "token_accuracy", "entropy", "valid_tokens")
 # Checkpoints of earlier versions hold an RNG key that nothing used; restoring reads past it.
 LEGACY_RNG = "rng"
 
@@ -118,6 +127,10 @@ class LearnerConfig:
       `vlajax.rl.lora.with_lora`, trains only them).
     image_flip / image_center_crop: `preprocess_images` options for uint8 `images` batches (must
       match what the rollout fed the policy).
+    objective: "ppo" (PPO-clip on rollout samples, the RL update) or "nll" (supervised fine-tuning:
+      token-mean negative log-likelihood of the target `tokens` at temperature 1, with token
+      accuracy as a metric; batches need no old_logp / advantages). One learner serves both, so SFT
+      gets the same sharded step, micro-batching, remat, LoRA, clipping, AdamW and checkpoints.
     """
 
     lr: float = 5e-6
@@ -139,6 +152,11 @@ class LearnerConfig:
     frozen_dtype: str = "bfloat16"
     image_flip: bool = True
     image_center_crop: bool = True
+    objective: str = "ppo"
+
+    def __post_init__(self):
+        if self.objective not in OBJECTIVES:
+            raise ValueError(f"LearnerConfig.objective must be one of {OBJECTIVES}, got {self.objective!r}")
 
     def optimizer(self) -> optax.GradientTransformation:
         """The update rule without the learning rate (see `make_optimizer`); equal fields give the
@@ -241,13 +259,14 @@ def _micro_merge(x: jax.Array) -> jax.Array:
     return x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
 
 
-def _forward_logp(params, frozen, mb, *, graphdef, cfg: LearnerConfig):
-    """(logp, entropy), each (B, 56) f32, of `mb["tokens"]` at the rollout temperature."""
+def _forward_logits(params, frozen, mb, *, graphdef, cfg: LearnerConfig):
+    """(B, 56, 256) f32 action logits of a micro-batch (frames preprocessed as the rollout did; with
+    `crop_offsets`, the training crop at those positions instead of the centre crop)."""
     model = nnx.merge(graphdef, params, frozen)
     mcfg = model.cfg
     if "images" in mb:
         pv = preprocess_images(mb["images"], flip=cfg.image_flip, center_crop=cfg.image_center_crop,
-                               resize_to=mcfg.image_size)
+                               resize_to=mcfg.image_size, crop_offsets=mb.get("crop_offsets"))
     else:
         pv = mb["pixel_values"].astype(jnp.float32)
     # Samples without a valid token (padding) get zero pixels: NaN/inf there would reach the
@@ -257,17 +276,47 @@ def _forward_logp(params, frozen, mb, *, graphdef, cfg: LearnerConfig):
     proprio = mb.get("proprio")
     if proprio is not None:
         proprio = jnp.where(row_valid[:, None], proprio, 0.0)
-    logits = model.action_logits(pv, mb["input_ids"], mb["attention_mask"], proprio,
-                                 dtype=jnp.dtype(cfg.compute_dtype))
+    return model.action_logits(pv, mb["input_ids"], mb["attention_mask"], proprio,
+                               dtype=jnp.dtype(cfg.compute_dtype))
+
+
+def _forward_logp(params, frozen, mb, *, graphdef, cfg: LearnerConfig):
+    """(logp, entropy), each (B, 56) f32, of `mb["tokens"]` at the rollout temperature."""
+    logits = _forward_logits(params, frozen, mb, graphdef=graphdef, cfg=cfg)
     return token_logprobs_and_entropy(logits, mb["tokens"], cfg.temperature)
 
 
+def _nll_loss(params, frozen, mb, num_tokens, *, graphdef, cfg: LearnerConfig):
+    """Token-mean NLL of the target tokens at temperature 1 (divided by the mini-batch's token count
+    `num_tokens`, so micro-batch losses sum to the mini-batch mean) and its metrics (`NLL_METRICS`:
+    nll, token_accuracy = argmax == target, entropy, as micro-batch token means)."""
+    logits = _forward_logits(params, frozen, mb, graphdef=graphdef, cfg=cfg)
+    logp, ent = token_logprobs_and_entropy(logits, mb["tokens"], 1.0)
+    maskf = (mb["mask"] > 0).astype(jnp.float32)
+    nll = jnp.where(maskf > 0, -logp, 0.0)
+    loss = masked_mean(nll, maskf, num_tokens)
+    hit = (jnp.argmax(logits, axis=-1) == mb["tokens"]).astype(jnp.float32)
+    sg = jax.lax.stop_gradient
+    return loss, {"loss": sg(loss), "nll": sg(masked_mean(nll, maskf)), "token_accuracy": masked_mean(hit, maskf),
+                  "entropy": sg(masked_mean(jnp.where(maskf > 0, ent, 0.0), maskf)), "valid_tokens": jnp.sum(maskf)}
+
+
 def _micro_loss(params, frozen, mb, num_tokens, *, graphdef, cfg: LearnerConfig):
+    if cfg.objective == "nll":
+        return _nll_loss(params, frozen, mb, num_tokens, graphdef=graphdef, cfg=cfg)
     logp, ent = _forward_logp(params, frozen, mb, graphdef=graphdef, cfg=cfg)
     return ppo_clip_loss(
         logp, mb["old_logp"], mb["advantages"], mb["mask"], clip_low=cfg.clip_low, clip_high=cfg.clip_high,
         dual_clip_c=cfg.dual_clip_c, entropy=ent, entropy_coef=cfg.entropy_coef, ref_logp=mb.get("ref_logp"),
         kl_coef=cfg.kl_coef, kl_type=cfg.kl_type, num_tokens=num_tokens)
+
+
+def _combine(stacked: dict) -> dict:
+    """Per-micro-batch metrics (K, ...) -> the mini-batch's: `_SUMMED` ones summed, the others
+    weighted by each micro-batch's share of the valid tokens."""
+    ntok = stacked["valid_tokens"]
+    w = ntok / jnp.maximum(jnp.sum(ntok), 1.0)
+    return {name: (jnp.sum(v) if name in _SUMMED else jnp.sum(w * v)) for name, v in stacked.items()}
 
 
 def _grads_and_metrics(params, frozen, batch, *, graphdef, cfg: LearnerConfig, mesh: Mesh):
@@ -288,11 +337,11 @@ def _grads_and_metrics(params, frozen, batch, *, graphdef, cfg: LearnerConfig, m
 
         acc0 = _constrain(jax.tree.map(jnp.zeros_like, params), param_sh)
         grads, stacked = jax.lax.scan(body, acc0, _micro_split(batch, k, mesh))
-    ntok = stacked["valid_tokens"]
-    w = ntok / jnp.maximum(jnp.sum(ntok), 1.0)
-    metrics = {name: (jnp.sum(v) if name in _SUMMED else jnp.sum(w * v)) for name, v in stacked.items()}
+    metrics = _combine(stacked)
     metrics["grad_norm"] = optax.tree.norm(grads)
     metrics["num_micro_batches"] = jnp.asarray(k, jnp.int32)
+    if cfg.objective != "ppo":
+        return grads, metrics
     # advantage statistics over valid tokens
     valid = batch["mask"] > 0
     adv = batch["advantages"].astype(jnp.float32)
@@ -328,6 +377,16 @@ def _update(state: TrainState, frozen, batch, *, graphdef, cfg: LearnerConfig, m
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "mesh"))
 def _grads(params, frozen, batch, *, graphdef, cfg, mesh):
     return _grads_and_metrics(params, frozen, batch, graphdef=graphdef, cfg=cfg, mesh=mesh)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "mesh"))
+def _evaluate(params, frozen, batch, *, graphdef, cfg, mesh):
+    """The nll objective's metrics of a batch, micro-batched like the update, without gradients."""
+    k = batch["tokens"].shape[0] // (cfg.micro_batch_size * _n_devices(mesh))
+    num_tokens = jnp.sum(batch["mask"] > 0).astype(jnp.float32)
+    fn = lambda mb: _nll_loss(params, frozen, mb, num_tokens, graphdef=graphdef, cfg=cfg)[1]  # noqa: E731
+    stacked = jax.tree.map(lambda x: x[None], fn(batch)) if k == 1 else jax.lax.map(fn, _micro_split(batch, k, mesh))
+    return _combine(stacked)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "cfg", "mesh"))
@@ -439,16 +498,17 @@ class Learner:
         return self._policy
 
     # -- batches ---------------------------------------------------------------------------------
-    def prepare_batch(self, batch: dict) -> dict:
-        """Check names and shapes, keep the keys the step reads, cast, shard over the mesh."""
-        missing = [k for k in _REQUIRED if k not in batch]
+    def prepare_batch(self, batch: dict, objective: str | None = None) -> dict:
+        """Check names and shapes (those `objective`, default the learner's, needs), keep the keys
+        the step reads, cast, shard over the mesh."""
+        missing = [k for k in _REQUIRED[objective or self.cfg.objective] if k not in batch]
         if missing:
             raise KeyError(f"batch is missing {missing}; it has {sorted(batch)}")
         if ("images" in batch) == ("pixel_values" in batch):
             raise KeyError("batch needs exactly one of 'images' (uint8) and 'pixel_values' (float32)")
         dtypes = {"input_ids": np.int32, "attention_mask": np.int32, "tokens": np.int32, "old_logp": np.float32,
                   "advantages": np.float32, "mask": np.float32, "ref_logp": np.float32, "proprio": np.float32,
-                  "pixel_values": np.float32}
+                  "pixel_values": np.float32, "crop_offsets": np.float32}
         out = {}
         for k in BATCH_KEYS:
             if k in batch and batch[k] is not None:
@@ -463,10 +523,12 @@ class Learner:
         for k, x in out.items():
             if np.shape(x)[0] != m:
                 raise ValueError(f"batch[{k!r}] has {np.shape(x)[0]} rows, batch['tokens'] has {m}")
-        for k in ("old_logp", "mask") + (("ref_logp",) if "ref_logp" in out else ()):
-            if np.shape(out[k]) != (m, t):
+        for k in ("old_logp", "mask", "ref_logp"):
+            if k in out and np.shape(out[k]) != (m, t):
                 raise ValueError(f"batch[{k!r}] has shape {np.shape(out[k])}, expected {(m, t)} like 'tokens'")
-        if np.shape(out["advantages"]) not in ((m,), (m, t)):
+        if "crop_offsets" in out and np.shape(out["crop_offsets"]) != (m, 2):
+            raise ValueError(f"batch['crop_offsets'] has shape {np.shape(out['crop_offsets'])}, expected {(m, 2)}")
+        if "advantages" in out and np.shape(out["advantages"]) not in ((m,), (m, t)):
             raise ValueError(f"batch['advantages'] has shape {np.shape(out['advantages'])}, expected ({m},) or {(m, t)}")
         if "images" in out and np.dtype(out["images"].dtype) != np.uint8:
             raise TypeError(f"batch['images'] must be uint8 raw frames, got {out['images'].dtype}")
@@ -485,12 +547,23 @@ class Learner:
         Metrics: loss, pg_loss, clipfrac, clipfrac_low, clipfrac_high, dual_clipfrac, approx_kl_k1,
         approx_kl_k3, ratio_mean, entropy, [kl_loss], grad_norm (before clipping), valid_tokens,
         valid_samples, adv_mean/std/min/max, num_micro_batches, skipped (this step), skipped_total,
-        step, lr."""
+        step, lr. With objective "nll": `NLL_METRICS`, grad_norm, num_micro_batches, skipped,
+        skipped_total, step, lr."""
         batch = self.prepare_batch(batch)
         if self.cfg.kl_coef and "ref_logp" not in batch:
             batch["ref_logp"] = self._ref_logp(batch)
         self.state, metrics = _update(self.state, self.frozen, batch, **self._static)
         return metrics
+
+    def evaluate(self, batch: dict) -> dict[str, jax.Array]:
+        """The nll objective's metrics (`NLL_METRICS`: token-mean nll, token_accuracy, entropy of the
+        target `tokens`, temperature 1) under the current parameters, without updating: held-out
+        accuracy in SFT. Takes the nll objective's batch keys (`crop_offsets` applies if given)."""
+        missing = [k for k in _REQUIRED["nll"] if k not in batch]
+        if missing:
+            raise KeyError(f"batch is missing {missing}; it has {sorted(batch)}")
+        batch = {k: v for k, v in batch.items() if k not in ("old_logp", "advantages", "ref_logp")}
+        return _evaluate(self.state.params, self.frozen, self.prepare_batch(batch, objective="nll"), **self._static)
 
     def loss_and_grads(self, batch: dict) -> tuple[dict, dict]:
         """Gradient of the mini-batch loss w.r.t. the trained parameters (pure dict, fp32), and the
