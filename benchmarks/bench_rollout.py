@@ -10,7 +10,7 @@ instead of the small random preset, e.g. the 7B made by make_random_checkpoint.p
 
 One run measures, on the same requests and the same sampling key (so all loops produce the same
 trajectories, which is checked):
-  serial     RolloutConfig(pipelined=False): every unit steps, then one decode for all, repeat
+  serial     EngineConfig(pipelined=False): every unit steps, then one decode for all, repeat
   pipelined  the default loop
   sim        bound 1: the pipelined loop replaying the recorded actions with no decode at all
              (wall time of the simulation alone, Ray round trips included)
@@ -53,7 +53,7 @@ from vlajax.model import Policy, build_model, preset  # noqa: E402
 from vlajax.model.pretrained import abstract_params  # noqa: E402
 from vlajax.model.tokenizer import load_tokenizer  # noqa: E402
 from vlajax.rl.policy_step import DecodeInputs, DecodeOutputs, Decoder, PolicyDecoder  # noqa: E402
-from vlajax.rl.rollout import RolloutConfig, RolloutEngine  # noqa: E402
+from vlajax.rl.rollout import EngineConfig, RolloutEngine  # noqa: E402
 
 
 class ReplayDecoder(Decoder):
@@ -188,7 +188,7 @@ def measure_layout(args, policy, stages: int, envs: int, key) -> dict:
         load0 = f"{os.getloadavg()[0]:.2f}"
         n = pool.capacity
         tasks, states = np.arange(n) % n_tasks, np.arange(n) // n_tasks
-        cfg = RolloutConfig(temperature=args.temperature)
+        cfg = EngineConfig(temperature=args.temperature)
         serial_eng = RolloutEngine(pool, dec, dataclass_replace(cfg, pipelined=False))
         pipe_eng = RolloutEngine(pool, dec, cfg)
         pipe_eng.rollout(tasks, states, key=key)  # warm-up (first resets build the scenes)

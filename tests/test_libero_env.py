@@ -37,22 +37,6 @@ SIZE = 128
 BOWL_TASK = "put_the_bowl_on_the_plate"
 
 
-def _pack_path() -> str | None:
-    env = os.environ.get(libero_setup.ASSETS_ENV)
-    if env:
-        return env
-    pack = REPO.parent / "shared" / "libero-assets.tar.xz"
-    return str(pack) if pack.exists() else None
-
-
-@pytest.fixture(scope="module")
-def assets() -> str:
-    pack = _pack_path()
-    if pack is None:
-        pytest.skip(f"no LIBERO asset pack: set {libero_setup.ASSETS_ENV} or put shared/ beside the repo")
-    return str(libero_setup.setup_libero(pack))  # extracts the pack once, writes LIBERO's config
-
-
 @pytest.fixture(scope="module")
 def goal_env(assets):
     env = LiberoEnv("libero_goal", assets_dir=assets, cameras=CAMERAS, image_size=SIZE)

@@ -19,7 +19,7 @@ import pytest
 pytest.importorskip("libero")
 pytest.importorskip("robosuite")
 
-from tests.test_libero_env import _pack_path  # noqa: E402
+from tests.conftest import libero_pack  # noqa: E402
 from vlajax.envs import libero_setup  # noqa: E402
 from vlajax.envs.libero import LiberoEnv  # noqa: E402
 
@@ -27,14 +27,6 @@ REPO = Path(__file__).resolve().parents[1]
 CAMERAS = ("agentview", "robot0_eye_in_hand")
 SIZE = 32
 BUDGET = {"libero_spatial": 220, "libero_object": 280, "libero_goal": 300}  # OpenVLA-OFT's max steps
-
-
-@pytest.fixture(scope="module")
-def assets() -> str:
-    pack = _pack_path()
-    if pack is None:
-        pytest.skip(f"no LIBERO asset pack: set {libero_setup.ASSETS_ENV} or put shared/ beside the repo")
-    return str(libero_setup.setup_libero(pack))
 
 
 def _env(suite, assets):
@@ -108,7 +100,7 @@ def test_vlajax_demos_interrupted_keeps_and_resumes(tmp_path, assets):
     then finishes the task without repeating an attempt, and the files load as a dataset."""
     from vlajax.data.libero_hdf5 import read_dataset
 
-    cmd, env = _demos_cmd(_pack_path(), REPO / "vlajax" / "assets" / "tiny_tokenizer")
+    cmd, env = _demos_cmd(libero_pack(), REPO / "vlajax" / "assets" / "tiny_tokenizer")
     progress = tmp_path / "demos" / "libero_object" / "demos_progress.json"
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:

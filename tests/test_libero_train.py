@@ -12,7 +12,7 @@ import pytest
 pytest.importorskip("libero")
 pytest.importorskip("robosuite")
 
-from tests.test_libero_env import _pack_path  # noqa: E402
+from tests.conftest import libero_pack  # noqa: E402
 from vlajax.cli import main as cli_main  # noqa: E402
 from vlajax.config import load_config  # noqa: E402
 from vlajax.envs import libero_setup  # noqa: E402
@@ -31,13 +31,6 @@ SMALL = [
 ]
 
 
-def _pack() -> str:
-    pack = _pack_path()
-    if pack is None:
-        pytest.skip(f"no LIBERO asset pack: set {libero_setup.ASSETS_ENV} or put shared/ beside the repo")
-    return pack
-
-
 def _rows(path):
     with open(path, newline="") as f:
         return list(csv.DictReader(f))
@@ -45,7 +38,7 @@ def _rows(path):
 
 @pytest.mark.slow
 def test_libero_grpo_recipe_runs_checkpoints_and_evaluates(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv(libero_setup.ASSETS_ENV, _pack())
+    monkeypatch.setenv(libero_setup.ASSETS_ENV, libero_pack())
     run = tmp_path / "run"
     cfg = load_config("libero_grpo", SMALL + ["trainer.total_training_steps=2", f"trainer.default_local_dir={run}"])
     assert cfg.env.train.task_suite_name == "libero_10" and cfg.env.train.video_cfg.save_video

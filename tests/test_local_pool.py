@@ -23,7 +23,7 @@ from vlajax.envs.sim_worker import SimFailure
 from vlajax.envs.tabletop import TabletopEnv, make_tabletop_vector_env
 from vlajax.model.actions import token_logprobs
 from vlajax.rl.policy_step import PolicyDecoder
-from vlajax.rl.rollout import RolloutConfig, RolloutEngine
+from vlajax.rl.rollout import EngineConfig, RolloutEngine
 
 TASKS, STATES, GROUPS = np.array([0, 1, 2, 0]), np.array([3, 4, 5, 3]), np.array([7, 8, 9, 7])
 
@@ -45,7 +45,7 @@ def test_the_rollout_engine_and_the_local_pool_import_no_ray():
 
 def test_policy_rollout_without_ray(pool):
     policy = random_policy()
-    eng = RolloutEngine(pool, PolicyDecoder(policy, prompt_len=24, flip=False), RolloutConfig(temperature=1.6))
+    eng = RolloutEngine(pool, PolicyDecoder(policy, prompt_len=24, flip=False), EngineConfig(temperature=1.6))
     b = eng.rollout(TASKS, STATES, GROUPS)
     tr = b.trajectories
     assert tr.actions_tokens.shape == (4, LIMIT // 8, 56) and b.images.shape[:3] == (4, LIMIT // 8, 1)
@@ -64,7 +64,7 @@ def test_policy_rollout_without_ray(pool):
 
 @pytest.mark.parametrize("pipelined", [True, False])
 def test_directed_rollout_matches_an_in_process_replay(pool, pipelined):
-    b = RolloutEngine(pool, DirectedDecoder(TASKS, STATES), RolloutConfig(pipelined=pipelined)).rollout(
+    b = RolloutEngine(pool, DirectedDecoder(TASKS, STATES), EngineConfig(pipelined=pipelined)).rollout(
         TASKS, STATES, GROUPS)
     check_against_replay(b, TASKS, STATES, GROUPS)
     assert b.stats.restarts == 0
@@ -84,7 +84,7 @@ def test_a_crashed_simulator_process_is_a_sim_failure_and_is_rerun(tmp_path, cap
         assert str(e) == str(info.value)
         p.restart(1)
         (tmp_path / str(CRASH_STATE)).unlink()  # crash once more, inside a rollout
-        eng = RolloutEngine(p, DirectedDecoder(tasks, states), RolloutConfig(step_timeout_s=60.0))
+        eng = RolloutEngine(p, DirectedDecoder(tasks, states), EngineConfig(step_timeout_s=60.0))
         with caplog.at_level(logging.WARNING):
             b = eng.rollout(tasks, states, groups)
         assert b.stats.restarts == 1 and p.restarts == 2

@@ -24,7 +24,7 @@ from vlajax.distributed.ray_sim import (
     check_cluster_resources,
 )
 from vlajax.envs.tabletop import make_tabletop_vector_env
-from vlajax.rl.rollout import RolloutConfig, RolloutEngine
+from vlajax.rl.rollout import EngineConfig, RolloutEngine
 
 LIMIT = 64  # long enough that the slow directed policy succeeds in some episodes, not all
 DISAGG = PlacementOptions.standalone(disagg_sim_enable=True, disagg_sim_nnodes=2, trainer_nnodes=1)
@@ -65,7 +65,7 @@ def test_sim_actors_land_only_on_sim_nodes(cluster, pool):
 
 
 def test_trajectories_map_to_their_groups_2_workers_x_2_stages(pool):
-    eng = RolloutEngine(pool, DirectedDecoder(TASKS, STATES), RolloutConfig())
+    eng = RolloutEngine(pool, DirectedDecoder(TASKS, STATES), EngineConfig())
     events = []
     b = eng.rollout(TASKS, STATES, GROUPS, on_step=events.append)
     check_against_replay(b, TASKS, STATES, GROUPS, limit=LIMIT)
@@ -79,7 +79,7 @@ def test_trajectories_map_to_their_groups_2_workers_x_2_stages(pool):
 
 
 def test_killing_a_sim_actor_mid_rollout_loses_nothing(cluster, pool):
-    eng = RolloutEngine(pool, DirectedDecoder(TASKS, STATES), RolloutConfig())
+    eng = RolloutEngine(pool, DirectedDecoder(TASKS, STATES), EngineConfig())
     killed = []
 
     def kill_worker_1(e):

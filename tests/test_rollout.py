@@ -28,7 +28,7 @@ from vlajax.model.actions import token_logprobs
 from vlajax.model.preprocess import preprocess_images
 from vlajax.model.tokenizer import load_tokenizer
 from vlajax.rl.policy_step import default_buckets, DecodeInputs, DecodeOutputs, Decoder, PolicyDecoder
-from vlajax.rl.rollout import RolloutConfig, RolloutEngine, RolloutError
+from vlajax.rl.rollout import EngineConfig, RolloutEngine, RolloutError
 
 K = 8  # actions per policy call
 LIMIT = 32  # episode limit (env steps): 4 policy calls
@@ -156,7 +156,7 @@ def policy():
 @pytest.fixture(scope="module")
 def engine(pool, policy):
     dec = PolicyDecoder(policy, prompt_len=24, flip=False, buckets=(4,))
-    return RolloutEngine(pool, dec, RolloutConfig(temperature=1.6))
+    return RolloutEngine(pool, dec, EngineConfig(temperature=1.6))
 
 
 TASKS = np.array([0, 1, 2, 0])
@@ -270,7 +270,7 @@ def test_policy_rollout_layout_and_logprobs(engine, policy):
 def test_serial_loop_draws_the_same_trajectories(pool, engine):
     key = jax.random.key(123)
     a = engine.rollout(TASKS, STATES, GROUPS, key=key)
-    b = RolloutEngine(pool, engine.decoder, RolloutConfig(pipelined=False)).rollout(TASKS, STATES, GROUPS, key=key)
+    b = RolloutEngine(pool, engine.decoder, EngineConfig(pipelined=False)).rollout(TASKS, STATES, GROUPS, key=key)
     ta, tb = a.trajectories, b.trajectories
     np.testing.assert_array_equal(ta.actions_tokens, tb.actions_tokens)
     np.testing.assert_array_equal(ta.chunk_valid, tb.chunk_valid)
@@ -367,7 +367,7 @@ def test_hung_step_and_crashed_env_process_rerun_their_episodes(fault_pool, capl
     pool = fault_pool
     tasks, states, groups = np.array([0, 1, 2, 1]), np.array([HANG_STATE, 4, CRASH_STATE, 6]), np.arange(4) + 50
     old_pids = [i["pid"] for i in pool.infos]
-    eng = RolloutEngine(pool, DirectedDecoder(tasks, states), RolloutConfig(step_timeout_s=4.0))
+    eng = RolloutEngine(pool, DirectedDecoder(tasks, states), EngineConfig(step_timeout_s=4.0))
     b = eng.rollout(tasks, states, groups)
     assert b.stats.restarts == 2 and eng.total_restarts == 2
     assert "sim worker 0: step of stage 0 exceeded 4 s" in caplog.text

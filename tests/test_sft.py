@@ -145,15 +145,13 @@ SIZE = 64
 def demos(tmp_path_factory):
     pytest.importorskip("libero")
     pytest.importorskip("robosuite")
-    from tests.test_libero_env import _pack_path
+    from tests.conftest import libero_pack
     from vlajax.demos import _episode
     from vlajax.envs import libero_setup
     from vlajax.envs.base import sampled_state_id
     from vlajax.envs.libero import LiberoEnv
 
-    pack = _pack_path()
-    if pack is None:
-        pytest.skip(f"no LIBERO asset pack: set {libero_setup.ASSETS_ENV} or put shared/ beside the repo")
+    pack = libero_pack()
     root = tmp_path_factory.mktemp("demos")
     env = LiberoEnv(SUITE, assets_dir=str(libero_setup.setup_libero(pack)), cameras=("agentview",), image_size=SIZE,
                     max_episode_steps=280)
@@ -206,7 +204,7 @@ SFT = [
 
 @pytest.mark.slow
 def test_sft_on_expert_demos_beats_untrained_and_starts_grpo(demos, tmp_path, monkeypatch, capsys):
-    from tests.test_libero_env import _pack_path
+    from tests.conftest import libero_pack
     from tests.test_libero_train import SMALL
     from vlajax.data import read_dataset
     from vlajax.envs import libero_setup
@@ -215,7 +213,7 @@ def test_sft_on_expert_demos_beats_untrained_and_starts_grpo(demos, tmp_path, mo
     from vlajax.session import build_policy
     from vlajax.sft import sft
 
-    monkeypatch.setenv(libero_setup.ASSETS_ENV, _pack_path())
+    monkeypatch.setenv(libero_setup.ASSETS_ENV, libero_pack())
     run = tmp_path / "run"
     args = SFT + [f"data.train_files={demos}", f"trainer.default_local_dir={run}", "trainer.test_freq=-1"]
     first = sft(load_config("sft_libero", args + ["trainer.total_training_steps=40"], purpose="sft"))

@@ -487,14 +487,14 @@ class RunConfig(_Section):
                                 n_rollout_gpus_per_node=t.n_rollout_gpus_per_node)
 
     def rollout_config(self):
-        """The rollout engine's `vlajax.rl.rollout.RolloutConfig`: the training temperature
+        """The rollout engine's `vlajax.rl.rollout.EngineConfig`: the training temperature
         (`actor_rollout_ref.rollout`), the env call timeouts (`env.rollout`), sampling keys from
         `trainer.seed`."""
-        from vlajax.rl.rollout import RolloutConfig
+        from vlajax.rl.rollout import EngineConfig
 
         er = self.env.rollout
-        return RolloutConfig(temperature=self.actor_rollout_ref.rollout.temperature, seed=self.trainer.seed,
-                             step_timeout_s=er.step_timeout_s, reset_timeout_s=er.reset_timeout_s)
+        return EngineConfig(temperature=self.actor_rollout_ref.rollout.temperature, seed=self.trainer.seed,
+                            step_timeout_s=er.step_timeout_s, reset_timeout_s=er.reset_timeout_s)
 
     @property
     def num_rollout_workers(self) -> int:

@@ -19,7 +19,7 @@ So while a sim worker steps one stage, the host decodes for the units whose resu
 decode is always issued before the host blocks on an earlier one. With the default
 `concurrent_stages=False` a worker simulates one stage at a time, so S = 2 stages keep it busy as
 long as a decode is shorter than a stage's step (the reference's ping-pong, without its per-step
-barrier). `RolloutConfig(pipelined=False)` turns the same loop into the serial baseline: wait for
+barrier). `EngineConfig(pipelined=False)` turns the same loop into the serial baseline: wait for
 every unit, decode everything, step everything.
 
 Finished envs (success or episode limit) leave the batch: the worker does not step them (it is
@@ -88,11 +88,11 @@ from vlajax.rl.rollout_buffer import RolloutError, TrajectoryBuffer
 
 log = logging.getLogger(__name__)
 
-__all__ = ["RolloutBatch", "RolloutConfig", "RolloutEngine", "RolloutError", "RolloutStats", "StepEvent"]
+__all__ = ["RolloutBatch", "EngineConfig", "RolloutEngine", "RolloutError", "RolloutStats", "StepEvent"]
 
 
 @dataclasses.dataclass(frozen=True)
-class RolloutConfig:
+class EngineConfig:
     """temperature: sampling temperature of `rollout` (`evaluate` uses 0 = greedy).
     pipelined: False = the serial baseline (barrier: step all, then decode all).
     step_timeout_s / reset_timeout_s: an env call (reset includes a restarted worker's start-up)
@@ -216,10 +216,10 @@ class RolloutEngine:
     The engine does not own the pool: close it (and the Ray session, if any) yourself.
     """
 
-    def __init__(self, pool: SimPoolAPI, decoder: Decoder, cfg: RolloutConfig | None = None):
+    def __init__(self, pool: SimPoolAPI, decoder: Decoder, cfg: EngineConfig | None = None):
         self.pool = pool
         self.decoder = decoder
-        self.cfg = cfg or RolloutConfig()
+        self.cfg = cfg or EngineConfig()
         info = pool.infos[0]
         if info["action_dim"] != decoder.action_dim:
             raise RolloutError(f"the envs take {info['action_dim']}-d actions, the policy emits {decoder.action_dim}")
