@@ -48,11 +48,11 @@ def _check_record(rec, suite):
 
 
 @pytest.mark.parametrize("suite,pairs", [
-    # On(bowl, plate): a rim grasp; task 1's bowl stands next to the ramekin
-    ("libero_spatial", ((0, 0), (1, 7))),
-    # In(salad dressing, basket): top-down, dropped into the basket; task 1's cream cheese lies
-    # beside a tall can, so the hand turns away from it
-    ("libero_object", ((2, 0), (1, 7))),
+    # On(bowl, plate): a rim grasp (task 1: the bowl next to the ramekin)
+    ("libero_spatial", ((1, 7),)),
+    # In(cream cheese, basket): top-down, dropped into the basket; it lies beside a tall can, so the
+    # hand turns away from it
+    ("libero_object", ((1, 7),)),
 ])
 def test_pick_and_place_succeeds_within_budget(suite, pairs, assets):
     env = _env(suite, assets)

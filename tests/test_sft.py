@@ -146,7 +146,7 @@ def demos(tmp_path_factory):
     pytest.importorskip("libero")
     pytest.importorskip("robosuite")
     from tests.conftest import libero_pack
-    from vlajax.demos import _episode
+    from vlajax.demos import episode_from_record
     from vlajax.envs import libero_setup
     from vlajax.envs.base import sampled_state_id
     from vlajax.envs.libero import LiberoEnv
@@ -161,7 +161,7 @@ def demos(tmp_path_factory):
             for seed in range(12):
                 rec = env.demonstrate(TASK, sampled_state_id(seed))
                 if rec["success"]:
-                    w.append(_episode(rec))
+                    w.append(episode_from_record(rec))
                     kept += 1
                 if kept == 4:
                     break

@@ -71,7 +71,8 @@ class _Progress:
         os.replace(tmp, self.path)
 
 
-def _episode(rec: dict):
+def episode_from_record(rec: dict):
+    """A `SingleEnv.demonstrate` record as a dataset `Episode` (what `DemoWriter.append` takes)."""
     from vlajax.data.libero_hdf5 import Episode
 
     return Episode(images=rec["images"], proprio=rec["proprio"], actions=rec["actions"],
@@ -167,7 +168,7 @@ def make_demos(cfg: RunConfig, out: Path, *, per_task: int, tasks: Sequence[int]
                         if rec["error"]:
                             p.stopped = rec["error"]
                         elif rec["success"] and p.successes < per_task:
-                            writers[i].append(_episode(rec))
+                            writers[i].append(episode_from_record(rec))
                             done_states[i].add(rec["state_id"])
                             p.successes += 1
                             bar.update(1)
