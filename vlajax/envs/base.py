@@ -222,7 +222,7 @@ class SingleEnv(abc.ABC):
 
     def demonstrate(self, task_id: int, state_id: int, seed: int = 0, max_steps: int | None = None) -> dict:
         """One episode of this simulator's scripted expert from (task, state): the frames, proprio
-        and executed actions, and whether it succeeded (see `libero_expert.run_expert_episode`)."""
+        and executed actions, and whether it succeeded (see `libero.run_expert_episode`)."""
         raise EnvError(f"{type(self).__name__} has no scripted expert: demonstrations need a simulator that has one "
                        f"(LIBERO)")
 

@@ -72,6 +72,7 @@ import numpy as np
 
 from vlajax.envs import libero_setup
 from vlajax.envs.base import NOOP_ACTION, EnvError, EnvOutput, SingleEnv, TaskSpec, sampled_state_seed
+from vlajax.envs.libero_expert import ExpertError, LiberoExpert
 from vlajax.envs.subproc import SubprocVectorEnv
 
 SUITES = ("libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90")
@@ -342,9 +343,7 @@ class LiberoEnv(SingleEnv):
         )
 
     def demonstrate(self, task_id: int, state_id: int, seed: int = 0, max_steps: int | None = None) -> dict:
-        """One episode of the scripted expert (`libero_expert.run_expert_episode`) from (task, state)."""
-        from vlajax.envs.libero_expert import run_expert_episode
-
+        """One episode of the scripted expert (`run_expert_episode`) from (task, state)."""
         limit = self._tasks[self._check_ids(task_id, state_id)[0]].max_episode_steps
         return run_expert_episode(self, task_id, state_id, seed, max_steps or limit)
 
@@ -590,6 +589,50 @@ class LiberoEnv(SingleEnv):
             return {cam: np.array(self._real_sensors[f"{cam}_image"]({})) for cam in self.cameras}
         finally:
             ctx.data = live
+
+
+def run_expert_episode(env, task_id: int, state_id: int, seed: int, max_steps: int) -> dict:
+    """Reset `env` (a `LiberoEnv`) to (task, state) and let the expert act until LIBERO's success,
+    the end of its plan, or `max_steps`. Returns what a policy would have seen before each executed
+    action: images {camera: (T, H, W, 3) uint8, OpenGL rows}, proprio (T, 8) float32, actions (T, 7)
+    float32, states (T, S) float64, joint_states (T, 7), eef_quat (T, 4), success, steps, and
+    `error` (a reason when the expert has no plan for the task, else None)."""
+    out = env.reset(task_id, state_id, seed)
+    images, obs = out.images, env.raw_obs
+    rec: dict[str, list] = {"proprio": [], "actions": [], "states": [], "joint_states": [], "eef_quat": []}
+    frames: dict[str, list] = {cam: [] for cam in images}
+    expert = LiberoExpert(env)
+    error, success = None, False
+    try:
+        expert.reset(obs)
+    except ExpertError as e:
+        error = f"{env.suite} task {task_id} ({env.tasks[task_id].name}): {e}"
+    while error is None and not expert.done and len(rec["actions"]) < max_steps:
+        action = expert.act(obs).astype(np.float32)
+        for cam, img in images.items():
+            frames[cam].append(img)
+        rec["proprio"].append(proprio_from_obs(obs))
+        rec["actions"].append(action)
+        rec["states"].append(env._env.get_sim_state().copy())
+        rec["joint_states"].append(np.asarray(obs["robot0_joint_pos"], dtype=np.float64))
+        rec["eef_quat"].append(np.asarray(obs["robot0_eef_quat"], dtype=np.float64))
+        obs, success = env.step_raw(action)
+        images = env.render()
+        if success:
+            break
+    T = len(rec["actions"])
+    state_dim = env._env.get_sim_state().shape[0]
+    return {
+        "images": {cam: np.stack(f) if f else np.zeros((0,) + images[cam].shape, np.uint8) for cam, f in frames.items()},
+        "proprio": np.array(rec["proprio"], np.float32).reshape(T, 8),
+        "actions": np.array(rec["actions"], np.float32).reshape(T, 7),
+        "states": np.array(rec["states"], np.float64).reshape(T, state_dim),
+        "joint_states": np.array(rec["joint_states"], np.float64).reshape(T, 7),
+        "eef_quat": np.array(rec["eef_quat"], np.float64).reshape(T, 4),
+        "success": bool(success), "steps": T, "error": error,
+        "task": env.tasks[task_id].name, "instruction": env.tasks[task_id].instruction,
+        "task_id": int(task_id), "state_id": int(state_id),
+    }
 
 
 def _check_suite(suite: str) -> None:
