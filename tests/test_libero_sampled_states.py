@@ -17,7 +17,6 @@ import pytest
 pytest.importorskip("libero")
 pytest.importorskip("robosuite")
 
-from tests.test_libero_env import assets  # noqa: E402,F401  (the asset-pack fixture)
 from vlajax.envs.base import NOOP_ACTION, SAMPLED_STATE_BASE, EnvError, sampled_state_id  # noqa: E402
 from vlajax.envs.libero import NUM_SETTLE_STEPS, LiberoEnv, make_libero_vector_env  # noqa: E402
 

@@ -32,7 +32,6 @@ import pytest
 pytest.importorskip("libero")
 pytest.importorskip("robosuite")
 
-from tests.test_libero_env import assets  # noqa: E402,F401  (the asset-pack fixture)
 from vlajax.envs import libero_setup  # noqa: E402
 from vlajax.envs.libero import LiberoEnv  # noqa: E402
 
