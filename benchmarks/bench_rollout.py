@@ -48,7 +48,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from vlajax.distributed.ray_sim import PlacementOptions, SimPool, init_ray  # noqa: E402
+from vlajax.distributed.placement import Colocated  # noqa: E402
+from vlajax.distributed.ray_sim import SimPool, init_ray  # noqa: E402
 from vlajax.model import Policy, build_model, preset  # noqa: E402
 from vlajax.model.pretrained import abstract_params  # noqa: E402
 from vlajax.model.tokenizer import load_tokenizer  # noqa: E402
@@ -176,7 +177,7 @@ def measure_layout(args, policy, stages: int, envs: int, key) -> dict:
                                    image_size=args.image_size, max_episode_steps=args.max_steps)
         n_tasks, flip, gripper = 10, True, "libero"
         unnorm = args.suite if policy.dataset_statistics else None
-    placement = PlacementOptions.standalone(env_workers_per_node=args.workers, env_cpus_per_worker=n_cpus / args.workers)
+    placement = Colocated.standalone(env_workers_per_node=args.workers, env_cpus_per_worker=n_cpus / args.workers)
     pool = SimPool(env_fn, num_envs=envs, num_stages=stages, placement=placement,
                    render_every_substep=args.render_every_substep, mujoco_gl=args.mujoco_gl)
     try:

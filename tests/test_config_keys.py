@@ -46,6 +46,9 @@ def test_every_config_key_is_read(tmp_path):
             res = train(load_config(None, TINY + VARIANT + [
                 f"trainer.default_local_dir={tmp_path / 'variant'}",
                 f"env.train.video_cfg.video_base_dir={tmp_path / 'videos'}"]))
+        # the disaggregated layout's keys are read where its placement is built (a run of it needs
+        # Ray nodes marked `sim`: tests/test_ray_sim.py places one)
+        assert load_config(None, ["env.disagg_sim.enable=true", "env.disagg_sim.nnodes=2"]).placement().sim_nnodes == 2
     assert res.steps == 2
     assert all(np.isfinite(m["actor/kl_loss"]) and np.isfinite(m["actor/loss"]) for m in res.history if m["actor/updates"])
     assert list((tmp_path / "videos").glob("**/*.mp4"))

@@ -129,7 +129,7 @@ def test_evaluation_uses_the_fixed_states_whatever_training_uses(env, task):
     """`vlajax eval` and training's validation take their pairs from `select_pairs`: stored states
     0..49, which reset to the stored states, with `env.train.init_states=sampled` as without."""
     from vlajax.config import load_config
-    from vlajax.evaluate import eval_states_line, select_pairs, train_states_line
+    from vlajax.states import eval_states_line, select_pairs, train_states_line
     from vlajax.rl.data import StateSampler
 
     sft = REPO / "vlajax" / "assets" / "tiny_tokenizer"  # a directory standing in for the SFT checkpoint

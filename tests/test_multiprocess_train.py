@@ -338,7 +338,7 @@ def test_killed_process_ends_the_other(tmp_path):
             pytest.fail(f"process 0 still running {HEARTBEAT_S + 60} s after process 1 died\n{job.logs()}")
         waited = time.monotonic() - killed
         log0 = job.log(0)
-        from vlajax.train import PEER_LOST_EXIT_CODE
+        from vlajax.distributed.job import PEER_LOST_EXIT_CODE
 
         assert p0.returncode == PEER_LOST_EXIT_CODE, f"exit code {p0.returncode}\n{log0[-3000:]}"
         assert f"process 0 of 2: process(es) 1 stopped (no heartbeat for {HEARTBEAT_S} s)" in log0, log0[-3000:]
@@ -394,7 +394,7 @@ def test_processes_draw_their_own_sampling_noise():
     import jax
     import numpy as np
 
-    from vlajax.train import rollout_key
+    from vlajax.distributed.job import rollout_key
 
     base = jax.random.key(0)
     data = lambda k: np.asarray(jax.random.key_data(k))  # noqa: E731
@@ -413,16 +413,14 @@ def test_each_process_places_its_share_of_the_simulators(layout, monkeypatch):
     (one train node's worth each, or half the simulator nodes each), and a job-wide rollout round
     is the processes' rounds put together."""
     from vlajax.config import load_config
-    from vlajax.distributed.multihost import JobInfo
-    from vlajax.train import process_config
 
     for k in ("JAX_NUM_PROCESSES", "NUM_PROCESSES", "WORLD_SIZE", "SLURM_JOB_ID"):
         monkeypatch.delenv(k, raising=False)
     cfg = load_config("demo", ["trainer.nnodes=2", "env.rollout.pipeline_stage_num=1", "env.train.num_envs=4", *layout])
-    mine = process_config(cfg, JobInfo(1, 2, "localhost:1"))
+    mine = cfg.per_process(2)
     assert mine.trainer.nnodes == 1 and cfg.trainer.nnodes == 2
     assert mine.placement().num_workers * 2 == cfg.placement().num_workers
     assert mine.envs_per_round * 2 == cfg.envs_per_round
     if layout:
         assert mine.env.disagg_sim.nnodes == 2
-    assert process_config(cfg, JobInfo(0, 1, None)) is cfg  # one process: the config as it is
+    assert cfg.per_process(1) is cfg  # one process: the config as it is

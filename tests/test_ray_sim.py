@@ -17,17 +17,13 @@ import ray
 
 from tests._ray_cluster import local_cluster
 from tests.test_rollout import IMAGE, DirectedDecoder, _wait_gone, check_against_replay
-from vlajax.distributed.ray_sim import (
-    PlacementError,
-    PlacementOptions,
-    SimPool,
-    check_cluster_resources,
-)
+from vlajax.distributed.placement import Colocated, Disaggregated, InProcess
+from vlajax.distributed.ray_sim import PlacementError, SimPool, check_cluster_resources
 from vlajax.envs.tabletop import make_tabletop_vector_env
 from vlajax.rl.rollout import EngineConfig, RolloutEngine
 
 LIMIT = 64  # long enough that the slow directed policy succeeds in some episodes, not all
-DISAGG = PlacementOptions.standalone(disagg_sim_enable=True, disagg_sim_nnodes=2, trainer_nnodes=1)
+DISAGG = Disaggregated.standalone(sim_nodes=2, trainer_nnodes=1)
 ENV_FN = functools.partial(make_tabletop_vector_env, image_size=IMAGE, max_episode_steps=LIMIT)
 
 # 2 workers x 2 stages x 2 envs; rows 2k and 2k+1 share a stage. Distinct (task, state) per row
@@ -100,15 +96,15 @@ def test_killing_a_sim_actor_mid_rollout_loses_nothing(cluster, pool):
 
 def test_missing_resources_are_named(cluster):
     cases = [
-        (PlacementOptions.standalone(disagg_sim_enable=True, disagg_sim_nnodes=3),
+        (Disaggregated.standalone(sim_nodes=3),
          r"missing resource 'sim': env.disagg_sim.nnodes=3.* asks for 3 sim node\(s\) carrying .* the cluster has 2"),
-        (PlacementOptions.standalone(disagg_sim_enable=True, disagg_sim_nnodes=2, n_env_gpus_per_node=1),
+        (Disaggregated.standalone(sim_nodes=2, n_env_gpus_per_node=1),
          r"missing resource 'GPU' on sim nodes: .*trainer.n_env_gpus_per_node=1"),
-        (PlacementOptions.standalone(disagg_sim_enable=True, disagg_sim_nnodes=2, n_rollout_gpus_per_node=2),
+        (Disaggregated.standalone(sim_nodes=2, n_rollout_gpus_per_node=2),
          r"missing resource 'GPU' on train_rollout nodes: trainer.nnodes=1, trainer.n_rollout_gpus_per_node=2"),
-        (PlacementOptions.standalone(disagg_sim_enable=True, disagg_sim_nnodes=2, trainer_nnodes=2),
+        (Disaggregated.standalone(sim_nodes=2, trainer_nnodes=2),
          r"missing resource 'train_rollout': .*asks for 2 train_rollout node\(s\)"),
-        (PlacementOptions.standalone(disagg_sim_enable=True, disagg_sim_nnodes=2, env_workers_per_node=2),
+        (Disaggregated.standalone(sim_nodes=2, env_workers_per_node=2),
          r"missing resource 'CPU' on sim nodes"),
     ]
     for opts, pattern in cases:
@@ -116,30 +112,39 @@ def test_missing_resources_are_named(cluster):
             SimPool(ENV_FN, num_envs=1, placement=opts)
     # the pure check agrees with a hand-made node list
     nodes = [{"NodeID": "a" * 20, "Alive": True, "Resources": {"CPU": 4.0, "sim": 1.0}}]
-    assert check_cluster_resources(nodes, PlacementOptions.standalone(disagg_sim_enable=True)) != []  # no train_rollout node
+    assert check_cluster_resources(nodes, Disaggregated.standalone()) != []  # no train_rollout node
     nodes.append({"NodeID": "b" * 20, "Alive": True, "Resources": {"CPU": 1.0, "train_rollout": 1.0}})
-    assert check_cluster_resources(nodes, PlacementOptions.standalone(disagg_sim_enable=True)) == []
+    assert check_cluster_resources(nodes, Disaggregated.standalone()) == []
 
 
-def test_placement_options_read_the_reference_config_keys():
+def test_placement_reads_the_reference_config_keys():
+    """`RunConfig.placement()` is the one reading of the layout keys; its node groups are what Ray is asked for."""
     from vlajax import config as C
 
     cfg = C.RunConfig(env=C.EnvConfig(disagg_sim=C.DisaggSimConfig(enable=True, nnodes=3)),
                       trainer=C.TrainerConfig(nnodes=2, n_env_gpus_per_node=4, n_rollout_gpus_per_node=8))
     opts = cfg.placement()
-    assert (opts.disagg_sim_enable, opts.disagg_sim_nnodes, opts.trainer_nnodes) == (True, 3, 2)
+    assert isinstance(opts, Disaggregated) and (opts.sim_nnodes, opts.trainer_nnodes) == (3, 2)
     assert (opts.n_env_gpus_per_node, opts.n_rollout_gpus_per_node) == (4, 8)
     assert opts.num_workers == 12 and opts.gpus_per_worker == 1.0  # one sim actor per env GPU
-    assert opts.sim_bundle() == {"CPU": 4.0, "GPU": 4.0, "sim": 1e-4}
-    assert opts.trainer_bundle() == {"GPU": 8.0, "train_rollout": 1e-4}
+    sim, trainer = opts.node_groups()
+    assert (sim.bundle, sim.count, sim.marker, sim.sims, sim.trainer) == ({"CPU": 4.0, "GPU": 4.0, "sim": 1e-4}, 3,
+                                                                          "sim", True, False)
+    assert (trainer.bundle, trainer.count, trainer.sims, trainer.trainer) == ({"GPU": 8.0, "train_rollout": 1e-4}, 2,
+                                                                              False, True)
+    share = opts.per_process(2)  # each of 2 trainer processes places its own share
+    assert (share.trainer_nnodes, share.sim_nnodes) == (1, 1) and isinstance(share, Disaggregated)
     colocated = C.RunConfig(trainer=C.TrainerConfig(nnodes=1, n_env_gpus_per_node=0)).placement()
-    assert not colocated.disagg_sim_enable and colocated.num_workers == 1 and colocated.sim_bundle() == {"CPU": 1.0}
+    assert isinstance(colocated, Colocated) and colocated.num_workers == 1
+    assert [(g.bundle, g.count, g.sims, g.trainer) for g in colocated.node_groups()] == [({"CPU": 1.0}, 1, True, True)]
+    local = C.RunConfig(ray=C.RayConfig(enable=False)).placement()
+    assert isinstance(local, InProcess) and not local.uses_ray and local.node_groups() == []
 
 
 def test_resources_in_use_time_out_instead_of_hanging(pool):
     """The module's pool holds each sim node's only CPU: a second pool cannot be placed."""
     t0 = time.monotonic()
-    opts = PlacementOptions.standalone(disagg_sim_enable=True, disagg_sim_nnodes=2, placement_timeout_s=3.0)
+    opts = Disaggregated.standalone(sim_nodes=2, placement_timeout_s=3.0)
     with pytest.raises(PlacementError, match="was not placed within 3 s"):
         SimPool(ENV_FN, num_envs=1, placement=opts)
     assert time.monotonic() - t0 < 30

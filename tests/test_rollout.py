@@ -19,7 +19,8 @@ import numpy as np
 import pytest
 import ray
 
-from vlajax.distributed.ray_sim import PlacementError, PlacementOptions, RayConnectError, SimPool, init_ray
+from vlajax.distributed.placement import Colocated
+from vlajax.distributed.ray_sim import PlacementError, RayConnectError, SimPool, init_ray
 from vlajax.envs import SubprocVectorEnv
 from vlajax.envs.tabletop import TabletopEnv, directed_actions, make_tabletop_vector_env, target_xy
 from vlajax.model import Policy, build_model, preset
@@ -111,7 +112,7 @@ def session():
 def pool(session):
     """2 workers x 2 stages x 1 env, colocated on the local node."""
     p = SimPool(functools.partial(make_tabletop_vector_env, image_size=IMAGE, max_episode_steps=LIMIT),
-                num_envs=1, num_stages=2, placement=PlacementOptions.standalone(env_workers_per_node=2, env_cpus_per_worker=0.5))
+                num_envs=1, num_stages=2, placement=Colocated.standalone(env_workers_per_node=2, env_cpus_per_worker=0.5))
     yield p
     p.close()
 
@@ -357,7 +358,7 @@ def fault_once_vector_env(num_envs: int, *, name: str, marker_dir: str) -> Subpr
 def fault_pool(session, tmp_path_factory):
     marker_dir = tmp_path_factory.mktemp("fault_markers")
     p = SimPool(functools.partial(fault_once_vector_env, marker_dir=str(marker_dir)), num_envs=1, num_stages=2,
-                placement=PlacementOptions.standalone(env_workers_per_node=2, env_cpus_per_worker=0.5))
+                placement=Colocated.standalone(env_workers_per_node=2, env_cpus_per_worker=0.5))
     p.marker_dir = marker_dir
     yield p
     p.close()
@@ -406,7 +407,7 @@ def test_unreachable_address_fails_fast():
 def test_missing_gpu_is_named(session):
     env_fn = functools.partial(make_tabletop_vector_env, image_size=IMAGE)
     with pytest.raises(PlacementError, match=r"missing resource 'GPU' on trainer \(colocated"):
-        SimPool(env_fn, num_envs=1, placement=PlacementOptions.standalone(n_env_gpus_per_node=1))
+        SimPool(env_fn, num_envs=1, placement=Colocated.standalone(n_env_gpus_per_node=1))
 
 
 def _alive(pid: int) -> bool:

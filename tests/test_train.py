@@ -184,3 +184,19 @@ def test_refused_resume_changes_nothing_and_answers_first(tmp_path, capsys):
         assert says in err and "127.0.0.1:9" not in err, err
     assert (run / "config.yaml").read_text() == "the finished run's config\n"
     assert not (tmp_path / "new" / "config.yaml").exists()
+
+
+def test_runs_without_ray(tmp_path):
+    """`ray.enable=false`: the simulators run on `LocalSimPool`'s threads of the trainer's process, and
+    the run never imports Ray (a fresh process, so other tests' imports do not count)."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom vlajax.cli import main\n"
+            f"rc = main(['train', 'ray.enable=false', 'trainer.total_training_steps=1', "
+            f"'trainer.default_local_dir={tmp_path / 'run'}', *{TINY!r}])\n"
+            "assert rc == 0, rc\nassert 'ray' not in sys.modules, 'ray was imported'\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["step"] == 1 and record["train/episodes"] == 8

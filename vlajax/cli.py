@@ -64,11 +64,11 @@ def _train(args) -> int:
 
         if not in_multiprocess_job():
             return _launch(([config] if config is not None else []) + overrides, cfg)
-        _join(cfg.trainer.nnodes)
+    job = _join(cfg.trainer.nnodes)
     from vlajax.train import train
 
     try:
-        res = train(cfg)
+        res = train(cfg, job)
     except (KeyboardInterrupt, stopping.Terminated) as e:
         print(f"vlajax train: stopped by {stopping.name(e)}; {_resume_hint(cfg)}", file=sys.stderr, flush=True)
         return stopping.exit_code(e)
@@ -107,25 +107,26 @@ def _launch(argv: list[str], cfg) -> int:
     return 0
 
 
-def _join(nnodes: int) -> None:
-    """One process of a multi-process job (this launcher's child, SLURM's srun, JAX_* variables):
-    join it before the trainer touches JAX, and say where this process stands so that the cluster
-    can be checked from the logs. Never reached by a single-node run."""
+def _join(nnodes: int):
+    """Join this process's job (a launcher's child, SLURM's srun, JAX_* variables; one process: a
+    no-op) before anything touches JAX's backend, and say where a multi-process job's process stands,
+    so that the cluster can be checked from the logs."""
     import socket
 
     import jax
 
-    from vlajax.train import join_job
+    from vlajax.distributed.job import Job
 
-    info = join_job()  # the trainer's own join (its heartbeat settings); train() finds it done
-    if not info.multi:
-        return
+    job = Job.join()
+    if not job.multi:
+        return job
     # stderr: a Ray launch shows every process's stderr (stdout: process 0's only)
     print(f"vlajax: process {jax.process_index()} of {jax.process_count()} on {socket.gethostname()}, "
           f"devices local {jax.local_device_count()} / global {jax.device_count()}", file=sys.stderr, flush=True)
-    if info.num_processes != nnodes:
-        print(f"vlajax train: warning: trainer.nnodes={nnodes} but the job has {info.num_processes} processes "
+    if job.num_processes != nnodes:
+        print(f"vlajax train: warning: trainer.nnodes={nnodes} but the job has {job.num_processes} processes "
               f"(one per node expected)", file=sys.stderr, flush=True)
+    return job
 
 
 def _demos(args) -> int:

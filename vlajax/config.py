@@ -42,7 +42,7 @@ from typing import Any, Mapping, Optional, Sequence
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf import errors as oc_errors
 
-from vlajax.distributed.placement import PlacementOptions  # no Ray import
+from vlajax.distributed.placement import Colocated, Disaggregated, InProcess, Placement  # no Ray import
 from vlajax.envs import simulators
 from vlajax.envs.gl import BACKENDS as GL_BACKENDS  # no GL import
 from vlajax.rl.advantages import ADVANTAGE_ESTIMATORS, GROUP_ESTIMATORS  # numpy only
@@ -445,6 +445,7 @@ class TrainerConfig(_Section):
 
 @dataclass(frozen=True)
 class RayConfig(_Section):
+    enable: bool = True  # false: simulators on threads of the trainer's process, no Ray (one node)
     address: Optional[str] = None  # None = start an embedded local Ray; "auto" or host:port = join
     num_cpus: Optional[int] = None  # embedded Ray only; None = all
     temp_dir: Optional[str] = None  # embedded Ray only; None = a fresh directory under /tmp
@@ -466,7 +467,7 @@ class RunConfig(_Section):
 
     @property
     def num_sim_workers(self) -> int:
-        """Simulator workers in the cluster (`PlacementOptions.num_workers`): one per env GPU, or one
+        """Simulator workers in the cluster (`Placement.num_workers`): one per env GPU, or one
         CPU-only worker per node, on the simulator nodes if disaggregated, else the trainer nodes."""
         return self.placement().num_workers
 
@@ -478,13 +479,29 @@ class RunConfig(_Section):
         except ValueError as e:
             raise ConfigError(str(e), "env.train.simulator_type") from None
 
-    def placement(self) -> PlacementOptions:
-        """Where the simulator actors and the trainer go: the one reading of `trainer.nnodes`,
-        `trainer.n_*_gpus_per_node` and `env.disagg_sim.*` (`vlajax.distributed.placement`)."""
+    def placement(self) -> Placement:
+        """Where the simulators and the trainer go: the one reading of `ray.enable`, `env.disagg_sim.*`,
+        `trainer.nnodes` and `trainer.n_*_gpus_per_node` (`vlajax.distributed.placement`)."""
         t, dis = self.trainer, self.env.disagg_sim
-        return PlacementOptions(disagg_sim_enable=dis.enable, disagg_sim_nnodes=dis.nnodes, trainer_nnodes=t.nnodes,
-                                n_env_gpus_per_node=t.n_env_gpus_per_node,
-                                n_rollout_gpus_per_node=t.n_rollout_gpus_per_node)
+        sizes = dict(trainer_nnodes=t.nnodes, n_env_gpus_per_node=t.n_env_gpus_per_node,
+                     n_rollout_gpus_per_node=t.n_rollout_gpus_per_node)
+        if not self.ray.enable:
+            return InProcess(**sizes)
+        if dis.enable:
+            return Disaggregated(sim_nodes=dis.nnodes, **sizes)
+        return Colocated(**sizes)
+
+    def per_process(self, num_processes: int) -> "RunConfig":
+        """The config of one trainer process of a `num_processes`-process job: each places its own
+        share of the simulators (`Placement.per_process`: one train node's worth, or its share of the
+        simulator nodes; the config checks that they divide)."""
+        if num_processes == 1:
+            return self
+        share = self.placement().per_process(num_processes)
+        return dataclasses.replace(
+            self, trainer=dataclasses.replace(self.trainer, nnodes=share.trainer_nnodes),
+            env=dataclasses.replace(self.env, disagg_sim=dataclasses.replace(
+                self.env.disagg_sim, nnodes=max(1, self.env.disagg_sim.nnodes // num_processes))))
 
     def rollout_config(self):
         """The rollout engine's `vlajax.rl.rollout.EngineConfig`: the training temperature
@@ -1015,9 +1032,8 @@ def _validate_env(cfg: RunConfig) -> None:
     _positive(env.rollout.pipeline_stage_num, "env.rollout.pipeline_stage_num")
     for k in ("step_timeout_s", "reset_timeout_s"):
         _check(getattr(env.rollout, k) > 0, f"env.rollout.{k}", f"must be > 0 seconds, got {getattr(env.rollout, k)}")
-    if env.disagg_sim.enable:
-        _check(env.disagg_sim.nnodes >= 1, "env.disagg_sim.nnodes",
-               f"env.disagg_sim.enable=true needs >= 1 simulator node, got {env.disagg_sim.nnodes}")
+    _check(env.disagg_sim.nnodes >= 1, "env.disagg_sim.nnodes",
+           f"must be >= 1 simulator node, got {env.disagg_sim.nnodes}")
 
 
 def _validate_cluster(cfg: RunConfig) -> None:
@@ -1030,11 +1046,10 @@ def _validate_cluster(cfg: RunConfig) -> None:
         procs = described_processes()  # 1 on the head node that launches them (vlajax.cli): checked by train()
         _check(procs in (1, t.nnodes), "trainer.nnodes",
                f"trainer.nnodes={t.nnodes} but the job has {procs} processes: run one process per train node")
-        dis = cfg.env.disagg_sim
-        if dis.enable:  # each trainer process owns an equal share of the simulator nodes
-            _check(dis.nnodes % t.nnodes == 0, "env.disagg_sim.nnodes",
-                   f"{dis.nnodes} simulator nodes cannot be shared evenly by trainer.nnodes={t.nnodes} trainer "
-                   "processes (each owns its own): use a multiple of trainer.nnodes")
+        p = cfg.placement()  # each trainer process owns an equal share of the nodes holding simulators
+        _check(p.sim_nnodes % t.nnodes == 0, p.sim_nodes_key,
+               f"{p.sim_nnodes} simulator nodes cannot be shared evenly by trainer.nnodes={t.nnodes} trainer "
+               "processes (each owns its own): use a multiple of trainer.nnodes")
     _check(t.n_env_gpus_per_node >= 0, "trainer.n_env_gpus_per_node",
            f"must be >= 0 (0 = CPU-only simulators), got {t.n_env_gpus_per_node}")
     _check(t.n_rollout_gpus_per_node >= 0, "trainer.n_rollout_gpus_per_node",
@@ -1054,7 +1069,7 @@ def _validate_batches(cfg: RunConfig) -> None:
            f"data.train_batch_size x actor_rollout_ref.rollout.n = {d.train_batch_size} x {r.n} = {n_traj} "
            f"trajectories cannot be split across env.rollout.pipeline_stage_num={env.rollout.pipeline_stage_num} "
            f"stages x {cfg.num_sim_workers} simulator workers (trainer.n_env_gpus_per_node="
-           f"{t.n_env_gpus_per_node} x {'env.disagg_sim.nnodes' if env.disagg_sim.enable else 'trainer.nnodes'}="
+           f"{t.n_env_gpus_per_node} x {cfg.placement().sim_nodes_key}="
            f"{cfg.placement().sim_nnodes}) x env.train.num_envs={e.num_envs} = {round_size} "
            "envs per rollout round: it must be a multiple of that")
     if t.nnodes > 1:  # each process trains its own whole groups, the same number on every process
@@ -1094,7 +1109,18 @@ def _validate_trainer(cfg: RunConfig) -> None:
 
 
 def _validate_ray(cfg: RunConfig) -> None:
-    """The Ray connection."""
+    """The Ray connection, or none (`ray.enable=false`: simulators in the trainer's process)."""
+    r = cfg.ray
+    if not r.enable:
+        _check(not cfg.env.disagg_sim.enable, "ray.enable",
+               "is false, but env.disagg_sim.enable=true places the simulators on other nodes, through Ray")
+        _check(r.address is None, "ray.enable", f"is false, but ray.address={r.address} names a Ray cluster to join")
+        from vlajax.distributed.multihost import described_processes
+
+        _check(cfg.trainer.nnodes == 1 or described_processes() > 1, "ray.enable",
+               f"is false, but trainer.nnodes={cfg.trainer.nnodes} without a launched job: `vlajax train` launches "
+               "one process per node through Ray; without Ray, start them yourself (srun, or "
+               "JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID in each)")
     if cfg.ray.num_cpus is not None:
         _positive(cfg.ray.num_cpus, "ray.num_cpus")
     if cfg.ray.address is not None:

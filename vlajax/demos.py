@@ -88,7 +88,7 @@ def make_demos(cfg: RunConfig, out: Path, *, per_task: int, tasks: Sequence[int]
     from tqdm import tqdm
 
     from vlajax.data.libero_hdf5 import DemoWriter
-    from vlajax.distributed.ray_sim import SimPool, init_ray
+    from vlajax.distributed.pools import open_sim_pool
     from vlajax.session import make_env_fn
 
     t, sim = cfg.env.train, cfg.simulator
@@ -103,12 +103,13 @@ def make_demos(cfg: RunConfig, out: Path, *, per_task: int, tasks: Sequence[int]
     folder.mkdir(parents=True, exist_ok=True)
     progress = _Progress(folder, suite)
 
-    ray = init_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus, temp_dir=cfg.ray.temp_dir)
-    pool = writers = None
+    pool, closers = open_sim_pool(cfg.placement(), make_env_fn(cfg), num_envs=t.num_envs,
+                                  num_stages=cfg.env.rollout.pipeline_stage_num,
+                                  cameras=tuple(t.init_params.camera_names),
+                                  mujoco_gl=t.mujoco_gl if sim.mujoco_gl else None, ray_address=cfg.ray.address,
+                                  ray_num_cpus=cfg.ray.num_cpus, ray_temp_dir=cfg.ray.temp_dir)
+    writers = None
     try:
-        pool = SimPool(make_env_fn(cfg), num_envs=t.num_envs, num_stages=cfg.env.rollout.pipeline_stage_num,
-                       placement=cfg.placement(), cameras=tuple(t.init_params.camera_names),
-                       mujoco_gl=t.mujoco_gl if sim.mujoco_gl else None)
         specs = pool.infos[0]["tasks"]
         task_ids = list(range(len(specs))) if tasks is None else [int(i) for i in tasks]
         bad = [i for i in task_ids if not 0 <= i < len(specs)]
@@ -183,9 +184,8 @@ def make_demos(cfg: RunConfig, out: Path, *, per_task: int, tasks: Sequence[int]
     finally:
         for w in (writers or {}).values():
             w.close()
-        if pool is not None:
-            pool.close()
-        ray.shutdown()
+        for close in closers:
+            close()
     result = {specs[i].name: progress.task(specs[i].name) for i in task_ids}
     print(summary_table(result, per_task))
     print(f"demonstrations in {folder} ({elapsed:.0f} s)")

@@ -23,13 +23,13 @@ import jax
 from flax import nnx
 
 from vlajax.config import ConfigError, RunConfig, load_config
-from vlajax.envs.base import TaskSpec
-from vlajax.envs.simulators import simulator, simulator_of_suite
+from vlajax.envs.simulators import simulator_of_suite
 from vlajax.eval_report import write_eval_report
 from vlajax.metrics import Progress
 from vlajax.model import load_pretrained
 from vlajax.rl.checkpoint import CheckpointManager
 from vlajax.session import SimSession, build_policy, val_temperature
+from vlajax.states import eval_states_line, select_pairs, train_states_line, training_trials
 
 log = logging.getLogger(__name__)
 
@@ -93,52 +93,6 @@ def load_eval_policy(cfg: RunConfig, checkpoint: Path, step: int | None = None):
     return policy, restored.step  # checkpoints are numbered by training step
 
 
-def select_pairs(tasks: Sequence[TaskSpec], task_ids: Sequence[int | str] | None, trials: int | None) -> list[tuple[int, int]]:
-    """(task_id, state_id) pairs: the first `trials` init states of each selected task (by id or name).
-    Every evaluation (`vlajax eval`, training's validation and final evaluation) starts from these
-    stored states, whatever `env.train.init_states` says."""
-    names = [t.name for t in tasks]
-    if task_ids:
-        chosen = []
-        for t in task_ids:
-            if isinstance(t, str) and not t.isdigit():
-                if t not in names:
-                    raise ValueError(f"--tasks: no task named {t!r}; tasks are {names}")
-                chosen.append(names.index(t))
-            else:
-                i = int(t)
-                if not 0 <= i < len(tasks):
-                    raise ValueError(f"--tasks: task id {i} is out of range (the suite has {len(tasks)} tasks)")
-                chosen.append(i)
-    else:
-        chosen = list(range(len(tasks)))
-    if trials is not None and trials < 1:
-        raise ValueError(f"--trials must be >= 1, got {trials}")
-    stored = [t.num_init_states for t in tasks]
-    return [(ti, s) for ti in chosen for s in range(min(trials or stored[ti], stored[ti]))]
-
-
-def eval_states_line(simulator_type: str, tasks: Sequence[TaskSpec], state_ids: Sequence[int]) -> str:
-    """The evaluation table's line on where its episodes started (always stored states: see
-    `env.train.init_states`, which only moves training off them)."""
-    ids = sorted({int(s) for s in state_ids})
-    used = f"ids {ids[0]}..{ids[-1]}" if ids == list(range(ids[0], ids[-1] + 1)) else f"{len(ids)} ids"
-    spec = simulator(simulator_type)
-    if spec.init_states_per_task is not None:
-        return f"init states: {spec.label}'s {min(t.num_init_states for t in tasks)} fixed states per task ({used} used)"
-    return f"init states: the {spec.label} simulator's seeded states ({used} per task)"
-
-
-def train_states_line(simulator_type: str, init_states: str, trials: int) -> str:
-    """The final evaluation table's line on which states the run trained on."""
-    spec = simulator(simulator_type)
-    if init_states == "sampled":
-        return (f"trained on: states {spec.label}'s placement sampler drew, a fresh seeded one per task and "
-                "trial slot each epoch (env.train.init_states=sampled), none of the fixed ones")
-    what = "fixed states" if spec.init_states_per_task is not None else "seeded states"
-    return f"trained on: the {what} 0..{trials - 1} per task (env.train.init_states=fixed)"
-
-
 def run_eval(checkpoint: str | Path, *, suite: str | None = None, trials: int | None = None,
              tasks: Sequence[int | str] | None = None, out_dir: str | Path | None = None, video: bool = False,
              step: int | None = None, temperature: float | None = None, overrides: Sequence[str] = (),
@@ -176,8 +130,6 @@ def run_eval(checkpoint: str | Path, *, suite: str | None = None, trials: int | 
     t = cfg.env.train
     notes = [eval_states_line(t.simulator_type, sim.tasks, [s for _, s in pairs])]
     if ckpt_step is not None:  # a training run: say what it trained on
-        from vlajax.train import training_trials
-
         notes.append(train_states_line(t.simulator_type, t.init_states, training_trials(cfg, sim.tasks)))
     report = write_eval_report(episodes, out, name=name, title=f"{checkpoint.name}{at}: {how} success on {suite_name}",
                                notes=notes)

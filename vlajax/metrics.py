@@ -16,6 +16,7 @@ import json
 import math
 import numbers
 import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -428,4 +429,16 @@ def plot_learning_curve(
     out = Path(out_png)
     out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
+    return out
+
+
+def resource_metrics() -> dict:
+    """Peak accelerator memory (GB, largest over the local devices; absent on CPU) and this process's
+    peak resident memory (GB; the simulators' processes not included)."""
+    out = {"perf/host_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    import jax  # the accelerator's own counters; metrics.py imports no jax at load
+
+    peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.local_devices()]
+    if any(p is not None for p in peaks):
+        out["perf/device_peak_gb"] = max(p or 0 for p in peaks) / 1e9
     return out

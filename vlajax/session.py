@@ -118,23 +118,21 @@ class SimSession(Closing):
     learner's after each update (`decoder.set_params(learner.decode_params())`: no weight copy)."""
 
     def __init__(self, cfg: RunConfig, policy, *, params: dict | None = None, video_dir: str | None = None):
-        # Ray only here: building a policy (`build_policy`, `vlajax eval`'s loading) does not need it.
-        from vlajax.distributed.ray_sim import SimPool, init_ray
+        # Ray (if the placement uses it) only here: building a policy does not need it.
+        from vlajax.distributed.pools import open_sim_pool
         from vlajax.rl.rollout import RolloutEngine
 
         self.cfg = cfg
         self._closers: list[Callable[[], None]] = []
         t, sim = cfg.env.train, cfg.simulator
         try:
-            self.ray = init_ray(cfg.ray.address, num_cpus=cfg.ray.num_cpus, temp_dir=cfg.ray.temp_dir)
-            self._closers.append(self.ray.shutdown)
             n_img = cfg.actor_rollout_ref.actor.num_images_in_input
-            self.pool = SimPool(make_env_fn(cfg, video_dir), num_envs=t.num_envs,
-                                num_stages=cfg.env.rollout.pipeline_stage_num,
-                                placement=cfg.placement(),
-                                cameras=tuple(t.init_params.camera_names[:n_img]),
-                                mujoco_gl=t.mujoco_gl if sim.mujoco_gl else None)
-            self._closers.insert(0, self.pool.close)
+            self.pool, closers = open_sim_pool(
+                cfg.placement(), make_env_fn(cfg, video_dir), num_envs=t.num_envs,
+                num_stages=cfg.env.rollout.pipeline_stage_num, cameras=tuple(t.init_params.camera_names[:n_img]),
+                mujoco_gl=t.mujoco_gl if sim.mujoco_gl else None, ray_address=cfg.ray.address,
+                ray_num_cpus=cfg.ray.num_cpus, ray_temp_dir=cfg.ray.temp_dir)
+            self._closers += closers
             self.decoder = PolicyDecoder(policy, params=params, flip=sim.image_flip, center_crop=True,
                                          unnorm_key=sim.unnorm_key(t.task_suite_name, policy.dataset_statistics),
                                          gripper=sim.gripper, capacity=self.pool.capacity)

@@ -39,15 +39,17 @@ import numpy as np
 
 from vlajax.config import ConfigError, RunConfig, save_config, to_dict
 from vlajax.data import DatasetError, Episode, action_statistics, proprio_statistics, read_dataset
-from vlajax.evaluate import select_pairs
-from vlajax.metrics import MetricsLogger, Progress, Timer
+from vlajax.distributed.job import Job
+from vlajax.metrics import MetricsLogger, Progress, Timer, resource_metrics
 from vlajax.model.actions import ActionStats, actions_to_tokens, gripper_target, load_action_stats
+from vlajax.resume import restore_from, resume_source
 from vlajax.rl.checkpoint import CheckpointManager
 from vlajax.rl.learner import Learner
 from vlajax.rl.lora import merged_policy
 from vlajax.rl.policy_step import PolicyDecoder, bucket_size
+from vlajax.rl.samples import trim_prompts
 from vlajax.session import SimSession, build_policy, val_temperature
-from vlajax.train import join_job, resource_metrics, restore_from, resume_source, train_mesh, trim_prompts
+from vlajax.states import select_pairs
 
 log = logging.getLogger(__name__)
 
@@ -189,7 +191,7 @@ class _Run:
     def __init__(self, cfg: RunConfig, train_eps: list[Episode], held_eps: list[Episode], stats: dict):
         self.cfg = cfg
         sim, t = cfg.simulator, cfg.env.train
-        self.mesh = train_mesh(cfg, join_job())
+        self.mesh = Job.join().mesh(cfg.trainer.mesh)
         policy = build_policy(cfg)
         policy.dataset_statistics = {**(policy.dataset_statistics or {}), **stats}
         lcfg = cfg.actor_rollout_ref.learner_config(self.mesh.size, sim.image_flip, objective="nll")

@@ -44,9 +44,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
-import os
-import resource
 from pathlib import Path
 
 import jax
@@ -54,20 +51,21 @@ import numpy as np
 
 from vlajax import stopping
 from vlajax.config import ConfigError, RunConfig, save_config, to_dict
-from vlajax.distributed import multihost
-from vlajax.distributed.sharding import make_mesh
+from vlajax.distributed.job import Job
 from vlajax.eval_report import write_eval_report
-from vlajax.evaluate import select_pairs
-from vlajax.metrics import TRAIN_SUCCESS, VAL_SUCCESS, MetricsLogger, Progress, Timer, plot_learning_curve
+from vlajax.metrics import (TRAIN_SUCCESS, VAL_SUCCESS, MetricsLogger, Progress, Timer, plot_learning_curve,
+                            resource_metrics)
 from vlajax.model.flops import forward_flops
 from vlajax.rl.advantages import compute_advantages
-from vlajax.rl.checkpoint import CheckpointManager, latest_committed_step, locate_checkpoint
+from vlajax.rl.checkpoint import CheckpointManager
 from vlajax.rl.data import StateSampler
 from vlajax.rl.dynamic_sampling import GroupBuffer
 from vlajax.rl.learner import Learner
 from vlajax.rl.policy_step import bucket_size
-from vlajax.rl.samples import make_samples, pad_samples, token_mask
+from vlajax.rl.samples import make_samples, pad_samples, token_mask, trim_prompts
+from vlajax.resume import restore_from, resume_source
 from vlajax.session import Closing, SimSession, build_policy, val_temperature
+from vlajax.states import eval_states_line, select_pairs, train_states_line, training_trials
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +73,7 @@ log = logging.getLogger(__name__)
 # ----------------------------------------------------------------------------- building blocks
 
 
-def trajectory_advantages(cfg: RunConfig, traj, *, action_dim: int, chunk_len: int) -> np.ndarray:
+def trajectory_advantages(cfg: RunConfig, traj, *, action_dim: int, chunk_len: int, job: Job | None = None) -> np.ndarray:
     """(N,) advantage per trajectory by `algorithm.adv_estimator`: GRPO within groups; REINFORCE++
     whitened over all valid *tokens* of the batch, as verl does (each trajectory weighted by its
     valid-token count, `samples.token_mask`).
@@ -84,111 +82,21 @@ def trajectory_advantages(cfg: RunConfig, traj, *, action_dim: int, chunk_len: i
     group ids, all-gathered: a few floats per trajectory; every process has the same count) and each
     keeps its own rows, so a batch-wide baseline (REINFORCE++) is the job's, as on one process. GRPO's
     groups never straddle processes, so it gets the same values either way."""
+    job = job or Job.current()
     rewards = traj.success.astype(np.float64) * cfg.env.train.reward_coef
     weights = token_mask(traj, action_dim=action_dim, chunk_len=chunk_len).sum(axis=(1, 2))
-    group_ids, n = np.asarray(traj.group_id, np.int64), len(rewards)
-    mine = slice(0, n)
-    if jax.process_count() > 1:  # group ids are job-wide (one sampler), so they stay distinct
-        every = multihost.allgather_floats(np.concatenate([rewards, weights, group_ids]))  # (P, 3N)
-        rewards, weights, group_ids = every[:, :n].ravel(), every[:, n:2 * n].ravel(), every[:, 2 * n:].ravel()
-        group_ids = group_ids.astype(np.int64)
-        me = jax.process_index()
-        mine = slice(me * n, (me + 1) * n)
+    # group ids are job-wide (one sampler), so they stay distinct
+    (rewards, weights, group_ids), mine = job.job_wide(rewards, weights, np.asarray(traj.group_id, np.float64))
+    group_ids = group_ids.astype(np.int64)
     adv = compute_advantages(cfg.algorithm.adv_estimator, rewards.astype(np.float32), group_ids,
                              token_weights=weights, norm_by_std=cfg.algorithm.norm_adv_by_std_in_grpo)
     return adv[mine]
-
-
-def rollout_key(base: jax.Array, step: int, round_: int, process_id: int | None = None) -> jax.Array:
-    """The sampling key of a training rollout round: from (seed, step, round), and the process id in a
-    multi-process job. The decoder derives each row's key from it and the row's index in its process's
-    round, so without the process id row i of every process would draw the same noise."""
-    key = jax.random.fold_in(jax.random.fold_in(base, step), round_)
-    return key if process_id is None else jax.random.fold_in(key, process_id)
 
 
 def video_dir(cfg: RunConfig) -> str | None:
     """Where the final evaluation's videos go (`env.train.video_cfg`), or None."""
     v = cfg.env.train.video_cfg
     return (v.video_base_dir or str(cfg.run_dir / "videos")) if v.save_video else None
-
-
-def training_trials(cfg: RunConfig, tasks) -> int:
-    """(task, trial) slots per task in a sampler epoch: `env.train.num_trials_per_task`, at most the
-    stored states of the task that has fewest when training starts from stored states."""
-    t = cfg.env.train
-    return t.num_trials_per_task if t.init_states == "sampled" else min(t.num_trials_per_task, min(x.num_init_states for x in tasks))
-
-
-def trim_prompts(ids: np.ndarray, mask: np.ndarray, multiple: int = 8) -> tuple[np.ndarray, np.ndarray]:
-    """Drop the all-padding columns of right-padded prompts (kept to a multiple of `multiple`, so
-    the update compiles for few widths). The decoder pads to a fixed width (64 by default) that a
-    short prompt does not need; the padding keys are masked, so the logits are the same, and the
-    update's sequence is shorter (demo: 138 -> ~90 tokens)."""
-    width = min(ids.shape[1], multiple * math.ceil(int(mask.sum(1).max(initial=1)) / multiple))
-    return ids[:, :width], mask[:, :width]
-
-
-def restore_from(learner: Learner, ckpt: CheckpointManager, root: str, step: int | None):
-    """`learner.restore` from `root` (this run's own manager, or another run's, opened read-only);
-    `vlajax train` and `vlajax sft` alike, from what `resume_source` chose."""
-    if Path(root) == Path(ckpt.directory):
-        return learner.restore(ckpt, step)
-    with CheckpointManager(root, read_only=True) as source:
-        return learner.restore(source, step)
-
-
-# ----------------------------------------------------------------------------- processes
-
-# Seconds after which a silent (dead) peer process fails the job (jax's coordination-service heartbeat).
-HEARTBEAT_ENV = "VLAJAX_HEARTBEAT_TIMEOUT_S"
-# Exit status of a process whose peer died (EX_SOFTWARE is taken by tracebacks; 70 + 4 = "peer lost").
-PEER_LOST_EXIT_CODE = 74
-JAX_HEARTBEAT_GRACE_S = 30
-
-
-def join_job() -> multihost.JobInfo:
-    """Join the multi-process job the launch environment describes (no-op for one process); must run
-    before jax's backend starts. The heartbeat timeout comes from $VLAJAX_HEARTBEAT_TIMEOUT_S (default
-    100 s): how long a peer may be silent before the others end the job."""
-    # jax's own heartbeat is the backstop, later than `multihost.watch_peers`: when it fires, jax aborts
-    # the process without saying which peer died
-    return multihost.initialize(heartbeat_timeout=heartbeat_timeout_s() + JAX_HEARTBEAT_GRACE_S)
-
-
-def heartbeat_timeout_s() -> int:
-    """$VLAJAX_HEARTBEAT_TIMEOUT_S, default 100."""
-    return int(os.environ.get(HEARTBEAT_ENV, "100"))
-
-
-def train_mesh(cfg: RunConfig, job: multihost.JobInfo):
-    """The learner's mesh. One process: `trainer.mesh` as configured. Several: data = processes (unless
-    set) x fsdp = the rest, so the data axis crosses processes and FSDP stays inside each, which
-    therefore holds a full copy of the weights for its own decoding (`multihost.local_mesh` checks)."""
-    m = cfg.trainer.mesh
-    if not job.multi:
-        return make_mesh(m.data, m.fsdp)
-    data = job.num_processes if m.data == -1 else m.data
-    mesh = make_mesh(data, m.fsdp)
-    try:
-        multihost.local_mesh(mesh)
-    except ValueError as e:
-        raise ConfigError(str(e), key="trainer.mesh.data") from None
-    return mesh
-
-
-def process_config(cfg: RunConfig, job: multihost.JobInfo) -> RunConfig:
-    """The config of this process's simulators: its share of the job's. Each process of a
-    multi-process job places its own simulators: colocated, one train node's worth
-    (`trainer.nnodes=1`); disaggregated, `env.disagg_sim.nnodes / trainer.nnodes` simulator nodes
-    (the config checks that it divides), so the job runs as many simulators as configured."""
-    if not job.multi:
-        return cfg
-    n = cfg.trainer.nnodes
-    env = cfg.env
-    if env.disagg_sim.enable:
-        env = dataclasses.replace(env, disagg_sim=dataclasses.replace(env.disagg_sim, nnodes=env.disagg_sim.nnodes // n))
-    return dataclasses.replace(cfg, trainer=dataclasses.replace(cfg.trainer, nnodes=1), env=env)
 
 
 class _Quiet:
@@ -226,24 +134,23 @@ class Trainer(Closing):
     Weights: the learner owns them; the rollout's decoder is handed `learner.decode_params()` at the
     start and after every update or restore (`_hand_over`), the same arrays, never a copy."""
 
-    def __init__(self, cfg: RunConfig, job: multihost.JobInfo | None = None):
+    def __init__(self, cfg: RunConfig, job: Job | None = None):
         self.cfg = cfg
         self.run_dir = cfg.run_dir
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self._closers = []
-        self.job = job or join_job()
-        if self.job.multi and self.job.num_processes != cfg.trainer.nnodes:
-            raise ConfigError(f"the job has {self.job.num_processes} processes but trainer.nnodes="
-                              f"{cfg.trainer.nnodes}: run one process per train node", key="trainer.nnodes")
+        self.job = job = job or Job.join()
+        if (problem := job.check_nnodes(cfg.trainer.nnodes)) is not None:
+            raise ConfigError(problem, key="trainer.nnodes")
         t = cfg.env.train
         self.n = cfg.actor_rollout_ref.rollout.n
-        self.mesh = train_mesh(cfg, self.job)
+        self.mesh = job.mesh(cfg.trainer.mesh)
         lcfg = cfg.actor_rollout_ref.learner_config(self.mesh.size, cfg.simulator.image_flip)
         # The built policy's arrays go to the learner; nothing else keeps them (a LoRA run's fp32
         # base would otherwise stay next to the learner's bf16 copy).
         self.learner = Learner(build_policy(cfg), lcfg, self.mesh)
         self.policy = self.learner.policy  # graph, tokenizer, statistics for the decoders
-        self.sim_cfg = process_config(cfg, self.job)
+        self.sim_cfg = cfg.per_process(job.num_processes)  # this process's own simulators
         self.sim = SimSession(self.sim_cfg, self.policy, params=self._decode_params())
         self._closers.append(self.sim.close)
         try:  # from here on, a failure closes the simulators it started
@@ -252,14 +159,13 @@ class Trainer(Closing):
                 raise ConfigError(f"a rollout round runs {self.sim.capacity} trajectories, not a multiple of "
                                   f"actor_rollout_ref.rollout.n={self.n}", key="actor_rollout_ref.rollout.n")
             # groups of one rollout round of the whole job (every process draws them all)
-            self.round_groups = self.sim.capacity * self.job.num_processes // self.n
+            self.round_groups = self.sim.capacity * job.num_processes // self.n
             self.sampler = StateSampler(len(self.tasks), training_trials(cfg, self.tasks), seed=t.seed,
                                         shuffle=cfg.data.shuffle, init_states=t.init_states)
             self.ckpt = CheckpointManager(self.run_dir / "checkpoints", save_interval_steps=1,
                                           max_to_keep=cfg.trainer.max_actor_ckpt_to_keep)
             self._closers.insert(0, self.ckpt.close)
-            # a peer that dies ends this process too, naming it, within the heartbeat timeout
-            multihost.watch_peers(PEER_LOST_EXIT_CODE, heartbeat_timeout_s(), cleanup=self.sim.close)
+            job.watch_peers(cleanup=self.sim.close)
         except BaseException:
             self.close()
             raise
@@ -289,14 +195,10 @@ class Trainer(Closing):
 
     @property
     def primary(self) -> bool:
-        """Process 0: the one that writes logs, videos and reports."""
-        return self.job.process_id == 0
+        return self.job.primary
 
     def _decode_params(self) -> dict:
-        """The learner's parameters as this process's decoder takes them: the arrays themselves (one
-        process) or their process-local view (several: `multihost.local_view`, no copy)."""
-        params = self.learner.decode_params()
-        return multihost.local_view(params, self.mesh) if self.job.multi else params
+        return self.job.decode_view(self.learner.decode_params(), self.mesh)
 
     def _hand_over(self) -> None:
         """Give the decoder the learner's current parameters (after an update or a restore)."""
@@ -305,13 +207,8 @@ class Trainer(Closing):
     # -- rollouts -------------------------------------------------------------------------------
     def _round_groups(self):
         """This process's groups of the next rollout round: every process draws the whole round from
-        its identical sampler (so the samplers stay equal) and keeps its `assign_groups` block."""
-        groups = self.sampler.next_groups(self.round_groups)
-        if not self.job.multi:
-            return groups
-        mine = multihost.assign_groups(len(groups), self.job.num_processes, self.job.process_id,
-                                       key="groups of a rollout round")
-        return groups[mine.start:mine.stop]
+        its identical sampler (so the samplers stay equal) and keeps its own block."""
+        return self.job.own_groups(self.sampler.next_groups(self.round_groups))
 
     def _ids(self, groups):
         rep = lambda xs: np.repeat(np.asarray(xs, np.int64), self.n)  # noqa: E731
@@ -341,10 +238,14 @@ class Trainer(Closing):
         buf = self.buffer
         rounds = []
         r = 0
-        while not self._sampling_done(buf):
+        take = None  # groups to train (several processes: the same number on every one)
+        while True:
+            done, take = self.job.sampling_done(buf.num_groups, buf.groups_per_batch, buf.rounds, buf.max_rounds)
+            if done:
+                break
             groups, issued = (self.pending, True) if self.pending is not None else (self._round_groups(), False)
             self.pending = None
-            key = rollout_key(self.key, self.step, r, self.job.process_id if self.job.multi else None)
+            key = self.job.round_key(self.key, self.step, r)
             with timer("rollout"):
                 rb = self._rollout_round(groups, key, issued)
             rounds.append(rb)
@@ -353,15 +254,7 @@ class Trainer(Closing):
             buf.add({"traj": tr, "images": rb.images, "proprio": rb.proprio, "prompt_ids": rb.prompt_ids,
                      "prompt_mask": rb.prompt_mask}, tr.success, tr.group_id)
             r += 1
-        return buf.pop(limit=self._common_groups if self.job.multi else None), rounds
-
-    def _sampling_done(self, buf: GroupBuffer) -> bool:
-        """`buf.done`, decided jointly by all processes (see `collect`); sets `_common_groups`."""
-        if not self.job.multi:
-            return buf.done
-        kept = multihost.allgather_ints([buf.num_groups])[:, 0]  # (processes,)
-        self._common_groups = int(min(kept.min(), buf.groups_per_batch))
-        return self._common_groups >= buf.groups_per_batch or buf.rounds >= buf.max_rounds
+        return buf.pop(limit=take), rounds
 
     def issue_next_reset(self) -> None:
         """Reset the envs of the next step's first round now, so the resets overlap the update."""
@@ -382,7 +275,7 @@ class Trainer(Closing):
         cfg, pc = self.cfg, self.policy.cfg
         tr = batch.trajectories
         traj = tr["traj"]
-        adv = trajectory_advantages(cfg, traj, action_dim=pc.action_dim, chunk_len=pc.chunk)
+        adv = trajectory_advantages(cfg, traj, action_dim=pc.action_dim, chunk_len=pc.chunk, job=self.job)
         n_traj = len(traj.success)  # this process's (the same on every process)
         procs = self.job.num_processes
         mb = min(max(1, cfg.actor_rollout_ref.actor.ppo_mini_batch_size // procs), n_traj)
@@ -394,33 +287,20 @@ class Trainer(Closing):
                 idx = np.sort(order[start:start + mb])
                 sub = jax.tree.map(lambda x: x[idx], tr)
                 s = make_samples(sub["traj"], adv[idx], action_dim=pc.action_dim, chunk_len=pc.chunk)
-                rows, width = len(s), 0
-                if procs > 1:  # every process pads to the same rows and prompt width (one global batch)
-                    if rows:
-                        width = trim_prompts(sub["prompt_ids"][s.traj_index], sub["prompt_mask"][s.traj_index])[0].shape[1]
-                    rows, width = (int(v) for v in multihost.allgather_ints([rows, width]).max(axis=0))
-                    if rows and not len(s):
-                        raise RuntimeError(f"process {self.job.process_id} has no samples in a mini-batch that "
-                                           "other processes have samples in")
+                width = trim_prompts(sub["prompt_ids"][s.traj_index], sub["prompt_mask"][s.traj_index])[0].shape[1]
+                rows, width = self.job.agree_rows(len(s), width if len(s) else 0)  # one global batch, one shape
                 if rows == 0:
                     continue
                 s = pad_samples(s, bucket_size(rows, self.learner.batch_multiple // procs))
-                ids, mask = trim_prompts(sub["prompt_ids"][s.traj_index], sub["prompt_mask"][s.traj_index])
-                if procs > 1:
-                    ids, mask = sub["prompt_ids"][s.traj_index][:, :width], sub["prompt_mask"][s.traj_index][:, :width]
+                ids, mask = sub["prompt_ids"][s.traj_index][:, :width], sub["prompt_mask"][s.traj_index][:, :width]
                 b = {"images": sub["images"][s.traj_index, s.chunk_index], "input_ids": ids,
                      "attention_mask": mask, "tokens": s.tokens,
                      "old_logp": s.old_logp, "advantages": s.advantages, "mask": s.mask}
                 if pc.proprio_dim:
                     b["proprio"] = self.sim.decoder.model_proprio(sub["proprio"][s.traj_index, s.chunk_index])
-                if procs > 1:  # the global mini-batch: every process's rows, in process order
-                    b = multihost.global_batch({k: np.asarray(v, _BATCH_DTYPES[k]) for k, v in b.items()}, self.mesh)
-                m = self.learner.update(b)
+                m = self.learner.update(self.job.global_batch(b, self.mesh, _BATCH_DTYPES))
                 self._hand_over()
-                if procs > 1:
-                    out.append(multihost.host_scalars(m))
-                else:
-                    out.append({k: float(v) for k, v in jax.device_get(m).items()})
+                out.append(self.job.scalars(m))
         return out
 
     # -- validation -----------------------------------------------------------------------------
@@ -434,75 +314,18 @@ class Trainer(Closing):
         reps = self.cfg.actor_rollout_ref.rollout.val_kwargs.n
         pairs = [p for p in select_pairs(self.tasks, None, n_trials) for _ in range(reps)]
         temp = val_temperature(self.cfg)
-        if self.job.multi:
-            results = self._evaluate_shared(pairs, temp, video_dir)
-        elif video_dir is None:
-            results = self.sim.evaluate(pairs, temperature=temp)
-        else:
+        job = self.job
+        mine = job.share(pairs)  # one process: all of them
+        stream = job.process_id if job.multi else None  # processes sharing an evaluation draw their own noise
+        if video_dir is None:
+            res = self.sim.evaluate(mine, temperature=temp, stream=stream)
+        else:  # the final evaluation records videos, each process its own share
             self.sim.close()
-            with SimSession(self.cfg, self.policy, params=self.learner.decode_params(), video_dir=video_dir) as sim:
-                results = sim.evaluate(pairs, temperature=temp)
+            folder = str(Path(video_dir) / f"process{job.process_id}") if job.multi else video_dir
+            with SimSession(self.sim_cfg, self.policy, params=self._decode_params(), video_dir=folder) as sim:
+                res = sim.evaluate(mine, temperature=temp, stream=stream)
+        results = job.gather_episodes(pairs, res, [t.name for t in self.tasks])
         return {"episodes": results, "success_rate": float(np.mean([r["success"] for r in results]))}
-
-    def _evaluate_shared(self, pairs, temp: float, video_dir: str | None) -> list[dict]:
-        """Several processes: each evaluates its contiguous share of `pairs` (padded with repeats of
-        the first to equal shares), the results are all-gathered, every process returns all records.
-        Videos: each process records its own share into `video_dir/process<i>` (its simulators'
-        file names are only unique within one process)."""
-        procs, me = self.job.num_processes, self.job.process_id
-        share = -(-len(pairs) // procs)
-        padded = list(pairs) + [pairs[0]] * (share * procs - len(pairs))
-        mine = padded[me * share:(me + 1) * share]
-        if video_dir is not None:
-            self.sim.close()
-            with SimSession(self.sim_cfg, self.policy, params=self._decode_params(),
-                            video_dir=str(Path(video_dir) / f"process{me}")) as sim:
-                res = sim.evaluate(mine, temperature=temp, stream=me)
-        else:
-            res = self.sim.evaluate(mine, temperature=temp, stream=me)
-        got = multihost.allgather_floats([v for r in res for v in (r["success"], r["length"])])
-        got = got.reshape(procs * share, 2)[:len(pairs)]
-        return [{"task": self.tasks[t].name, "state_id": int(sid), "success": bool(ok), "length": int(n)}
-                for (t, sid), (ok, n) in zip(pairs, got)]
-
-
-def resume_source(cfg: RunConfig) -> tuple[str, int] | None:
-    """The checkpoint (root, step) that `trainer.resume` continues from, None = start fresh: `auto` =
-    the run directory's latest (if any), `disable` = none (an error if the run directory already has
-    checkpoints, which the new run's would collide with), or a path (a run directory, its
-    `checkpoints/`, or one step folder). From the files alone, so a refused command has started and
-    changed nothing (not even the run's config.yaml)."""
-    r, key = cfg.trainer.resume, "trainer.resume"
-    own_root = str(cfg.run_dir / "checkpoints")
-    own = latest_committed_step(own_root)
-    if r == "disable":
-        if own is not None:
-            raise ConfigError(f"is 'disable' but the run directory {cfg.run_dir} already has checkpoints (latest "
-                              f"step {own}) that the new run would collide with: use trainer.resume=auto to "
-                              "continue it, or another trainer.default_local_dir", key=key)
-        return None
-    if r == "auto":
-        return None if own is None else (own_root, own)
-    root, step = locate_checkpoint(r)
-    if own is not None and Path(root) != Path(own_root):
-        raise ConfigError(f"names {r}, but the run directory {cfg.run_dir} already has checkpoints of its "
-                          f"own (latest step {own}): use trainer.resume=auto to continue this run, or "
-                          "another trainer.default_local_dir to start from that checkpoint", key=key)
-    if step is None:
-        step = latest_committed_step(root)
-        if step is None:
-            raise FileNotFoundError(f"trainer.resume={r}: no finished checkpoint in {root}")
-    return root, step
-
-
-def resource_metrics() -> dict:
-    """Peak accelerator memory (GB, largest over the local devices; absent on CPU) and this process's
-    peak resident memory (GB; the simulators' processes not included)."""
-    out = {"perf/host_peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
-    peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.local_devices()]
-    if any(p is not None for p in peaks):
-        out["perf/device_peak_gb"] = max(p or 0 for p in peaks) / 1e9
-    return out
 
 
 def _step_metrics(trainer: Trainer, rounds, batch, upd: list[dict], timing: dict) -> dict:
@@ -537,20 +360,13 @@ def _step_metrics(trainer: Trainer, rounds, batch, upd: list[dict], timing: dict
     return m
 
 
-def train(cfg: RunConfig) -> TrainResult:
-    """Run (or resume) the GRPO run described by `cfg`; returns its history."""
-    from vlajax.evaluate import eval_states_line, train_states_line
-
-    job = join_job()  # before anything starts jax's backend; a no-op for one process
-    if cfg.trainer.nnodes > 1 and not job.multi:
-        n = cfg.trainer.nnodes
-        raise ConfigError(f"trainer.nnodes={n} cannot train in a single process: `vlajax train` then runs as one "
-                          f"JAX process per train node. Launch it with `vlajax train ... trainer.nnodes={n} "
-                          f"ray.address=auto` on a Ray cluster, or `srun -N {n} --ntasks-per-node=1 vlajax train ...` "
-                          "under SLURM (or set JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID in each "
-                          "process). Or use trainer.nnodes=1 (simulators can still run on other nodes: "
-                          "env.disagg_sim.enable=true)", key="trainer.nnodes")
-    primary = job.process_id == 0
+def train(cfg: RunConfig, job: Job | None = None) -> TrainResult:
+    """Run (or resume) the GRPO run described by `cfg` as this process of `job` (default: join the one
+    the launch environment describes, before anything starts jax's backend); returns its history."""
+    job = job or Job.join()
+    if (problem := job.check_nnodes(cfg.trainer.nnodes)) is not None:
+        raise ConfigError(problem, key="trainer.nnodes")
+    primary = job.primary
     run_dir = cfg.run_dir
     source = resume_source(cfg)  # before anything starts (Ray, the model) or is written
     history = []
@@ -582,8 +398,7 @@ def train(cfg: RunConfig) -> TrainResult:
                         upd = tr.update(batch)
                 tr.step += 1
                 m = _step_metrics(tr, rounds, batch, upd, timer.breakdown())
-                if job.multi:  # job-wide values, the same on every process
-                    m = multihost.aggregate_metrics(m)
+                m = job.aggregate(m)  # job-wide values, the same on every process
                 if val_due:  # validation uses the same envs, so the next resets wait for it
                     v = tr.validate()
                     m["val/success_rate"] = v["success_rate"]

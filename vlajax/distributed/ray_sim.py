@@ -7,7 +7,8 @@ per env). The rollout loop (`vlajax.rl.rollout`) drives the pool through `SimPoo
 result; Ray's errors become `SimFailure`), so it never sees Ray; this module knows nothing of models
 and never imports JAX, so actor processes stay light.
 
-Placement: `vlajax.distributed.placement.PlacementOptions` (fields <-> config keys there).
+Placement: a `vlajax.distributed.placement.Placement` (fields <-> config keys there) lists its node groups;
+this module checks the cluster against them and makes one placement group per group.
 As in the reference, a node's sim share is one placement-group bundle carrying a 1e-4 share of the
 `sim` (or `train_rollout`) marker resource, so it can only be placed on a marked node; bundles of
 one kind are STRICT_SPREAD (one per node). The trainer (this driver process, which runs the JAX
@@ -44,13 +45,13 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from vlajax.distributed.placement import SIM_RESOURCE, TRAIN_RESOURCE, PlacementOptions
+from vlajax.distributed.placement import SIM_RESOURCE, TRAIN_RESOURCE, Colocated, Placement
 from vlajax.envs.base import EnvError
 from vlajax.envs.sim_worker import SimFailure, SimResult, SimWorker
 
 
 __all__ = [
-    "PlacementOptions", "PlacementError", "RayConnectError", "RaySession", "RaySimWorker", "SimPool",
+    "PlacementError", "RayConnectError", "RaySession", "RaySimWorker", "SimPool",
     "check_cluster_resources", "init_ray", "SIM_RESOURCE", "TRAIN_RESOURCE",
 ]
 
@@ -259,34 +260,22 @@ def _requirement_problems(nodes: Sequence[Mapping], kind: str, marker: str | Non
     return short
 
 
-def check_cluster_resources(nodes: Sequence[Mapping], opts: PlacementOptions,
+def check_cluster_resources(nodes: Sequence[Mapping], placement: Placement,
                             driver_node_id: str | None = None) -> list[str]:
-    """What the cluster (`ray.nodes()`, alive ones) lacks for `opts`; empty if it can host it.
-    Totals are checked (availability is checked by the placement-group timeout)."""
-    opts.validate()
+    """What the cluster (`ray.nodes()`, alive ones) lacks for `placement`'s node groups; empty if it can
+    host them. Totals are checked (availability is checked by the placement-group timeout)."""
+    placement.validate()
     nodes = [n for n in nodes if n.get("Alive", True)]
     problems: list[str] = []
-    if opts.disagg_sim_enable:
-        problems += _requirement_problems(
-            nodes, "sim", SIM_RESOURCE, opts.sim_bundle(), opts.disagg_sim_nnodes,
-            f"env.disagg_sim.nnodes={opts.disagg_sim_nnodes}, trainer.n_env_gpus_per_node="
-            f"{opts.n_env_gpus_per_node}, {opts.workers_per_node} sim worker(s) x "
-            f"{opts.env_cpus_per_worker:g} CPU")
-        problems += _requirement_problems(
-            nodes, "train_rollout", TRAIN_RESOURCE, opts.trainer_bundle(), opts.trainer_nnodes,
-            f"trainer.nnodes={opts.trainer_nnodes}, trainer.n_rollout_gpus_per_node={opts.n_rollout_gpus_per_node}")
-        if driver_node_id is not None and not problems:
-            me = [n for n in nodes if n["NodeID"] == driver_node_id]
-            if me and me[0]["Resources"].get(TRAIN_RESOURCE, 0) <= 0:
-                problems.append(
-                    f"the trainer runs in this process, on {_node_label(me[0])}, which does not carry "
-                    f"{TRAIN_RESOURCE!r}: in disaggregated mode start vlajax on a train_rollout node")
-    else:
-        problems += _requirement_problems(
-            nodes, "trainer (colocated sim + train_rollout)", None, opts.colocated_bundle(), opts.trainer_nnodes,
-            f"colocated placement with trainer.nnodes={opts.trainer_nnodes}, trainer.n_env_gpus_per_node="
-            f"{opts.n_env_gpus_per_node} + trainer.n_rollout_gpus_per_node={opts.n_rollout_gpus_per_node}, "
-            f"{opts.workers_per_node} sim worker(s) x {opts.env_cpus_per_worker:g} CPU")
+    groups = placement.node_groups()
+    for g in groups:
+        problems += _requirement_problems(nodes, g.kind, g.marker, g.bundle, g.count, g.sized_by)
+    if driver_node_id is not None and not problems:
+        me = [n for n in nodes if n["NodeID"] == driver_node_id]
+        for g in groups:
+            if g.trainer and g.marker and me and me[0]["Resources"].get(g.marker, 0) <= 0:
+                problems.append(f"the trainer runs in this process, on {_node_label(me[0])}, which does not carry "
+                                f"{g.marker!r}: start vlajax on a {g.kind} node")
     return problems
 
 
@@ -345,12 +334,12 @@ class SimPool:
     """
 
     def __init__(self, env_fn: Callable[..., Any], *, num_envs: int, num_stages: int = 2,
-                 placement: PlacementOptions | None = None, cameras: Sequence[str] = ("agentview",),
+                 placement: Placement | None = None, cameras: Sequence[str] = ("agentview",),
                  render_every_substep: bool = False, concurrent_stages: bool = False,
                  mujoco_gl: str | None = None, start_timeout_s: float = 300.0):
         if not ray.is_initialized():
             raise RuntimeError("SimPool needs Ray: call vlajax.distributed.ray_sim.init_ray() first")
-        self.placement = placement or PlacementOptions.standalone()
+        self.placement = placement or Colocated.standalone()
         self.num_envs, self.num_stages = int(num_envs), int(num_stages)
         self.cameras = tuple(cameras)
         self._actor_args = (env_fn, self.num_envs, self.num_stages)
@@ -388,17 +377,13 @@ class SimPool:
         return self.num_workers * self.num_stages * self.num_envs
 
     def _place(self) -> None:
-        p = self.placement
-        timeout = p.placement_timeout_s
-        if p.disagg_sim_enable:
-            self._sim_pg = _make_pg([p.sim_bundle()] * p.disagg_sim_nnodes, "vlajax_sim", None, timeout)
-            self._pgs.append(self._sim_pg)
-            self._pgs.append(_make_pg([p.trainer_bundle()] * p.trainer_nnodes, "vlajax_trainer",
-                                      self.driver_node_id, timeout))
-        else:  # one bundle per trainer node with the sim actors' share and the trainer's reservation
-            self._sim_pg = _make_pg([p.colocated_bundle()] * p.trainer_nnodes, "vlajax_colocated",
-                                    self.driver_node_id, timeout)
-            self._pgs.append(self._sim_pg)
+        """One placement group per node group (one bundle per node); the sim actors go in theirs."""
+        for g in self.placement.node_groups():
+            pg = _make_pg([g.bundle] * g.count, "vlajax_" + g.kind.split()[0], self.driver_node_id if g.trainer else None,
+                          self.placement.placement_timeout_s)
+            self._pgs.append(pg)
+            if g.sims:
+                self._sim_pg = pg
 
     def _create(self, w: int):
         p = self.placement
