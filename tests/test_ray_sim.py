@@ -178,3 +178,35 @@ def test_stale_embedded_ray_folders_of_dead_runs_are_removed(tmp_path):
     (live / OWNER_FILE).write_text(f"{os.getpid()} {_process_start(os.getpid())}\n")
     assert remove_stale_temp_dirs(str(tmp_path)) == [str(dead)]
     assert not dead.exists() and live.exists() and unknown.exists()
+
+
+def test_a_killed_run_takes_its_embedded_ray_along(tmp_path):
+    """A run killed with SIGKILL cannot stop its embedded Ray; the reaper `init_ray` started beside it
+    ends Ray's processes (the agents would linger for minutes) and removes the session folder, in seconds."""
+    import signal
+    from pathlib import Path
+
+    from vlajax.distributed.ray_reaper import session_processes
+
+    code = ("import time\nfrom vlajax.distributed.ray_sim import init_ray\ns = init_ray(num_cpus=1)\n"
+            "print(s.temp_dir, flush=True)\ntime.sleep(600)\n")
+    log = tmp_path / "driver.err"
+    with open(log, "w") as err:
+        driver = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=err, text=True,
+                                  start_new_session=True)
+    try:
+        temp_dir = driver.stdout.readline().strip()
+        assert temp_dir.startswith("/tmp/vlajax_ray_"), log.read_text()[-2000:]
+        assert session_processes(temp_dir), "no Ray process names the session folder"
+        driver.kill()
+        driver.wait()
+        deadline = time.monotonic() + 60
+        while (session_processes(temp_dir) or Path(temp_dir).exists()) and time.monotonic() < deadline:
+            time.sleep(0.5)
+        assert not session_processes(temp_dir) and not Path(temp_dir).exists()
+        assert "ended its" in log.read_text() and temp_dir in log.read_text()
+    finally:
+        try:
+            os.killpg(driver.pid, signal.SIGKILL)  # whatever is left of the driver's own session
+        except OSError:
+            pass

@@ -72,6 +72,10 @@ def _train(args) -> int:
     except (KeyboardInterrupt, stopping.Terminated) as e:
         print(f"vlajax train: stopped by {stopping.name(e)}; {_resume_hint(cfg)}", file=sys.stderr, flush=True)
         return stopping.exit_code(e)
+    except Exception as e:
+        if job.lost_peer(e):  # say which process was lost (the watchdog does), not gloo's anonymous error
+            job.await_peer_verdict()
+        raise
     fe = res.final_eval or {}
     if res.primary:  # one summary per job
         print(f"run directory: {res.run_dir} ({res.steps} steps); final greedy success rate "

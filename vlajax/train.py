@@ -15,7 +15,7 @@ One training step (SimpleVLA-RL's recipe):
      next step's `timing/checkpoint_s`).
 
 Exact resume: rollout sampling keys derive from (seed, step, round; and the process id in a
-multi-process job, `rollout_key`), env starts from (task, state, seed), the sampler position and
+multi-process job, `job.rollout_key`), env starts from (task, state, seed), the sampler position and
 the learner state are checkpointed; so a run resumed after step k
 computes the same steps as one that never stopped: bit-identical on CPU when a rollout round decodes
 at most 32 rows (the demo's 16; `policy_step.default_buckets` says why), else the rollout's log-probs
@@ -25,19 +25,18 @@ the data order, sampling keys and restored state are exact. Groups carried over 
 and what SimpleVLA-RL's code does).
 
 Several processes (one per train node, `trainer.nnodes` = the job's process count; launched with
-JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, SLURM, or a launcher that called
-`multihost.initialize`): the mesh is data = processes x fsdp = each process's devices, so every process
-holds a full copy of the weights (FSDP inside it, gradients averaged across processes). Every process
-runs the same seeded sampler and draws each rollout round's groups for the whole job; it rolls out its
-`multihost.assign_groups` block of them on its own simulators (its own embedded Ray and SimSession,
-sized as for one node) and decodes on its own devices from a process-local view of the same parameter
-arrays (`multihost.local_view`, no copy). Dynamic sampling runs in lockstep rounds, see `Trainer.collect`.
-Each mini-batch is the global array of every process's rows (`multihost.global_batch`), so each update
-is one job-wide step. Metrics are combined with `multihost.aggregate_metrics`; only process 0 writes
-logs, videos, the learning curve and the evaluation table. Checkpoints are written by all processes
-(orbax) into the one run directory; the sampler state in them is the same on every process, so a run
-resumes on the same or another process count. Advantages are computed over the job's whole batch
-(`trajectory_advantages`), so REINFORCE++ whitens job-wide.
+JAX_COORDINATOR_ADDRESS / JAX_NUM_PROCESSES / JAX_PROCESS_ID, SLURM, or `vlajax train`'s Ray launch): the
+loop below is the single-process loop; every place where processes must agree is a method of
+`vlajax.distributed.job.Job` (the identity for one process). The mesh is data = processes x fsdp = each
+process's devices, so every process holds a full copy of the weights and decodes on its own devices
+from a process-local view of them. Every process runs the same seeded sampler, draws each rollout
+round's groups for the whole job and rolls out its own block on its own simulators (its own share of
+the placement, `RunConfig.per_process`); dynamic sampling stops in lockstep; each mini-batch is one
+global array of every process's rows; advantages see the job's whole batch (so REINFORCE++ whitens
+job-wide); metrics are the job's and only process 0 writes logs, videos, the learning curve and the
+evaluation table. Checkpoints are written by all processes (orbax) into the one run directory; the
+sampler state in them is the same on every process, so a run resumes on the same or another process
+count.
 """
 
 from __future__ import annotations
@@ -316,14 +315,13 @@ class Trainer(Closing):
         temp = val_temperature(self.cfg)
         job = self.job
         mine = job.share(pairs)  # one process: all of them
-        stream = job.process_id if job.multi else None  # processes sharing an evaluation draw their own noise
         if video_dir is None:
-            res = self.sim.evaluate(mine, temperature=temp, stream=stream)
+            res = self.sim.evaluate(mine, temperature=temp, stream=job.stream)
         else:  # the final evaluation records videos, each process its own share
             self.sim.close()
-            folder = str(Path(video_dir) / f"process{job.process_id}") if job.multi else video_dir
-            with SimSession(self.sim_cfg, self.policy, params=self._decode_params(), video_dir=folder) as sim:
-                res = sim.evaluate(mine, temperature=temp, stream=stream)
+            with SimSession(self.sim_cfg, self.policy, params=self._decode_params(),
+                            video_dir=job.own_folder(video_dir)) as sim:
+                res = sim.evaluate(mine, temperature=temp, stream=job.stream)
         results = job.gather_episodes(pairs, res, [t.name for t in self.tasks])
         return {"episodes": results, "success_rate": float(np.mean([r["success"] for r in results]))}
 

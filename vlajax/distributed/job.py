@@ -18,6 +18,7 @@ identity, or a plain local computation, for one process. For several (the rules,
 from __future__ import annotations
 
 import os
+import time
 from typing import Mapping, Sequence
 
 import jax
@@ -111,6 +112,18 @@ class Job:
         """A peer that dies ends this process too, naming it, within the heartbeat timeout."""
         multihost.watch_peers(PEER_LOST_EXIT_CODE, heartbeat_timeout_s(), cleanup=cleanup)
 
+    def lost_peer(self, error: BaseException) -> bool:
+        """Whether `error` is a collective that failed because a peer process went away (gloo's
+        "Connection closed by peer", ...): its text names no process, `watch_peers` will."""
+        text = str(error).lower()
+        return self.multi and any(k in text for k in ("closed by peer", "connection reset", "connection refused",
+                                                      "socket closed", "broken pipe"))
+
+    def await_peer_verdict(self) -> None:
+        """Wait for `watch_peers` to name the lost peer and end this process (exit code
+        `PEER_LOST_EXIT_CODE`); returns only if it has not done so within the heartbeat timeout."""
+        time.sleep(heartbeat_timeout_s() + 30)
+
     # -- rollouts --------------------------------------------------------------------------------
     def own_groups(self, groups: list) -> list:
         """This process's block of a rollout round's groups (every process drew them all)."""
@@ -181,6 +194,15 @@ class Job:
         size = -(-len(pairs) // self.num_processes)
         padded = list(pairs) + [pairs[0]] * (size * self.num_processes - len(pairs))
         return padded[self.process_id * size:(self.process_id + 1) * size]
+
+    @property
+    def stream(self) -> int | None:
+        """Folded into an evaluation's sampling keys, so that processes sharing one draw their own noise."""
+        return self.process_id if self.multi else None
+
+    def own_folder(self, folder: str) -> str:
+        """Where this process writes files whose names are only unique within one process (videos)."""
+        return os.path.join(folder, f"process{self.process_id}") if self.multi else folder
 
     def gather_episodes(self, pairs: Sequence[tuple[int, int]], mine: list[dict], task_names: Sequence[str]) -> list[dict]:
         """Every process's episode records of `pairs` (each ran its `share`), in `pairs` order."""

@@ -477,8 +477,7 @@ def watch_peers(exit_code: int, timeout_s: float, *, interval_s: float = 1.0, cl
                 time.sleep(interval_s)
         msg = (f"vlajax.distributed.multihost: process {me} of {n}: {why}; ending this process too "
                f"(exit code {exit_code}). See the log of that process for why it ended.")
-        os.write(2, (msg + "\n").encode())
-        _end_children(cleanup)
+        _end_children(cleanup)  # at most ~20 s; the message comes last, once, below what cleanup printed
         os.write(2, (msg + "\n").encode())
         os._exit(exit_code)
 

@@ -34,6 +34,8 @@ import os
 import shutil
 import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import threading
 import uuid
@@ -123,6 +125,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, num_gpu
             remove_stale_temp_dirs()
             temp_dir = tempfile.mkdtemp(prefix=TEMP_PREFIX, dir=TEMP_ROOT)
             _write_owner(temp_dir)
+            _start_reaper(temp_dir)
         if object_store_memory is not None:
             kw["object_store_memory"] = int(object_store_memory)
         with _keep_sigterm_handler():
@@ -155,6 +158,14 @@ def _process_start(pid: int) -> str | None:
 
 def _write_owner(temp_dir: str) -> None:
     (Path(temp_dir) / OWNER_FILE).write_text(f"{os.getpid()} {_process_start(os.getpid())}\n")
+
+
+def _start_reaper(temp_dir: str) -> None:
+    """Watch this driver from a process of its own (`vlajax.distributed.ray_reaper`): if it dies without
+    unwinding, the embedded Ray's processes and `temp_dir` go with it, not minutes later."""
+    me = os.getpid()
+    subprocess.Popen([sys.executable, "-m", "vlajax.distributed.ray_reaper", str(me), str(_process_start(me)), temp_dir],
+                     start_new_session=True, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL)
 
 
 def remove_stale_temp_dirs(root: str = TEMP_ROOT) -> list[str]:
