@@ -200,3 +200,20 @@ def test_runs_without_ray(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     record = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert record["step"] == 1 and record["train/episodes"] == 8
+
+
+@pytest.mark.parametrize("ray_enable", ["true", "false"])
+def test_a_simulator_that_cannot_start_is_one_line(tmp_path, capsys, ray_enable):
+    """A sim worker whose GL cannot open (OSMesa asked for, not installed) ends the run with one line
+    naming the worker and the cause, from a Ray actor as from LocalSimPool's thread."""
+    import ctypes.util
+
+    if ctypes.util.find_library("OSMesa"):
+        pytest.skip("libOSMesa is installed here: OSMesa would open")
+    rc = cli_main(["train", f"ray.enable={ray_enable}", "env.train.mujoco_gl=osmesa", "trainer.total_training_steps=1",
+                   f"trainer.default_local_dir={tmp_path / 'run'}", *TINY])
+    err = capsys.readouterr().err
+    assert rc == 2, err[-3000:]
+    lines = [x for x in err.splitlines() if x.startswith("vlajax train: error:")]
+    assert len(lines) == 1 and "sim worker 0" in lines[0] and "MUJOCO_GL=osmesa" in lines[0], err[-3000:]
+    assert "Traceback" not in err, err[-3000:]

@@ -205,10 +205,11 @@ def _quiet_abandoned_calls() -> None:
 def _one_line_errors() -> tuple[type[BaseException], ...]:
     """The errors printed as one line: bad input or files (ConfigError is a ValueError; OSError covers
     missing files, a damaged checkpoint (CheckpointReadError), an unreachable cluster (ConnectionError)),
-    and a rollout that cannot go on (RolloutError, when its module is loaded: the CLI imports nothing
-    heavy up front)."""
-    rollout = sys.modules.get("vlajax.rl.rollout_buffer")
-    return (OSError, ValueError, KeyError) + ((rollout.RolloutError,) if rollout else ())
+    a rollout that cannot go on (RolloutError) and a simulator that cannot start or run (EnvError, GL
+    set-up included), when their modules are loaded: the CLI imports nothing heavy up front."""
+    loaded = [(sys.modules.get(m), name) for m, name in (("vlajax.rl.rollout_buffer", "RolloutError"),
+                                                         ("vlajax.envs.base", "EnvError"))]
+    return (OSError, ValueError, KeyError) + tuple(getattr(m, name) for m, name in loaded if m is not None)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -313,12 +313,22 @@ def _make_pg(bundles: list[dict], name: str, target_node: str | None, timeout_s:
 
 # ---- the actor -----------------------------------------------------------------------------------
 class RaySimWorker(SimWorker):
-    """A `SimWorker` as a Ray actor: renders on the GPU Ray gave it, reports its node."""
+    """A `SimWorker` as a Ray actor: renders on the GPU Ray gave it, reports its node.
+
+    A worker whose envs cannot start (GL, a simulator import, bad settings) keeps the error and raises
+    it from `info()`, the pool's first call: the pool then reports it in one line (an actor whose
+    constructor raises has Ray print the whole traceback into the driver's terminal)."""
 
     def __init__(self, *args, **kw):
-        super().__init__(*args, gpu_ids=[str(g) for g in ray.get_gpu_ids()], **kw)
+        self._start_error: BaseException | None = None
+        try:
+            super().__init__(*args, gpu_ids=[str(g) for g in ray.get_gpu_ids()], **kw)
+        except Exception as e:
+            self._start_error = e
 
     def info(self) -> dict:
+        if self._start_error is not None:
+            raise self._start_error
         return {**super().info(), "node_id": ray.get_runtime_context().get_node_id()}
 
 
@@ -413,7 +423,11 @@ class SimPool:
         if len(ready) < len(refs):
             late = [w for w, r in zip(workers, refs) if r not in ready]
             raise EnvError(f"sim workers {late} did not start within {self.start_timeout_s:g} s")
-        return ray.get(refs)
+        try:
+            return ray.get(refs)
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:  # its cause's own line
+            lines = [x.strip() for x in str(e).splitlines() if x.strip()]
+            raise EnvError(f"a sim worker could not start: {lines[-1] if lines else e}") from None
 
     def restart(self, w: int) -> None:
         """Replace worker w's actor by a fresh one in the same bundle (returns at once; calls on

@@ -21,12 +21,14 @@ import os
 import subprocess
 import sys
 
+from vlajax.envs.base import EnvError
+
 __all__ = ["GLSetupError", "BACKENDS", "target_gpu", "setup", "apply"]
 
 BACKENDS = ("egl", "osmesa")
 
 
-class GLSetupError(RuntimeError):
+class GLSetupError(EnvError):
     """MuJoCo's GL cannot be set up for a simulator worker; the message names the worker and device."""
 
 

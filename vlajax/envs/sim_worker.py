@@ -312,7 +312,7 @@ class SimWorker:
         return self._busy.take()
 
     def close(self) -> None:
-        for env in self._envs:
+        for env in getattr(self, "_envs", []):  # none if the constructor failed
             try:
                 env.close()
             except Exception:  # noqa: BLE001 - best effort at shutdown
