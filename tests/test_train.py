@@ -217,3 +217,27 @@ def test_a_simulator_that_cannot_start_is_one_line(tmp_path, capsys, ray_enable)
     lines = [x for x in err.splitlines() if x.startswith("vlajax train: error:")]
     assert len(lines) == 1 and "sim worker 0" in lines[0] and "MUJOCO_GL=osmesa" in lines[0], err[-3000:]
     assert "Traceback" not in err, err[-3000:]
+
+
+@pytest.mark.slow
+def test_a_resumed_process_compiles_nothing_the_first_one_did(tmp_path):
+    """With the persistent compilation cache (the CLI's default), a resumed process loads the update the
+    first process compiled; each step's record says what it compiled and where its rollout time went."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0"}
+    run = tmp_path / "run"
+    one_chunk = ["env.train.max_episode_steps=8"]  # one chunk per trajectory: every mini-batch has 8 rows
+    for steps in (1, 2):
+        out = subprocess.run([sys.executable, "-m", "vlajax.cli", "train", *TINY, *one_chunk,
+                              f"trainer.total_training_steps={steps}", f"trainer.default_local_dir={run}"],
+                             env=env, capture_output=True, text=True, timeout=600)
+        assert out.returncode == 0, out.stderr[-3000:]
+    first, second = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if '"train/' in x]
+    assert first["perf/compiles/update"] >= 1 and first["perf/compile_s"] > 0
+    assert second["perf/compiles/update"] == 0 and second["perf/compile_cache_hits"] > 0, second
+    for m in (first, second):  # the rollout's time, split: waiting for resets, for simulators, on decodes
+        assert m["timing/reset_s"] > 0 and m["timing/sim_s"] > 0 and m["timing/decode_s"] > 0, m

@@ -351,6 +351,7 @@ class Timer:
     def start(self) -> None:
         self._t0 = self._clock()
         self._acc: dict[str, float] = {}
+        self._concurrent: set[str] = set()  # phases that ran beside this process (not in "idle"'s sum)
         self._open: set[str] = set()
 
     @contextlib.contextmanager
@@ -365,10 +366,14 @@ class Timer:
             self._open.discard(phase)
             self.add(phase, self._clock() - t)
 
-    def add(self, phase: str, seconds: float) -> None:
+    def add(self, phase: str, seconds: float, *, concurrent: bool = False) -> None:
+        """`concurrent`: work done elsewhere while this process did other things (simulators stepping
+        during decodes); reported, but not subtracted from the wall time to get "idle"."""
         if seconds < 0 or not math.isfinite(seconds):
             raise ValueError(f"Timer phase {phase!r}: seconds must be finite and >= 0, got {seconds}")
         self._acc[phase] = self._acc.get(phase, 0.0) + float(seconds)
+        if concurrent:
+            self._concurrent.add(phase)
 
     @property
     def seconds(self) -> dict[str, float]:
@@ -380,7 +385,7 @@ class Timer:
         wall = self._clock() - self._t0
         acc = dict(self._acc)
         if "idle" not in acc:
-            acc["idle"] = max(0.0, wall - sum(acc.values()))
+            acc["idle"] = max(0.0, wall - sum(v for k, v in acc.items() if k not in self._concurrent))
         out = {f"{prefix}step_s": wall}
         for phase in list(PHASES) + [p for p in acc if p not in PHASES]:
             s = acc.get(phase, 0.0)

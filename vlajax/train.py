@@ -43,12 +43,14 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import time
 from pathlib import Path
 
 import jax
 import numpy as np
 
 from vlajax import stopping
+from vlajax.compile_meter import CompileMeter
 from vlajax.config import ConfigError, RunConfig, save_config, to_dict
 from vlajax.distributed.job import Job
 from vlajax.eval_report import write_eval_report
@@ -61,7 +63,7 @@ from vlajax.rl.data import StateSampler
 from vlajax.rl.dynamic_sampling import GroupBuffer
 from vlajax.rl.learner import Learner
 from vlajax.rl.policy_step import bucket_size
-from vlajax.rl.samples import make_samples, pad_samples, token_mask, trim_prompts
+from vlajax.rl.samples import make_samples, pad_samples, token_mask
 from vlajax.resume import restore_from, resume_source
 from vlajax.session import Closing, SimSession, build_policy, val_temperature
 from vlajax.states import eval_states_line, select_pairs, train_states_line, training_trials
@@ -96,6 +98,37 @@ def video_dir(cfg: RunConfig) -> str | None:
     """Where the final evaluation's videos go (`env.train.video_cfg`), or None."""
     v = cfg.env.train.video_cfg
     return (v.video_base_dir or str(cfg.run_dir / "videos")) if v.save_video else None
+
+
+# Prompt widths the update compiles for are multiples of this (the decoder pads to 64).
+PROMPT_WIDTH_MULTIPLE = 16
+
+
+def update_prompt_width(decoder, tasks) -> int:
+    """The update's prompt width for the whole run: the longest of the tasks' prompts, rounded up to a
+    multiple of `PROMPT_WIDTH_MULTIPLE`, at most the decoder's padded width. Fixed up front, so a step
+    whose tasks have longer prompts than the last one's compiles nothing new; the padding columns are
+    masked, so the logits are the ones the trimmed prompt gives, and a short prompt costs a few padded
+    tokens of ~350."""
+    _, mask = decoder.encode_prompts([t.instruction for t in tasks])
+    need = int(mask.sum(axis=1).max(initial=1))
+    return min(mask.shape[1], PROMPT_WIDTH_MULTIPLE * -(-need // PROMPT_WIDTH_MULTIPLE))
+
+
+def add_rollout_timing(timer: Timer, stats, wall_s: float) -> None:
+    """A rollout round in the step's phases. This process's time, disjoint (so "idle" stays true):
+    "reset" (waiting for the first reset results), "env_wait" (waiting for simulators after that),
+    "decode" (issuing and waiting for policy calls), "rollout_host" (the rest: gathering rows, buffers).
+    Beside it, "sim": the busiest simulator worker's simulating seconds, which overlap the others."""
+    first = stats.first_result_s if np.isfinite(stats.first_result_s) else 0.0
+    reset = min(first, stats.env_wait_s)
+    decode = stats.decode_wait_s + stats.dispatch_s
+    timer.add("reset", reset)
+    timer.add("env_wait", stats.env_wait_s - reset)
+    timer.add("decode", decode)
+    timer.add("rollout_host", max(0.0, wall_s - stats.env_wait_s - decode))
+    busy = [b for b in stats.sim_busy_s if np.isfinite(b)]
+    timer.add("sim", max(busy, default=0.0), concurrent=True)
 
 
 class _Quiet:
@@ -157,6 +190,7 @@ class Trainer(Closing):
             if self.sim.capacity % self.n:
                 raise ConfigError(f"a rollout round runs {self.sim.capacity} trajectories, not a multiple of "
                                   f"actor_rollout_ref.rollout.n={self.n}", key="actor_rollout_ref.rollout.n")
+            self.prompt_width = update_prompt_width(self.sim.decoder, self.tasks)
             # groups of one rollout round of the whole job (every process draws them all)
             self.round_groups = self.sim.capacity * job.num_processes // self.n
             self.sampler = StateSampler(len(self.tasks), training_trials(cfg, self.tasks), seed=t.seed,
@@ -245,8 +279,9 @@ class Trainer(Closing):
             groups, issued = (self.pending, True) if self.pending is not None else (self._round_groups(), False)
             self.pending = None
             key = self.job.round_key(self.key, self.step, r)
-            with timer("rollout"):
-                rb = self._rollout_round(groups, key, issued)
+            t0 = time.perf_counter()
+            rb = self._rollout_round(groups, key, issued)
+            add_rollout_timing(timer, rb.stats, time.perf_counter() - t0)
             rounds.append(rb)
             stopping.check()  # a stop signal whose exception Python lost (vlajax.stopping)
             tr = rb.trajectories
@@ -286,12 +321,12 @@ class Trainer(Closing):
                 idx = np.sort(order[start:start + mb])
                 sub = jax.tree.map(lambda x: x[idx], tr)
                 s = make_samples(sub["traj"], adv[idx], action_dim=pc.action_dim, chunk_len=pc.chunk)
-                width = trim_prompts(sub["prompt_ids"][s.traj_index], sub["prompt_mask"][s.traj_index])[0].shape[1]
-                rows, width = self.job.agree_rows(len(s), width if len(s) else 0)  # one global batch, one shape
+                rows, _ = self.job.agree_rows(len(s), self.prompt_width)  # one global batch, one shape
                 if rows == 0:
                     continue
                 s = pad_samples(s, bucket_size(rows, self.learner.batch_multiple // procs))
-                ids, mask = sub["prompt_ids"][s.traj_index][:, :width], sub["prompt_mask"][s.traj_index][:, :width]
+                w = self.prompt_width  # the same for every mini-batch of the run: one compiled width
+                ids, mask = sub["prompt_ids"][s.traj_index][:, :w], sub["prompt_mask"][s.traj_index][:, :w]
                 b = {"images": sub["images"][s.traj_index, s.chunk_index], "input_ids": ids,
                      "attention_mask": mask, "tokens": s.tokens,
                      "old_logp": s.old_logp, "advantages": s.advantages, "mask": s.mask}
@@ -381,6 +416,7 @@ def train(cfg: RunConfig, job: Job | None = None) -> TrainResult:
             v = tr.validate()
             logger.log(0, {"val/success_rate": v["success_rate"]})
         progress = Progress(total - tr.step, desc="GRPO steps", unit="step") if primary else _Quiet()
+        compiles = CompileMeter({"update": "_update", "decode": "decode_step"})  # from here: the steps' own
         try:
             timer = Timer()
             while tr.step < total:
@@ -400,6 +436,7 @@ def train(cfg: RunConfig, job: Job | None = None) -> TrainResult:
                 if val_due:  # validation uses the same envs, so the next resets wait for it
                     v = tr.validate()
                     m["val/success_rate"] = v["success_rate"]
+                m.update(compiles.take())  # this process's (each compiles the same), validation's included
                 # logged before its checkpoint starts: a committed step always has its record (a record
                 # past the last commit is dropped on resume and the step run again)
                 logger.log(tr.step, m)
