@@ -17,14 +17,14 @@ import jax.numpy as jnp
 import psutil
 import pytest
 
-from tests.test_train import TINY
+from tests.conftest import TINY_RUN
 from vlajax.cli import main as cli_main
 from vlajax.config import load_config
 from vlajax.train import train
 
 REPO = Path(__file__).resolve().parents[1]
-RUN = TINY + ["actor_rollout_ref.actor.use_proprio=true", "actor_rollout_ref.model.init_scheme=scratch",
-              "actor_rollout_ref.actor.optim.lr=1e-3", "actor_rollout_ref.actor.optim.lr_warmup_steps=4"]
+RUN = TINY_RUN + ["actor_rollout_ref.actor.use_proprio=true", "actor_rollout_ref.model.init_scheme=scratch",
+                  "actor_rollout_ref.actor.optim.lr=1e-3", "actor_rollout_ref.actor.optim.lr_warmup_steps=4"]
 
 
 @pytest.fixture(scope="module")
@@ -112,7 +112,7 @@ def test_eval_of_a_saved_policy_checkpoint(tmp_path, capsys):
 @pytest.mark.slow
 def test_sigterm_stops_a_run_and_everything_it_started(tmp_path):
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "vlajax.cli", "train"] + TINY + [
+    cmd = [sys.executable, "-m", "vlajax.cli", "train"] + TINY_RUN + [
         "trainer.total_training_steps=500", f"trainer.default_local_dir={run}", "trainer.save_freq=-1"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -137,8 +137,8 @@ def test_sigterm_stops_a_run_and_everything_it_started(tmp_path):
 
 def test_eval_of_a_lora_run_restores_its_adapters(tmp_path):
     run = tmp_path / "lora"
-    res = train(load_config(None, TINY + ["actor_rollout_ref.model.lora_rank=4", "trainer.total_training_steps=1",
-                                          f"trainer.default_local_dir={run}"]))
+    res = train(load_config(None, TINY_RUN + ["actor_rollout_ref.model.lora_rank=4", "trainer.total_training_steps=1",
+                                              f"trainer.default_local_dir={run}"]))
     assert res.steps == 1
     from vlajax.evaluate import eval_config, load_eval_policy
 

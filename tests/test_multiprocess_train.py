@@ -30,16 +30,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import TINY_RUN
+
 ROOT = Path(__file__).parent.parent
 HEARTBEAT_S = 10
-TINY = [  # a 2-step-a-minute demo: 2 groups of 4 per step
-    "actor_rollout_ref.model.image_size=56", "actor_rollout_ref.rollout.n=4", "data.train_batch_size=2",
-    "env.train.num_envs=2", "env.train.max_episode_steps=16", "env.train.init_params.camera_heights=32",
-    "env.train.init_params.camera_widths=32", "actor_rollout_ref.actor.ppo_mini_batch_size=8",
-    "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4", "actor_rollout_ref.actor.ppo_epochs=1",
-    "data.val_num_trials_per_task=1", "trainer.test_freq=-1", "trainer.val_before_train=false",
-    "trainer.save_freq=1", "data.filter_accuracy=false", "trainer.logger=[console,jsonl]",
-    "trainer.default_local_dir=run",
+RUN = TINY_RUN + [  # a 2-step-a-minute demo: 2 groups of 4 per step, on 2 envs
+    "env.train.num_envs=2", "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4",
+    "actor_rollout_ref.actor.ppo_epochs=1", "trainer.logger=[console,jsonl]", "trainer.default_local_dir=run",
 ]
 
 
@@ -67,7 +64,7 @@ class Job:
                              JAX_PROCESS_ID=str(i))
                 with open(self.log_path(i), "w") as f:
                     self.procs.append(subprocess.Popen(
-                        [sys.executable, "-m", "vlajax.cli", "train", "demo", f"trainer.nnodes={nproc}", *TINY,
+                        [sys.executable, "-m", "vlajax.cli", "train", "demo", f"trainer.nnodes={nproc}", *RUN,
                          "ray.num_cpus=2", *overrides], cwd=cwd, env={**e, "PYTHONPATH": str(ROOT)}, stdout=f,
                         stderr=subprocess.STDOUT, start_new_session=True))
         except BaseException:
@@ -242,7 +239,7 @@ class UserCommand:
         env.pop("XLA_FLAGS", None)
         with open(self.log_path, "w") as f:
             self.proc = subprocess.Popen([sys.executable, "-m", "vlajax.cli", "train", "demo", "ray.address=auto",
-                                          *TINY, *overrides], cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                          *RUN, *overrides], cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT,
                                          start_new_session=True)
 
     def log(self) -> str:
