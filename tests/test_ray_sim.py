@@ -16,7 +16,8 @@ import pytest
 import ray
 
 from tests._ray_cluster import local_cluster
-from tests.test_rollout import IMAGE, DirectedDecoder, _wait_gone, check_against_replay
+from tests.conftest import wait_gone
+from tests.test_rollout import IMAGE, DirectedDecoder, check_against_replay
 from vlajax.distributed.ray_sim import (
     PlacementError,
     PlacementOptions,
@@ -150,7 +151,7 @@ def test_close_kills_only_this_pools_processes(cluster, pool):
     pids = [i["pid"] for i in pool.infos] + [p for i in pool.infos for p in i["env_pids"]]
     assert len(pids) == 2 + 2 * 2 * 2
     pool.close()
-    assert _wait_gone(pids) == []
+    assert wait_gone(pids) == []
     assert ray.is_initialized() and len([n for n in ray.nodes() if n["Alive"]]) == 3  # the cluster lives on
     assert ray.util.placement_group_table() == {} or all(
         v["state"] == "REMOVED" for v in ray.util.placement_group_table().values())

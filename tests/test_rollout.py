@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import os
-import socket
 import time
 from pathlib import Path
 
@@ -19,6 +18,7 @@ import numpy as np
 import pytest
 import ray
 
+from tests.conftest import alive, free_port, wait_gone
 from vlajax.distributed.ray_sim import PlacementError, PlacementOptions, RayConnectError, SimPool, init_ray
 from vlajax.envs import SubprocVectorEnv
 from vlajax.envs.tabletop import TabletopEnv, directed_actions, make_tabletop_vector_env, target_xy
@@ -394,9 +394,7 @@ def test_no_barrier_a_slow_simulator_does_not_hold_back_the_others(fault_pool):
 
 # ---- start-up errors and shutdown ----------------------------------------------------------------
 def test_unreachable_address_fails_fast():
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     with pytest.raises(RayConnectError, match=f"cannot reach the Ray cluster at 127.0.0.1:{port}"):
         init_ray(f"127.0.0.1:{port}", connect_timeout_s=2.0)
     with pytest.raises(RayConnectError, match="host:port"):
@@ -409,26 +407,12 @@ def test_missing_gpu_is_named(session):
         SimPool(env_fn, num_envs=1, placement=PlacementOptions.standalone(n_env_gpus_per_node=1))
 
 
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-def _wait_gone(pids, timeout_s=20.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and any(_alive(p) for p in pids):
-        time.sleep(0.2)
-    return [p for p in pids if _alive(p)]
-
-
 def test_close_and_shutdown_leave_no_processes(session, pool):
     """Last test of the module: it closes the shared pool and stops the embedded Ray."""
     pids = [i["pid"] for i in pool.infos] + [p for i in pool.infos for p in i["env_pids"]]
-    assert pids and all(_alive(p) for p in pids)
+    assert pids and all(alive(p) for p in pids)
     pool.close()
-    assert _wait_gone(pids) == []
+    assert wait_gone(pids) == []
     node = ray._private.worker._global_node  # noqa: SLF001 - the processes of the Ray we started
     ray_pids = [p.process.pid for procs in node.all_processes.values() for p in procs]
     assert session.started and ray_pids
@@ -436,5 +420,5 @@ def test_close_and_shutdown_leave_no_processes(session, pool):
     assert Path(temp_dir).is_dir()
     session.shutdown()
     assert not ray.is_initialized()
-    assert _wait_gone(ray_pids) == []
+    assert wait_gone(ray_pids) == []
     assert not Path(temp_dir).exists()  # the session directory init_ray made is gone too
