@@ -16,8 +16,8 @@ import pytest
 import ray
 
 from tests._ray_cluster import local_cluster
+from tests._rollout_kit import IMAGE, DirectedDecoder, check_against_replay, tabletop_pool
 from tests.conftest import wait_gone
-from tests.test_rollout import IMAGE, DirectedDecoder, check_against_replay
 from vlajax.distributed.ray_sim import (
     PlacementError,
     PlacementOptions,
@@ -48,9 +48,8 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def pool(cluster):
-    p = SimPool(ENV_FN, num_envs=2, num_stages=2, placement=DISAGG)
-    yield p
-    p.close()
+    with tabletop_pool("ray", ENV_FN, num_envs=2, placement=DISAGG) as p:
+        yield p
 
 
 def test_trainer_runs_on_the_train_rollout_node(cluster):
