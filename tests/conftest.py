@@ -4,6 +4,7 @@ import this module too, so heavy imports stay inside the helpers."""
 
 from __future__ import annotations
 
+import csv
 import os
 import signal
 import socket
@@ -16,7 +17,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-# -- short training runs --------------------------------------------------------------------------
+# -- short training runs ----------------------------------------------------------------------------
 # `key=value` overrides that make any run config a tiny one: small images and episodes, 2 GRPO groups
 # of 4 per step, no validation, a checkpoint every step, jsonl metrics only. Files add their own on top
 # (a later override of the same key wins).
@@ -59,6 +60,34 @@ def assets() -> str:
     from vlajax.envs import libero_setup
 
     return str(libero_setup.setup_libero(libero_pack()))
+
+
+# -- files and data ---------------------------------------------------------------------------------
+def csv_rows(path) -> list[dict[str, str]]:
+    """The rows of a CSV file with a header (evaluation tables), as dicts."""
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+DEMO_TASK, DEMO_INSTRUCTION = "pick_up_the_bowl", "pick up the bowl"
+
+
+def make_episode(t: int = 5, seed: int = 0, state_id: int = 3, hw: int = 8):
+    """A random LIBERO-layout demonstration `vlajax.data.Episode` of DEMO_TASK: t steps, both cameras
+    at hw x hw (demo files to write and read without a simulator)."""
+    import numpy as np
+
+    from vlajax.data import Episode
+
+    rng = np.random.default_rng(seed)
+    return Episode(
+        images={c: rng.integers(0, 256, (t, hw, hw, 3), np.uint8) for c in ("agentview", "robot0_eye_in_hand")},
+        proprio=rng.normal(size=(t, 8)).astype(np.float32),
+        actions=rng.uniform(-1, 1, (t, 7)).astype(np.float32),
+        instruction=DEMO_INSTRUCTION, task=DEMO_TASK, state_id=state_id,
+        states=rng.normal(size=(t, 11)), joint_states=rng.normal(size=(t, 7)),
+        eef_quat=rng.normal(size=(t, 4)),
+    )
 
 
 # -- processes --------------------------------------------------------------------------------------

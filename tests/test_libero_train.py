@@ -5,24 +5,18 @@ the recipe's structure (GRPO, PPO-clip, 2 pipeline stages, greedy validation) is
 
 from __future__ import annotations
 
-import csv
 
 import pytest
 
 pytest.importorskip("libero")
 pytest.importorskip("robosuite")
 
-from tests.conftest import LIBERO_SMALL_RUN, libero_pack  # noqa: E402
+from tests.conftest import LIBERO_SMALL_RUN, csv_rows, libero_pack  # noqa: E402
 from vlajax.cli import main as cli_main  # noqa: E402
 from vlajax.config import load_config  # noqa: E402
 from vlajax.envs import libero_setup  # noqa: E402
 from vlajax.rl.checkpoint import CheckpointManager  # noqa: E402
 from vlajax.train import train  # noqa: E402
-
-def _rows(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
 
 @pytest.mark.slow
 def test_libero_grpo_recipe_runs_checkpoints_and_evaluates(tmp_path, monkeypatch, capsys):
@@ -38,7 +32,7 @@ def test_libero_grpo_recipe_runs_checkpoints_and_evaluates(tmp_path, monkeypatch
         assert m["actor/updates"] >= 1 and m["rollout/restarts"] == 0
     with CheckpointManager(run / "checkpoints") as ck:
         assert ck.restore(ck.latest_step(), restore_train_state=False).data_state["rl_step"] == 2
-    final = _rows(run / "eval" / "final.csv")
+    final = csv_rows(run / "eval" / "final.csv")
     assert len(final) == 10 + 1 and final[-1]["task"] == "all" and int(final[-1]["episodes"]) == 10
     assert (run / "eval" / "final.md").read_text().count("\n|") >= 11
     videos = list((run / "videos").glob("*.mp4"))
@@ -46,5 +40,5 @@ def test_libero_grpo_recipe_runs_checkpoints_and_evaluates(tmp_path, monkeypatch
 
     assert cli_main(["eval", str(run), "--trials", "1", "--tasks", "0,9"]) == 0
     assert "greedy success on libero_10" in capsys.readouterr().out
-    rows = _rows(run / "eval" / "libero_10_step2.csv")
+    rows = csv_rows(run / "eval" / "libero_10_step2.csv")
     assert [int(r["episodes"]) for r in rows] == [1, 1, 2]

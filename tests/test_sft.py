@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.test_demo_dataset import make_episode
+from tests.conftest import make_episode
 from vlajax.cli import main as cli_main
 from vlajax.config import ConfigError, load_config
 from vlajax.data import DemoWriter
