@@ -45,14 +45,12 @@ import statistics  # noqa: E402
 import time  # noqa: E402
 
 import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
+from random_weights import small_random_policy  # noqa: E402
 from vlajax.distributed.placement import Colocated  # noqa: E402
 from vlajax.distributed.ray_sim import SimPool, init_ray  # noqa: E402
-from vlajax.model import Policy, build_model, preset  # noqa: E402
-from vlajax.model.pretrained import abstract_params  # noqa: E402
-from vlajax.model.tokenizer import load_tokenizer  # noqa: E402
+from vlajax.model import Policy  # noqa: E402
 from vlajax.rl.policy_step import DecodeInputs, DecodeOutputs, Decoder, PolicyDecoder  # noqa: E402
 from vlajax.rl.rollout import EngineConfig, RolloutEngine  # noqa: E402
 
@@ -75,24 +73,6 @@ class ReplayDecoder(Decoder):
 
     def fetch(self, handle):
         return handle
-
-
-def random_policy(image_size: int) -> Policy:
-    """The small preset with host-drawn random weights (no JAX init compile)."""
-    cfg = preset("small", image_size=image_size)
-    _, shapes = abstract_params(cfg)
-    rng = np.random.default_rng(0)
-
-    def init(path, s):
-        name = jax.tree_util.keystr(path)
-        if "norm" in name and name.endswith(("['scale']", "['weight']")):
-            return np.ones(s.shape, s.dtype)
-        if name.endswith("bias']"):
-            return np.zeros(s.shape, s.dtype)
-        return rng.normal(0.0, 0.05, s.shape).astype(s.dtype)
-
-    return Policy(build_model(cfg, jax.tree_util.tree_map_with_path(init, shapes)), tokenizer=load_tokenizer("tiny"),
-                  compute_dtype=jnp.float32)
 
 
 def decode_bound(dec: PolicyDecoder, batch, pool: SimPool, temperature: float, key) -> float:
@@ -155,7 +135,7 @@ def decode_times(dec: PolicyDecoder, image_hw, temperature: float, key, reps: in
 
 def load_policy(args) -> Policy:
     if args.policy is None:
-        return random_policy(args.policy_image)
+        return small_random_policy(args.policy_image)
     from vlajax.model import load_pretrained
 
     return load_pretrained(args.policy, dtype="bfloat16", compute_dtype="bfloat16")

@@ -20,4 +20,4 @@ export MUJOCO_GL=${MUJOCO_GL:-egl}
 if [ -z "${VLAJAX_LIBERO_ASSETS:-}" ] && [ -f ../shared/libero-assets.tar.xz ]; then
   export VLAJAX_LIBERO_ASSETS="$(cd ../shared && pwd)/libero-assets.tar.xz"
 fi
-exec .venv/bin/python -m pytest -q -p no:cacheprovider --durations=10 tests "$@"
+exec .venv/bin/python -m pytest -q -p no:cacheprovider --durations=25 tests "$@"

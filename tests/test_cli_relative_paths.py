@@ -14,19 +14,15 @@ from pathlib import Path
 import pytest
 import torch
 
+from tests.conftest import TINY_RUN
 from tests.reference.hf_layout import write_hf_checkpoint
 from tests.reference.torch_oft import OFTSizes, build_torch_oft
 from vlajax.model.hf_convert import read_tensors
 
 VLAJAX = Path(sys.executable).parent / "vlajax"  # the console script `pip install` made
-# The demo config, shrunk to seconds per step; the run directory is left at its relative default.
-SHORT = [
-    "actor_rollout_ref.model.image_size=56", "actor_rollout_ref.rollout.n=4", "data.train_batch_size=2",
-    "env.train.num_envs=4", "env.train.max_episode_steps=16", "env.train.init_params.camera_heights=32",
-    "env.train.init_params.camera_widths=32", "actor_rollout_ref.actor.ppo_mini_batch_size=8",
-    "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=16", "data.val_num_trials_per_task=1",
-    "trainer.test_freq=-1", "trainer.val_before_train=false", "trainer.save_freq=1", "data.filter_accuracy=false",
-]
+# The demo config, shrunk to seconds per step, with its default loggers; the run directory is left at its
+# relative default.
+SHORT = TINY_RUN + ["trainer.logger=[console,tensorboard,jsonl]"]
 
 
 def _vlajax(cwd: Path, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:

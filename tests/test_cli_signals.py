@@ -12,12 +12,12 @@ import sys
 import time
 from pathlib import Path
 
-from tests.test_train import TINY
+from tests.conftest import TINY_RUN
 from vlajax.rl.checkpoint import CheckpointManager, latest_committed_step
 
 # 2 steps, each checkpointed and validated (the step-1 record carries val/success_rate)
-RUN = TINY + ["trainer.total_training_steps=2", "trainer.save_freq=1", "trainer.test_freq=1",
-              "trainer.default_local_dir=runs/sig"]
+RUN = TINY_RUN + ["trainer.total_training_steps=2", "trainer.save_freq=1", "trainer.test_freq=1",
+                  "trainer.default_local_dir=runs/sig"]
 
 
 def _run_until(cwd: Path, name: str, ready, sig: int, timeout_s: float = 240) -> tuple[int, str]:

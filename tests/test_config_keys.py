@@ -9,17 +9,13 @@ import warnings
 import numpy as np
 import pytest
 
+from tests.conftest import TINY_RUN
 from vlajax import config as C
 from vlajax.config import load_config
 from vlajax.train import train
 
-TINY = [
-    "actor_rollout_ref.model.image_size=56", "actor_rollout_ref.rollout.n=4", "data.train_batch_size=2",
-    "env.train.num_envs=4", "env.train.max_episode_steps=16", "env.train.init_params.camera_heights=32",
-    "env.train.init_params.camera_widths=32", "actor_rollout_ref.actor.ppo_mini_batch_size=8",
-    "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=16", "data.val_num_trials_per_task=1",
-    "trainer.test_freq=1", "trainer.save_freq=1", "data.filter_accuracy=false", "trainer.total_training_steps=2",
-]
+# validation before and during training, so that its keys are read too
+RUN = TINY_RUN + ["trainer.test_freq=1", "trainer.val_before_train=true", "trainer.total_training_steps=2"]
 # The other branch of every optional path: LoRA with a KL term to the base model, REINFORCE++,
 # sampled validation with videos, verl's global micro-batch key, warm-up, other dynamic-sampling
 # bounds. (`trainer.resume=<path>` is tested in test_train.)
@@ -39,11 +35,11 @@ VARIANT = [
 def test_every_config_key_is_read(tmp_path):
     first = tmp_path / "first"
     with C.track_reads() as reads:
-        res = train(load_config(None, TINY + [f"trainer.default_local_dir={first}", "trainer.logger=[jsonl]"]))
+        res = train(load_config(None, RUN + [f"trainer.default_local_dir={first}", "trainer.logger=[jsonl]"]))
         assert res.steps == 2
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # dynamic sampling: a random policy's groups
-            res = train(load_config(None, TINY + VARIANT + [
+            res = train(load_config(None, RUN + VARIANT + [
                 f"trainer.default_local_dir={tmp_path / 'variant'}",
                 f"env.train.video_cfg.video_base_dir={tmp_path / 'videos'}"]))
         # the disaggregated layout's keys are read where its placement is built (a run of it needs

@@ -10,6 +10,7 @@ import h5py
 import numpy as np
 import pytest
 
+from tests.conftest import DEMO_INSTRUCTION, DEMO_TASK, make_episode
 from vlajax.data import (
     DatasetError,
     DemoWriter,
@@ -21,19 +22,7 @@ from vlajax.data import (
     read_episodes,
 )
 
-SUITE, TASK, INSTR = "libero_spatial", "pick_up_the_bowl", "pick up the bowl"
-
-
-def make_episode(t=5, seed=0, state_id=3, hw=8) -> Episode:
-    rng = np.random.default_rng(seed)
-    return Episode(
-        images={c: rng.integers(0, 256, (t, hw, hw, 3), np.uint8) for c in ("agentview", "robot0_eye_in_hand")},
-        proprio=rng.normal(size=(t, 8)).astype(np.float32),
-        actions=rng.uniform(-1, 1, (t, 7)).astype(np.float32),
-        instruction=INSTR, task=TASK, state_id=state_id,
-        states=rng.normal(size=(t, 11)), joint_states=rng.normal(size=(t, 7)),
-        eef_quat=rng.normal(size=(t, 4)),
-    )
+SUITE, TASK, INSTR = "libero_spatial", DEMO_TASK, DEMO_INSTRUCTION  # TASK, INSTR: make_episode's
 
 
 def test_no_heavy_imports():

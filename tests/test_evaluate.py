@@ -4,7 +4,6 @@ init, lr warm-up), and a run stopped with SIGTERM leaving no process behind."""
 
 from __future__ import annotations
 
-import csv
 import json
 import os
 import signal
@@ -17,14 +16,14 @@ import jax.numpy as jnp
 import psutil
 import pytest
 
-from tests.test_train import TINY
+from tests.conftest import TINY_RUN, csv_rows
 from vlajax.cli import main as cli_main
 from vlajax.config import load_config
 from vlajax.train import train
 
 REPO = Path(__file__).resolve().parents[1]
-RUN = TINY + ["actor_rollout_ref.actor.use_proprio=true", "actor_rollout_ref.model.init_scheme=scratch",
-              "actor_rollout_ref.actor.optim.lr=1e-3", "actor_rollout_ref.actor.optim.lr_warmup_steps=4"]
+RUN = TINY_RUN + ["actor_rollout_ref.actor.use_proprio=true", "actor_rollout_ref.model.init_scheme=scratch",
+                  "actor_rollout_ref.actor.optim.lr=1e-3", "actor_rollout_ref.actor.optim.lr_warmup_steps=4"]
 
 
 @pytest.fixture(scope="module")
@@ -36,11 +35,6 @@ def run_dir(tmp_path_factory):
     # lr warm-up: 1e-3 * (step + 1) / 4 in training steps 0 and 1
     assert [round(m["actor/lr"], 9) for m in res.history] == [2.5e-4, 5e-4]
     return d
-
-
-def _rows(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
 
 
 def test_learning_rate_warms_up_linearly_then_stays():
@@ -57,10 +51,10 @@ def test_eval_of_a_training_run(run_dir, capsys):
     # the demo config validates greedily (val_kwargs), as the recipe does
     assert "greedy success on tabletop_anchored" in out and "| **all** | 6 |" in out
     ev = run_dir / "eval"
-    rows = _rows(ev / "tabletop_anchored_step2.csv")
+    rows = csv_rows(ev / "tabletop_anchored_step2.csv")
     assert [r["task"] for r in rows] == ["reach_red", "reach_green", "reach_blue", "all"]
     assert all(int(r["episodes"]) == 2 for r in rows[:3])
-    episodes = _rows(ev / "tabletop_anchored_step2_episodes.csv")
+    episodes = csv_rows(ev / "tabletop_anchored_step2_episodes.csv")
     assert sorted((e["task"], e["state_id"]) for e in episodes) == sorted(
         (t, str(s)) for t in ("reach_red", "reach_green", "reach_blue") for s in (0, 1))
     assert (ev / "tabletop_anchored_step2.png").stat().st_size > 0
@@ -75,7 +69,7 @@ def test_eval_of_a_training_run(run_dir, capsys):
     assert cli_main(["eval", str(run_dir), "--step", "1", "--trials", "1", "--tasks", "reach_blue,0",
                      "--temperature", "1.6", "--out", str(run_dir / "eval1")]) == 0
     assert "run at step 1: sampled (temperature 1.6) success" in capsys.readouterr().out
-    assert [r["task"] for r in _rows(run_dir / "eval1" / "tabletop_anchored_step1.csv")] == ["reach_blue", "reach_red", "all"]
+    assert [r["task"] for r in csv_rows(run_dir / "eval1" / "tabletop_anchored_step1.csv")] == ["reach_blue", "reach_red", "all"]
 
 
 def test_eval_errors_name_the_problem(run_dir, tmp_path, capsys, monkeypatch):
@@ -106,13 +100,13 @@ def test_eval_of_a_saved_policy_checkpoint(tmp_path, capsys):
             "env.train.num_envs=2", "env.train.max_episode_steps=16", "actor_rollout_ref.model.compute_dtype=float32"]
     assert cli_main(args) == 0
     assert "success on tabletop_anchored" in capsys.readouterr().out
-    assert len(_rows(tmp_path / "ev" / "tabletop_anchored_episodes.csv")) == 3
+    assert len(csv_rows(tmp_path / "ev" / "tabletop_anchored_episodes.csv")) == 3
 
 
 @pytest.mark.slow
 def test_sigterm_stops_a_run_and_everything_it_started(tmp_path):
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "vlajax.cli", "train"] + TINY + [
+    cmd = [sys.executable, "-m", "vlajax.cli", "train"] + TINY_RUN + [
         "trainer.total_training_steps=500", f"trainer.default_local_dir={run}", "trainer.save_freq=-1"]
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -137,12 +131,12 @@ def test_sigterm_stops_a_run_and_everything_it_started(tmp_path):
 
 def test_eval_of_a_lora_run_restores_its_adapters(tmp_path):
     run = tmp_path / "lora"
-    res = train(load_config(None, TINY + ["actor_rollout_ref.model.lora_rank=4", "trainer.total_training_steps=1",
-                                          f"trainer.default_local_dir={run}"]))
+    res = train(load_config(None, TINY_RUN + ["actor_rollout_ref.model.lora_rank=4", "trainer.total_training_steps=1",
+                                              f"trainer.default_local_dir={run}"]))
     assert res.steps == 1
     from vlajax.evaluate import eval_config, load_eval_policy
 
     policy, step = load_eval_policy(eval_config(run, None), run)
     assert step == 1 and policy.model_has_lora()
     assert cli_main(["eval", str(run), "--trials", "1", "--temperature", "0"]) == 0
-    assert len(_rows(run / "eval" / "tabletop_anchored_step1_episodes.csv")) == 3
+    assert len(csv_rows(run / "eval" / "tabletop_anchored_step1_episodes.csv")) == 3

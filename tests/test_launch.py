@@ -21,6 +21,7 @@ import pytest
 import ray
 
 from tests._ray_cluster import local_cluster
+from tests.conftest import alive
 from vlajax.distributed import launch as L
 
 ROOT = Path(__file__).parent.parent
@@ -67,14 +68,6 @@ def _no_live_placement_groups() -> bool:
     return all(v["state"] == "REMOVED" for v in ray.util.placement_group_table().values())
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
-
-
 def _pids(text: str) -> dict[int, int]:
     """{process id: pid} from the children's "[i@IP] child I pid P" lines (other lines skipped)."""
     words = (line.split("] ", 1)[-1].split() for line in text.splitlines())
@@ -114,7 +107,7 @@ def test_failed_child_stops_the_others_and_is_named(cluster):
     assert "boom: simulated trainer failure" in msg
     pids = _pids(out.getvalue())
     assert set(pids) == {0, 1}, out.getvalue()
-    assert not _alive(pids[0]) and not _alive(pids[1])  # the SIGTERM-ignoring peer was SIGKILLed
+    assert not alive(pids[0]) and not alive(pids[1])  # the SIGTERM-ignoring peer was SIGKILLed
     assert time.monotonic() - t0 < 60
     assert _no_live_placement_groups()
 
@@ -147,7 +140,7 @@ def test_interrupting_the_launcher_stops_every_child(cluster, tmp_path):
             p.kill()
             p.wait()
     assert p.returncode == 128 + signal.SIGTERM, log.read_text()
-    assert not any(_alive(x) for x in pids.values())
+    assert not any(alive(x) for x in pids.values())
     deadline = time.monotonic() + 20  # the launcher's removal reaches the GCS asynchronously
     while not _no_live_placement_groups() and time.monotonic() < deadline:
         time.sleep(0.5)

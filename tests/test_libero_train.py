@@ -5,42 +5,25 @@ the recipe's structure (GRPO, PPO-clip, 2 pipeline stages, greedy validation) is
 
 from __future__ import annotations
 
-import csv
 
 import pytest
 
 pytest.importorskip("libero")
 pytest.importorskip("robosuite")
 
-from tests.conftest import libero_pack  # noqa: E402
+from tests.conftest import LIBERO_SMALL_RUN, csv_rows, libero_pack  # noqa: E402
 from vlajax.cli import main as cli_main  # noqa: E402
 from vlajax.config import load_config  # noqa: E402
 from vlajax.envs import libero_setup  # noqa: E402
 from vlajax.rl.checkpoint import CheckpointManager  # noqa: E402
 from vlajax.train import train  # noqa: E402
 
-SMALL = [
-    "actor_rollout_ref.model.path=preset:small", "actor_rollout_ref.model.image_size=56",
-    "actor_rollout_ref.model.compute_dtype=float32", "actor_rollout_ref.model.enable_gradient_checkpointing=false",
-    "trainer.n_env_gpus_per_node=0", "trainer.n_rollout_gpus_per_node=0", "env.train.num_envs=2",
-    "actor_rollout_ref.rollout.n=2", "data.train_batch_size=2", "env.train.max_episode_steps=16",
-    "env.train.init_params.camera_heights=64", "env.train.init_params.camera_widths=64",
-    "actor_rollout_ref.actor.ppo_mini_batch_size=4", "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=8",
-    "data.val_num_trials_per_task=1", "trainer.test_freq=-1", "trainer.val_before_train=false",
-    "trainer.save_freq=1", "data.filter_accuracy=false", "trainer.logger=[jsonl]",
-]
-
-
-def _rows(path):
-    with open(path, newline="") as f:
-        return list(csv.DictReader(f))
-
-
 @pytest.mark.slow
 def test_libero_grpo_recipe_runs_checkpoints_and_evaluates(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv(libero_setup.ASSETS_ENV, libero_pack())
     run = tmp_path / "run"
-    cfg = load_config("libero_grpo", SMALL + ["trainer.total_training_steps=2", f"trainer.default_local_dir={run}"])
+    cfg = load_config("libero_grpo", LIBERO_SMALL_RUN + ["trainer.total_training_steps=2",
+                                                         f"trainer.default_local_dir={run}"])
     assert cfg.env.train.task_suite_name == "libero_10" and cfg.env.train.video_cfg.save_video
     res = train(cfg)
 
@@ -49,7 +32,7 @@ def test_libero_grpo_recipe_runs_checkpoints_and_evaluates(tmp_path, monkeypatch
         assert m["actor/updates"] >= 1 and m["rollout/restarts"] == 0
     with CheckpointManager(run / "checkpoints") as ck:
         assert ck.restore(ck.latest_step(), restore_train_state=False).data_state["rl_step"] == 2
-    final = _rows(run / "eval" / "final.csv")
+    final = csv_rows(run / "eval" / "final.csv")
     assert len(final) == 10 + 1 and final[-1]["task"] == "all" and int(final[-1]["episodes"]) == 10
     assert (run / "eval" / "final.md").read_text().count("\n|") >= 11
     videos = list((run / "videos").glob("*.mp4"))
@@ -57,5 +40,5 @@ def test_libero_grpo_recipe_runs_checkpoints_and_evaluates(tmp_path, monkeypatch
 
     assert cli_main(["eval", str(run), "--trials", "1", "--tasks", "0,9"]) == 0
     assert "greedy success on libero_10" in capsys.readouterr().out
-    rows = _rows(run / "eval" / "libero_10_step2.csv")
+    rows = csv_rows(run / "eval" / "libero_10_step2.csv")
     assert [int(r["episodes"]) for r in rows] == [1, 1, 2]

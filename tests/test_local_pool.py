@@ -14,13 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.test_rollout import (
+from benchmarks.random_weights import small_random_policy
+from tests._rollout_kit import (
     CAM, CRASH_STATE, IMAGE, LIMIT, DirectedDecoder, check_against_replay, fault_once_vector_env, logits_of,
-    random_policy,
+    tabletop_pool,
 )
-from vlajax.envs.local_pool import LocalSimPool
 from vlajax.envs.sim_worker import SimFailure
-from vlajax.envs.tabletop import TabletopEnv, make_tabletop_vector_env
+from vlajax.envs.tabletop import TabletopEnv
 from vlajax.model.actions import token_logprobs
 from vlajax.rl.policy_step import PolicyDecoder
 from vlajax.rl.rollout import EngineConfig, RolloutEngine
@@ -31,10 +31,8 @@ TASKS, STATES, GROUPS = np.array([0, 1, 2, 0]), np.array([3, 4, 5, 3]), np.array
 @pytest.fixture(scope="module")
 def pool():
     """2 workers x 2 stages x 1 env in this process."""
-    p = LocalSimPool(functools.partial(make_tabletop_vector_env, image_size=IMAGE, max_episode_steps=LIMIT),
-                     num_envs=1, num_stages=2, num_workers=2)
-    yield p
-    p.close()
+    with tabletop_pool("local") as p:
+        yield p
 
 
 def test_the_rollout_engine_and_the_local_pool_import_no_ray():
@@ -44,7 +42,7 @@ def test_the_rollout_engine_and_the_local_pool_import_no_ray():
 
 
 def test_policy_rollout_without_ray(pool):
-    policy = random_policy()
+    policy = small_random_policy()
     eng = RolloutEngine(pool, PolicyDecoder(policy, prompt_len=24, flip=False), EngineConfig(temperature=1.6))
     b = eng.rollout(TASKS, STATES, GROUPS)
     tr = b.trajectories
@@ -73,7 +71,7 @@ def test_directed_rollout_matches_an_in_process_replay(pool, pipelined):
 def test_a_crashed_simulator_process_is_a_sim_failure_and_is_rerun(tmp_path, caplog):
     env_fn = functools.partial(fault_once_vector_env, marker_dir=str(tmp_path))
     tasks, states, groups = np.array([0, 1, 2, 1]), np.array([4, 5, CRASH_STATE, 6]), np.arange(4) + 50
-    with LocalSimPool(env_fn, num_envs=1, num_stages=2, num_workers=2) as p:
+    with tabletop_pool("local", env_fn) as p:
         # the failure names where it happened, and crosses a process boundary intact
         p.result(p.issue_reset(1, 0, np.array([2]), tasks[2:3], states[2:3], groups[2:3], 0))
         call = p.issue_step(1, 0, np.array([2]), np.zeros((1, 8, 7), np.float32))

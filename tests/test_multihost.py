@@ -14,14 +14,14 @@ from __future__ import annotations
 
 import json
 import os
-import socket
-import subprocess
 import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from tests.conftest import Job
 
 HERE = Path(__file__).parent
 ROOT = HERE.parent
@@ -42,59 +42,17 @@ DELTA_ATOL_SCALED, DELTA_ULPS = 1e-5, 2
 
 
 # -- launching ----------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
-
-
-def _spawn(args: list[str], devices: int, log: Path) -> subprocess.Popen:
+def _worker_job(mode: str, nproc: int, devices: int, out: Path, *extra: str, skip: tuple[int, ...] = ()) -> Job:
+    """Worker processes of one multi-host job, `devices` CPU devices each, logs in out/<mode>.<i>.log
+    (ids in `skip` are never started: they "never join")."""
     env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu",
            "PYTHONUNBUFFERED": "1"}
-    f = open(log, "w")
-    try:
-        return subprocess.Popen([sys.executable, "-m", "tests.test_multihost", *args], env=env, cwd=ROOT,
-                                stdout=f, stderr=subprocess.STDOUT)
-    finally:
-        f.close()  # the child holds its own descriptor
 
+    def command(i: int, port: int) -> tuple[list[str], dict]:
+        return [sys.executable, "-m", "tests.test_multihost", mode, str(out), str(nproc), str(i), str(port),
+                *extra], env
 
-class Job:
-    """Worker processes of one multi-host job (ids in `skip` are never started: they "never join")."""
-
-    def __init__(self, mode: str, nproc: int, devices: int, out: Path, *extra: str, skip: tuple[int, ...] = ()):
-        self.out, self.port, self.started = out, free_port(), time.monotonic()
-        self.procs: dict[int, subprocess.Popen] = {}
-        try:
-            for i in range(nproc):
-                if i not in skip:
-                    self.procs[i] = _spawn([mode, str(out), str(nproc), str(i), str(self.port), *extra], devices,
-                                           out / f"log{i}.txt")
-        except BaseException:
-            self.kill()
-            raise
-
-    def wait(self, timeout: float) -> dict[int, int]:
-        """Exit codes; fails (after killing them) if any process is still running at `timeout`."""
-        deadline = self.started + timeout
-        for p in self.procs.values():
-            try:
-                p.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-        alive = [i for i, p in self.procs.items() if p.poll() is None]
-        self.kill()
-        assert not alive, f"processes {alive} still running after {timeout} s:\n{self.logs()}"
-        return {i: p.returncode for i, p in self.procs.items()}
-
-    def kill(self) -> None:
-        for p in self.procs.values():
-            if p.poll() is None:
-                p.kill()
-                p.wait()
-
-    def logs(self) -> str:
-        return "\n".join(f"--- process {i}:\n{(self.out / f'log{i}.txt').read_text()[-3000:]}" for i in self.procs)
+    return Job((i for i in range(nproc) if i not in skip), command, out=out, tag=mode, cwd=ROOT)
 
 
 @pytest.fixture(scope="module")
@@ -103,10 +61,10 @@ def jobs(tmp_path_factory):
     dirs = {k: tmp_path_factory.mktemp(k) for k in ("two", "one", "no1", "no0")}
     started = []
     try:
-        started.append(Job("update", 2, 2, dirs["two"]))
-        started.append(Job("update", 1, 4, dirs["one"]))
-        started.append(Job("join", 2, 2, dirs["no1"], str(JOIN_TIMEOUT_S), skip=(1,)))  # peer missing
-        started.append(Job("join", 2, 2, dirs["no0"], str(JOIN_TIMEOUT_S), skip=(0,)))  # coordinator missing
+        started.append(_worker_job("update", 2, 2, dirs["two"]))
+        started.append(_worker_job("update", 1, 4, dirs["one"]))
+        started.append(_worker_job("join", 2, 2, dirs["no1"], str(JOIN_TIMEOUT_S), skip=(1,)))  # peer missing
+        started.append(_worker_job("join", 2, 2, dirs["no0"], str(JOIN_TIMEOUT_S), skip=(0,)))  # coordinator missing
         yield dict(zip(("two", "one", "no1", "no0"), started))
     finally:
         for job in started:
@@ -121,7 +79,7 @@ def updates(jobs):
         job = jobs[name]
         codes = job.wait(240)
         assert set(codes.values()) == {0}, f"{name}: exit codes {codes}\n{job.logs()}"
-        res = [json.loads((job.out / f"result{i}.json").read_text()) for i in job.procs]
+        res = [json.loads((job.out / f"result{i}.json").read_text()) for i in job.ids]
         out[name] = (dict(np.load(job.out / "params.npz")), res)
     return out
 
@@ -231,7 +189,7 @@ def test_missing_process_fails_fast(jobs, missing):
     assert "JOINED" not in log
     # from the call to the exit (the watchdog's message is the log's last write): the timeout, no more
     began = float(log.split("JOIN_STARTED_AT ")[1].split()[0])
-    waited = (job.out / f"log{pid}.txt").stat().st_mtime - began
+    waited = job.log_path(pid).stat().st_mtime - began
     assert JOIN_TIMEOUT_S - 0.5 < waited < JOIN_TIMEOUT_S + 5, waited
 
 

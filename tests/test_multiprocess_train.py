@@ -21,7 +21,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -30,96 +29,31 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import TINY_RUN, Job, free_port, kill_sessions, pids_where
+
 ROOT = Path(__file__).parent.parent
 HEARTBEAT_S = 10
-TINY = [  # a 2-step-a-minute demo: 2 groups of 4 per step
-    "actor_rollout_ref.model.image_size=56", "actor_rollout_ref.rollout.n=4", "data.train_batch_size=2",
-    "env.train.num_envs=2", "env.train.max_episode_steps=16", "env.train.init_params.camera_heights=32",
-    "env.train.init_params.camera_widths=32", "actor_rollout_ref.actor.ppo_mini_batch_size=8",
-    "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4", "actor_rollout_ref.actor.ppo_epochs=1",
-    "data.val_num_trials_per_task=1", "trainer.test_freq=-1", "trainer.val_before_train=false",
-    "trainer.save_freq=1", "data.filter_accuracy=false", "trainer.logger=[console,jsonl]",
-    "trainer.default_local_dir=run",
+RUN = TINY_RUN + [  # a 2-step-a-minute demo: 2 groups of 4 per step, on 2 envs
+    "env.train.num_envs=2", "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=4",
+    "actor_rollout_ref.actor.ppo_epochs=1", "trainer.logger=[console,jsonl]", "trainer.default_local_dir=run",
 ]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("localhost", 0))
-        return s.getsockname()[1]
+def _train_job(cwd: Path, tag: str, nproc: int, overrides: list[str], env: dict | None = None) -> Job:
+    """`nproc` processes of one `vlajax train` job in `cwd` (2 CPU devices each, the JAX_* variables as
+    a launcher sets them); logs in cwd/<tag>.<i>.log."""
 
+    def command(i: int, port: int) -> tuple[list[str], dict]:
+        e = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1",
+             "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
+             "JAX_COMPILATION_CACHE_DIR": str(cwd / "jax_cache"),
+             "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", **(env or {})}
+        if nproc > 1:
+            e.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=str(nproc), JAX_PROCESS_ID=str(i))
+        return ([sys.executable, "-m", "vlajax.cli", "train", "demo", f"trainer.nnodes={nproc}", *RUN, "ray.num_cpus=2",
+                 *overrides], {**e, "PYTHONPATH": str(ROOT)})
 
-class Job:
-    """`nproc` processes of one `vlajax train` job in `cwd`; logs in cwd/<tag>.<i>.log."""
-
-    def __init__(self, cwd: Path, tag: str, nproc: int, overrides: list[str], env: dict | None = None):
-        self.cwd, self.tag, self.started = cwd, tag, time.monotonic()
-        port = free_port()
-        self.procs: list[subprocess.Popen] = []
-        try:
-            for i in range(nproc):
-                e = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1",
-                     "XLA_FLAGS": "--xla_force_host_platform_device_count=2",
-                     "JAX_COMPILATION_CACHE_DIR": str(cwd / "jax_cache"),
-                     "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0", **(env or {})}
-                if nproc > 1:
-                    e.update(JAX_COORDINATOR_ADDRESS=f"localhost:{port}", JAX_NUM_PROCESSES=str(nproc),
-                             JAX_PROCESS_ID=str(i))
-                with open(self.log_path(i), "w") as f:
-                    self.procs.append(subprocess.Popen(
-                        [sys.executable, "-m", "vlajax.cli", "train", "demo", f"trainer.nnodes={nproc}", *TINY,
-                         "ray.num_cpus=2", *overrides], cwd=cwd, env={**e, "PYTHONPATH": str(ROOT)}, stdout=f,
-                        stderr=subprocess.STDOUT, start_new_session=True))
-        except BaseException:
-            self.kill()
-            raise
-
-    def log_path(self, i: int) -> Path:
-        return self.cwd / f"{self.tag}.{i}.log"
-
-    def log(self, i: int) -> str:
-        return self.log_path(i).read_text(errors="replace")
-
-    def logs(self) -> str:
-        return "\n".join(f"--- {self.tag} process {i}:\n{self.log(i)[-3000:]}" for i in range(len(self.procs)))
-
-    def wait(self, timeout: float) -> list[int]:
-        deadline = self.started + timeout
-        for p in self.procs:
-            try:
-                p.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-        alive = [i for i, p in enumerate(self.procs) if p.poll() is None]
-        if alive:
-            logs = self.logs()
-            self.kill()
-            pytest.fail(f"{self.tag}: processes {alive} still running after {timeout} s\n{logs}")
-        return [p.returncode for p in self.procs]
-
-    def kill_session(self, i: int) -> None:
-        """End process i and everything it started (its session): a node going down."""
-        try:
-            os.killpg(self.procs[i].pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        self.procs[i].wait()
-
-    def kill(self) -> None:
-        for i in range(len(self.procs)):
-            self.kill_session(i)
-
-    def leftovers(self) -> list[int]:
-        """Pids still in any of the job's sessions."""
-        sids = {p.pid for p in self.procs}
-        out = []
-        for pid in (int(d) for d in os.listdir("/proc") if d.isdigit()):
-            try:
-                if os.getsid(pid) in sids and Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z":
-                    out.append(pid)
-            except (OSError, IndexError):
-                pass
-        return out
+    return Job(range(nproc), command, out=cwd, tag=tag)
 
 
 def _steps(run: Path) -> list[int]:
@@ -207,12 +141,7 @@ class RayCluster:
                 p.wait(max(0.1, deadline - time.monotonic()))
             except subprocess.TimeoutExpired:
                 pass
-        sids = {p.pid for p in self.procs}
-        for pid in _pids_where(lambda pid: os.getsid(pid) in sids):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_sessions(p.pid for p in self.procs)
         for p in self.procs:
             if p.poll() is None:
                 p.kill()
@@ -242,7 +171,7 @@ class UserCommand:
         env.pop("XLA_FLAGS", None)
         with open(self.log_path, "w") as f:
             self.proc = subprocess.Popen([sys.executable, "-m", "vlajax.cli", "train", "demo", "ray.address=auto",
-                                          *TINY, *overrides], cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT,
+                                          *RUN, *overrides], cwd=cwd, env=env, stdout=f, stderr=subprocess.STDOUT,
                                          start_new_session=True)
 
     def log(self) -> str:
@@ -263,21 +192,9 @@ class UserCommand:
         self.proc.wait()
 
 
-def _pids_where(pred) -> list[int]:
-    """Live (not zombie) processes other than this one for which `pred(pid)` holds."""
-    out = []
-    for pid in (int(d) for d in os.listdir("/proc") if d.isdigit()):
-        try:
-            if pid != os.getpid() and pred(pid) and Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
-                out.append(pid)
-        except OSError:
-            pass
-    return out
-
-
 def _in_dir(cwd: Path) -> list[int]:
     """Pids of live processes whose working directory is `cwd`: the trainers."""
-    return _pids_where(lambda pid: Path(f"/proc/{pid}/cwd").resolve() == cwd.resolve())
+    return pids_where(lambda pid: Path(f"/proc/{pid}/cwd").resolve() == cwd.resolve())
 
 
 @pytest.mark.slow  # three short runs, one after the other (~2 min each on 2 busy cores)
@@ -306,7 +223,7 @@ def test_launched_run_resumes_across_process_counts(tmp_path, ray_cluster):
             for i in range(2):
                 assert f"] vlajax: process {i} of 2 on " in log and "devices local 1 / global 2" in log, log[-3000:]
         assert "resumed from checkpoint" not in a
-        assert f"[0@" in b and f"resumed from checkpoint {run.resolve()}/checkpoints/1 at training step 1" in b
+        assert "[0@" in b and f"resumed from checkpoint {run.resolve()}/checkpoints/1 at training step 1" in b
         assert f"resumed from checkpoint {run.resolve()}/checkpoints/2 at training step 2" in c
         for log, last in ((a, 1), (b, 2)):  # console metrics, the resume line and the summary: process 0 only
             assert f"step {last}/{last}" in log
@@ -321,8 +238,8 @@ def test_launched_run_resumes_across_process_counts(tmp_path, ray_cluster):
 
 @pytest.mark.slow  # one 2-process run until its first step (~2 min), then the heartbeat timeout
 def test_killed_process_ends_the_other(tmp_path):
-    job = Job(tmp_path, "k", 2, ["trainer.total_training_steps=50"],
-              env={"VLAJAX_HEARTBEAT_TIMEOUT_S": str(HEARTBEAT_S)})
+    job = _train_job(tmp_path, "k", 2, ["trainer.total_training_steps=50"],
+                     env={"VLAJAX_HEARTBEAT_TIMEOUT_S": str(HEARTBEAT_S)})
     try:
         deadline = time.monotonic() + 300
         while "step 1/50" not in job.log(0):

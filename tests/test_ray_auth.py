@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -16,7 +15,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from tests.test_multiprocess_train import _pids_where, free_port
+from tests.conftest import free_port, kill_sessions
 
 
 def test_joining_a_token_cluster_without_the_token_says_so(tmp_path):
@@ -55,9 +54,5 @@ def test_joining_a_token_cluster_without_the_token_says_so(tmp_path):
             head.wait(30)
         except subprocess.TimeoutExpired:
             pass
-        for pid in _pids_where(lambda pid: os.getsid(pid) == head.pid):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
+        kill_sessions([head.pid])
         shutil.rmtree(ray_tmp, ignore_errors=True)

@@ -16,7 +16,8 @@ import pytest
 import ray
 
 from tests._ray_cluster import local_cluster
-from tests.test_rollout import IMAGE, DirectedDecoder, _wait_gone, check_against_replay
+from tests._rollout_kit import IMAGE, DirectedDecoder, check_against_replay, tabletop_pool
+from tests.conftest import wait_gone
 from vlajax.distributed.placement import Colocated, Disaggregated, InProcess
 from vlajax.distributed.ray_sim import PlacementError, SimPool, check_cluster_resources
 from vlajax.envs.tabletop import make_tabletop_vector_env
@@ -43,9 +44,8 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def pool(cluster):
-    p = SimPool(ENV_FN, num_envs=2, num_stages=2, placement=DISAGG)
-    yield p
-    p.close()
+    with tabletop_pool("ray", ENV_FN, num_envs=2, placement=DISAGG) as p:
+        yield p
 
 
 def test_trainer_runs_on_the_train_rollout_node(cluster):
@@ -155,7 +155,7 @@ def test_close_kills_only_this_pools_processes(cluster, pool):
     pids = [i["pid"] for i in pool.infos] + [p for i in pool.infos for p in i["env_pids"]]
     assert len(pids) == 2 + 2 * 2 * 2
     pool.close()
-    assert _wait_gone(pids) == []
+    assert wait_gone(pids) == []
     assert ray.is_initialized() and len([n for n in ray.nodes() if n["Alive"]]) == 3  # the cluster lives on
     assert ray.util.placement_group_table() == {} or all(
         v["state"] == "REMOVED" for v in ray.util.placement_group_table().values())

@@ -8,9 +8,6 @@ directed policy behind the same Decoder interface gives deterministic, early-fin
 from __future__ import annotations
 
 import functools
-import os
-import socket
-import time
 from pathlib import Path
 
 import jax
@@ -19,85 +16,18 @@ import numpy as np
 import pytest
 import ray
 
+from benchmarks.random_weights import small_random_policy
+from tests._rollout_kit import (
+    CAM, CRASH_STATE, HANG_STATE, IMAGE, LIMIT, SLOW_STATE, K, DirectedDecoder, check_against_replay,
+    fault_once_vector_env, logits_of, tabletop_pool,
+)
+from tests.conftest import alive, free_port, wait_gone
 from vlajax.distributed.placement import Colocated
 from vlajax.distributed.ray_sim import PlacementError, RayConnectError, SimPool, init_ray
-from vlajax.envs import SubprocVectorEnv
-from vlajax.envs.tabletop import TabletopEnv, directed_actions, make_tabletop_vector_env, target_xy
-from vlajax.model import Policy, build_model, preset
-from vlajax.model.pretrained import abstract_params
+from vlajax.envs.tabletop import TabletopEnv, make_tabletop_vector_env
 from vlajax.model.actions import token_logprobs
-from vlajax.model.preprocess import preprocess_images
-from vlajax.model.tokenizer import load_tokenizer
-from vlajax.rl.policy_step import default_buckets, DecodeInputs, DecodeOutputs, Decoder, PolicyDecoder
+from vlajax.rl.policy_step import default_buckets, DecodeInputs, PolicyDecoder
 from vlajax.rl.rollout import EngineConfig, RolloutEngine, RolloutError
-
-K = 8  # actions per policy call
-LIMIT = 32  # episode limit (env steps): 4 policy calls
-IMAGE = 64
-CAM = "agentview"
-SPEED = 0.2  # directed policy speed: no episode can succeed within the first chunk
-HANG_STATE, CRASH_STATE, SLOW_STATE = 901, 902, 903
-
-
-# ---- a scripted policy and an in-process replay ------------------------------------------------
-class DirectedDecoder(Decoder):
-    """`Decoder` that moves each gripper straight to its target block at SPEED x full speed.
-    Its tokens record (row, call) of every policy call, so tests can see where each call landed."""
-
-    chunk_len, action_dim, num_tokens, num_images = K, 7, K * 7, 1
-
-    def __init__(self, task_ids, state_ids, seed: int = 0, speed: float = SPEED):
-        self.task, self.state = np.asarray(task_ids), np.asarray(state_ids)
-        self.seed, self.speed = seed, speed
-
-    def encode_prompts(self, instructions):
-        ids = np.array([[sum(map(ord, s)) % 30000, len(s)] for s in instructions], np.int32)
-        return ids, np.ones_like(ids)
-
-    def dispatch(self, x: DecodeInputs, *, temperature, key):
-        acts = np.stack([directed_actions(p[:2], target_xy(self.task[r], self.state[r], self.seed), K)
-                         for p, r in zip(x.proprio, x.rows)])
-        acts[..., :6] *= self.speed
-        tok = np.zeros((len(x), self.num_tokens), np.int32)
-        tok[:, 0], tok[:, 1] = x.rows, x.calls
-        return DecodeOutputs(tok, np.zeros(tok.shape, np.float32), acts.astype(np.float32))
-
-    def fetch(self, handle):
-        return handle
-
-
-def replay(task: int, state: int, seed: int = 0, limit: int = LIMIT, speed: float = SPEED):
-    """The directed episode of (task, state) in one in-process env: the frame fed to each policy
-    call, env steps executed, success."""
-    env = TabletopEnv(IMAGE, max_episode_steps=limit)
-    out = env.reset(task, state, seed)
-    frames, steps, success = [], 0, False
-    while steps < limit:
-        frames.append(out.images[CAM])
-        a = directed_actions(out.proprio[:2], target_xy(task, state, seed), K)
-        a[:, :6] *= speed
-        out = env.chunk_step(a[: limit - steps])
-        steps += out.steps
-        if out.success:
-            success = True
-            break
-    env.close()
-    return frames, steps, success
-
-
-def check_against_replay(batch, task_ids, state_ids, group_ids, seed=0, limit=LIMIT):
-    """Every trajectory row holds exactly its own (task, state, group) episode."""
-    tr = batch.trajectories
-    np.testing.assert_array_equal(tr.group_id, group_ids)
-    np.testing.assert_array_equal(tr.task_id, task_ids)
-    np.testing.assert_array_equal(batch.state_id, state_ids)
-    for n, (t, s) in enumerate(zip(task_ids, state_ids)):
-        frames, steps, success = replay(int(t), int(s), seed, limit)
-        assert tr.finish_step[n] == steps and tr.success[n] == success, f"row {n}"
-        assert tr.chunk_valid[n].sum() == len(frames) and tr.chunk_valid[n, : len(frames)].all()
-        for c, f in enumerate(frames):
-            np.testing.assert_array_equal(batch.images[n, c, 0], f, err_msg=f"row {n} call {c}")
-            assert tuple(tr.actions_tokens[n, c, :2]) == (n, c)
 
 
 # ---- fixtures ------------------------------------------------------------------------------------
@@ -111,47 +41,13 @@ def session():
 @pytest.fixture(scope="module")
 def pool(session):
     """2 workers x 2 stages x 1 env, colocated on the local node."""
-    p = SimPool(functools.partial(make_tabletop_vector_env, image_size=IMAGE, max_episode_steps=LIMIT),
-                num_envs=1, num_stages=2, placement=Colocated.standalone(env_workers_per_node=2, env_cpus_per_worker=0.5))
-    yield p
-    p.close()
-
-
-def random_policy(image_size: int = 56, seed: int = 0) -> Policy:
-    """The small OpenVLA-OFT with random weights drawn on the host (building it with JAX's own
-    initialisers compiles every init op: ~35 s on 2 cores)."""
-    cfg = preset("small", image_size=image_size)
-    _, shapes = abstract_params(cfg)
-    rng = np.random.default_rng(seed)
-
-    def init(path, s):
-        name = jax.tree_util.keystr(path)
-        if "norm" in name and name.endswith(("['scale']", "['weight']")):
-            return np.ones(s.shape, s.dtype)
-        if name.endswith("bias']"):
-            return np.zeros(s.shape, s.dtype)
-        return rng.normal(0.0, 0.05, s.shape).astype(s.dtype)
-
-    params = jax.tree_util.tree_map_with_path(init, shapes)
-    return Policy(build_model(cfg, params), tokenizer=load_tokenizer("tiny"), compute_dtype=jnp.float32)
-
-
-def logits_of(policy, images, ids, mask, preprocess):
-    """Policy logits for stored policy inputs, in batches of 4 (one compiled shape)."""
-    out = []
-    for i in range(0, len(images), 4):
-        sl = slice(i, i + 4)
-        im, pi, pm = images[sl], ids[sl], mask[sl]
-        n = len(im)
-        pad = lambda x: np.concatenate([x, np.repeat(x[:1], 4 - n, 0)])  # noqa: E731
-        px = preprocess_images(jnp.asarray(pad(im)), **preprocess)
-        out.append(np.asarray(policy.action_logits(px, pad(pi), pad(pm)))[:n])
-    return np.concatenate(out)
+    with tabletop_pool("ray") as p:
+        yield p
 
 
 @pytest.fixture(scope="module")
 def policy():
-    return random_policy()
+    return small_random_policy()
 
 
 @pytest.fixture(scope="module")
@@ -319,49 +215,12 @@ def test_bad_requests_are_named(engine):
 
 
 # ---- faults --------------------------------------------------------------------------------------
-class FaultOnceTabletop(TabletopEnv):
-    """The tabletop task whose first chunk at HANG_STATE hangs and at CRASH_STATE kills the env
-    process, once per marker directory (a restarted simulator then runs normally); every chunk at
-    SLOW_STATE takes 0.4 s longer."""
-
-    def __init__(self, marker_dir: str, **kw):
-        super().__init__(**kw)
-        self.marker_dir = Path(marker_dir)
-        self._state = -1
-
-    def reset(self, task_id, state_id, seed):
-        self._state = state_id
-        return super().reset(task_id, state_id, seed)
-
-    def chunk_step(self, actions, render_every_substep=False):
-        if self._state == SLOW_STATE:
-            time.sleep(0.4)
-        marker = self.marker_dir / str(self._state)
-        if self._state in (HANG_STATE, CRASH_STATE) and not marker.exists():
-            marker.touch()
-            if self._state == HANG_STATE:
-                time.sleep(600)
-            os._exit(3)
-        return super().chunk_step(actions, render_every_substep)
-
-
-def make_fault_once(index: int, marker_dir: str) -> FaultOnceTabletop:
-    return FaultOnceTabletop(marker_dir, image_size=IMAGE, max_episode_steps=LIMIT)
-
-
-def fault_once_vector_env(num_envs: int, *, name: str, marker_dir: str) -> SubprocVectorEnv:
-    return SubprocVectorEnv(functools.partial(make_fault_once, marker_dir=marker_dir), num_envs, name=name,
-                            max_episode_steps=LIMIT)
-
-
 @pytest.fixture(scope="module")
 def fault_pool(session, tmp_path_factory):
     marker_dir = tmp_path_factory.mktemp("fault_markers")
-    p = SimPool(functools.partial(fault_once_vector_env, marker_dir=str(marker_dir)), num_envs=1, num_stages=2,
-                placement=Colocated.standalone(env_workers_per_node=2, env_cpus_per_worker=0.5))
-    p.marker_dir = marker_dir
-    yield p
-    p.close()
+    with tabletop_pool("ray", functools.partial(fault_once_vector_env, marker_dir=str(marker_dir))) as p:
+        p.marker_dir = marker_dir
+        yield p
 
 
 def test_hung_step_and_crashed_env_process_rerun_their_episodes(fault_pool, caplog):
@@ -395,9 +254,7 @@ def test_no_barrier_a_slow_simulator_does_not_hold_back_the_others(fault_pool):
 
 # ---- start-up errors and shutdown ----------------------------------------------------------------
 def test_unreachable_address_fails_fast():
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     with pytest.raises(RayConnectError, match=f"cannot reach the Ray cluster at 127.0.0.1:{port}"):
         init_ray(f"127.0.0.1:{port}", connect_timeout_s=2.0)
     with pytest.raises(RayConnectError, match="host:port"):
@@ -410,26 +267,12 @@ def test_missing_gpu_is_named(session):
         SimPool(env_fn, num_envs=1, placement=Colocated.standalone(n_env_gpus_per_node=1))
 
 
-def _alive(pid: int) -> bool:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-def _wait_gone(pids, timeout_s=20.0):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline and any(_alive(p) for p in pids):
-        time.sleep(0.2)
-    return [p for p in pids if _alive(p)]
-
-
 def test_close_and_shutdown_leave_no_processes(session, pool):
     """Last test of the module: it closes the shared pool and stops the embedded Ray."""
     pids = [i["pid"] for i in pool.infos] + [p for i in pool.infos for p in i["env_pids"]]
-    assert pids and all(_alive(p) for p in pids)
+    assert pids and all(alive(p) for p in pids)
     pool.close()
-    assert _wait_gone(pids) == []
+    assert wait_gone(pids) == []
     node = ray._private.worker._global_node  # noqa: SLF001 - the processes of the Ray we started
     ray_pids = [p.process.pid for procs in node.all_processes.values() for p in procs]
     assert session.started and ray_pids
@@ -437,5 +280,5 @@ def test_close_and_shutdown_leave_no_processes(session, pool):
     assert Path(temp_dir).is_dir()
     session.shutdown()
     assert not ray.is_initialized()
-    assert _wait_gone(ray_pids) == []
+    assert wait_gone(ray_pids) == []
     assert not Path(temp_dir).exists()  # the session directory init_ray made is gone too

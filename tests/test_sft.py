@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from tests.test_demo_dataset import make_episode
+from tests.conftest import make_episode
 from vlajax.cli import main as cli_main
 from vlajax.config import ConfigError, load_config
 from vlajax.data import DemoWriter
@@ -204,8 +204,7 @@ SFT = [
 
 @pytest.mark.slow
 def test_sft_on_expert_demos_beats_untrained_and_starts_grpo(demos, tmp_path, monkeypatch, capsys):
-    from tests.conftest import libero_pack
-    from tests.test_libero_train import SMALL
+    from tests.conftest import LIBERO_SMALL_RUN, libero_pack
     from vlajax.data import read_dataset
     from vlajax.envs import libero_setup
     from vlajax.metrics import read_metrics
@@ -252,7 +251,8 @@ def test_sft_on_expert_demos_beats_untrained_and_starts_grpo(demos, tmp_path, mo
     # GRPO starts from the export as from a downloaded checkpoint and completes a step
     from vlajax.train import train
 
-    small = [o for o in SMALL if not o.startswith(("actor_rollout_ref.model.path", "actor_rollout_ref.model.image_size"))]
+    small = [o for o in LIBERO_SMALL_RUN
+             if not o.startswith(("actor_rollout_ref.model.path", "actor_rollout_ref.model.image_size"))]
     grpo = train(load_config("libero_grpo", small + [
         f"actor_rollout_ref.model.path={exp}", f"env.train.task_suite_name={SUITE}", "trainer.total_training_steps=1",
         f"trainer.default_local_dir={tmp_path / 'grpo'}", "env.train.video_cfg.save_video=false"]))

@@ -10,19 +10,11 @@ import jax
 import numpy as np
 import pytest
 
+from tests.conftest import TINY_RUN
 from vlajax.cli import main as cli_main
 from vlajax.config import ConfigError, load_config
 from vlajax.rl.checkpoint import CheckpointManager
 from vlajax.train import train
-
-TINY = [
-    "actor_rollout_ref.model.image_size=56", "actor_rollout_ref.rollout.n=4", "data.train_batch_size=2",
-    "env.train.num_envs=4", "env.train.max_episode_steps=16", "env.train.init_params.camera_heights=32",
-    "env.train.init_params.camera_widths=32", "actor_rollout_ref.actor.ppo_mini_batch_size=8",
-    "actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=16", "data.val_num_trials_per_task=1",
-    "trainer.test_freq=-1", "trainer.val_before_train=false", "trainer.save_freq=1", "data.filter_accuracy=false",
-    "trainer.logger=[jsonl]",
-]
 
 
 def _final_params(run_dir):
@@ -36,8 +28,8 @@ def _final_params(run_dir):
 def test_resumed_run_is_bit_identical_to_uninterrupted(tmp_path):
     straight = tmp_path / "straight"
     one_update = ["actor_rollout_ref.actor.ppo_epochs=1"]  # one mini-batch, one epoch: the update is on-policy
-    res = train(load_config(None, TINY + one_update + ["trainer.total_training_steps=3",
-                                                        f"trainer.default_local_dir={straight}"]))
+    res = train(load_config(None, TINY_RUN + one_update + ["trainer.total_training_steps=3",
+                                                            f"trainer.default_local_dir={straight}"]))
     assert res.steps == 3 and len(res.history) == 3
     # the learner recomputes exactly the rollout's log-probs (same images, prompt, normalised proprio)
     for m in res.history:
@@ -50,9 +42,10 @@ def test_resumed_run_is_bit_identical_to_uninterrupted(tmp_path):
     assert [x["step"] for x in lines if "train/success_rate" in x] == [1, 2, 3]
 
     resumed = tmp_path / "resumed"
-    train(load_config(None, TINY + one_update + ["trainer.total_training_steps=2", f"trainer.default_local_dir={resumed}"]))
-    res2 = train(load_config(None, TINY + one_update + ["trainer.total_training_steps=3",
-                                                         f"trainer.default_local_dir={resumed}"]))
+    train(load_config(None, TINY_RUN + one_update + ["trainer.total_training_steps=2",
+                                                     f"trainer.default_local_dir={resumed}"]))
+    res2 = train(load_config(None, TINY_RUN + one_update + ["trainer.total_training_steps=3",
+                                                             f"trainer.default_local_dir={resumed}"]))
     assert [m["train/success_rate"] for m in res2.history] == [res.history[2]["train/success_rate"]]
 
     step_a, a = _final_params(straight)
@@ -71,11 +64,11 @@ def test_resume_from_another_runs_checkpoint(tmp_path, capsys):
     """trainer.resume=<path> starts a new run directory from another run's checkpoint (only read),
     continues exactly as that run would have, and says so; checkpoints are numbered by RL step."""
     first = tmp_path / "first"
-    a = train(load_config(None, TINY + ["trainer.total_training_steps=2", f"trainer.default_local_dir={first}"]))
+    a = train(load_config(None, TINY_RUN + ["trainer.total_training_steps=2", f"trainer.default_local_dir={first}"]))
     assert _steps(first) == [1, 2]  # by training step, not by optimizer update
     second = tmp_path / "second"
-    b = train(load_config(None, TINY + ["trainer.total_training_steps=2", f"trainer.default_local_dir={second}",
-                                        f"trainer.resume={first / 'checkpoints' / '1'}"]))
+    b = train(load_config(None, TINY_RUN + ["trainer.total_training_steps=2", f"trainer.default_local_dir={second}",
+                                            f"trainer.resume={first / 'checkpoints' / '1'}"]))
     assert f"resumed from checkpoint {first / 'checkpoints' / '1'} at training step 1" in capsys.readouterr().out
     assert b.steps == 2 and len(b.history) == 1 and _steps(second) == [2] and _steps(first) == [1, 2]
     assert b.history[0]["actor/pg_loss"] == a.history[1]["actor/pg_loss"]  # what the first run computed
@@ -84,12 +77,12 @@ def test_resume_from_another_runs_checkpoint(tmp_path, capsys):
         np.testing.assert_array_equal(x, y)
     # nothing is overwritten: a run directory with checkpoints of its own refuses another run's, and `disable`
     with pytest.raises(ConfigError, match="already has checkpoints of its own") as e:
-        train(load_config(None, TINY + ["trainer.total_training_steps=3", f"trainer.default_local_dir={second}",
-                                        f"trainer.resume={first}"]))
+        train(load_config(None, TINY_RUN + ["trainer.total_training_steps=3", f"trainer.default_local_dir={second}",
+                                            f"trainer.resume={first}"]))
     assert e.value.key == "trainer.resume"
     with pytest.raises(ConfigError, match="collide"):
-        train(load_config(None, TINY + ["trainer.total_training_steps=3", f"trainer.default_local_dir={second}",
-                                        "trainer.resume=disable"]))
+        train(load_config(None, TINY_RUN + ["trainer.total_training_steps=3", f"trainer.default_local_dir={second}",
+                                            "trainer.resume=disable"]))
 
 
 def _two_proportion_z(k1: int, n1: int, k2: int, n2: int) -> float:
@@ -158,7 +151,8 @@ def test_clear_errors_before_anything_starts(tmp_path, capsys):
     assert cli_main(["train", f"actor_rollout_ref.model.path={other}",
                      f"trainer.default_local_dir={tmp_path / 'r2'}"] + ckpt) == 2
     assert "model_type is 'llava'" in capsys.readouterr().err
-    assert cli_main(["train", "ray.address=127.0.0.1:9", f"trainer.default_local_dir={tmp_path / 'r3'}"] + TINY) == 2
+    assert cli_main(["train", "ray.address=127.0.0.1:9",
+                     f"trainer.default_local_dir={tmp_path / 'r3'}"] + TINY_RUN) == 2
     assert "127.0.0.1:9" in capsys.readouterr().err
 
 
@@ -194,7 +188,7 @@ def test_runs_without_ray(tmp_path):
 
     code = ("import sys\nfrom vlajax.cli import main\n"
             f"rc = main(['train', 'ray.enable=false', 'trainer.total_training_steps=1', "
-            f"'trainer.default_local_dir={tmp_path / 'run'}', *{TINY!r}])\n"
+            f"'trainer.default_local_dir={tmp_path / 'run'}', *{TINY_RUN!r}])\n"
             "assert rc == 0, rc\nassert 'ray' not in sys.modules, 'ray was imported'\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -211,7 +205,7 @@ def test_a_simulator_that_cannot_start_is_one_line(tmp_path, capsys, ray_enable)
     if ctypes.util.find_library("OSMesa"):
         pytest.skip("libOSMesa is installed here: OSMesa would open")
     rc = cli_main(["train", f"ray.enable={ray_enable}", "env.train.mujoco_gl=osmesa", "trainer.total_training_steps=1",
-                   f"trainer.default_local_dir={tmp_path / 'run'}", *TINY])
+                   f"trainer.default_local_dir={tmp_path / 'run'}", *TINY_RUN])
     err = capsys.readouterr().err
     assert rc == 2, err[-3000:]
     lines = [x for x in err.splitlines() if x.startswith("vlajax train: error:")]
@@ -232,7 +226,7 @@ def test_a_resumed_process_compiles_nothing_the_first_one_did(tmp_path):
     run = tmp_path / "run"
     one_chunk = ["env.train.max_episode_steps=8"]  # one chunk per trajectory: every mini-batch has 8 rows
     for steps in (1, 2):
-        out = subprocess.run([sys.executable, "-m", "vlajax.cli", "train", *TINY, *one_chunk,
+        out = subprocess.run([sys.executable, "-m", "vlajax.cli", "train", *TINY_RUN, *one_chunk,
                               f"trainer.total_training_steps={steps}", f"trainer.default_local_dir={run}"],
                              env=env, capture_output=True, text=True, timeout=600)
         assert out.returncode == 0, out.stderr[-3000:]
