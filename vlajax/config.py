@@ -445,7 +445,9 @@ class TrainerConfig(_Section):
 
 @dataclass(frozen=True)
 class RayConfig(_Section):
-    enable: bool = True  # false: simulators on threads of the trainer's process, no Ray (one node)
+    # true: simulators in Ray actors; false: on threads of the trainer's process, no Ray (one node);
+    # null: Ray only where the run needs it (ray.address set, trainer.nnodes > 1, env.disagg_sim.enable)
+    enable: Optional[bool] = True
     address: Optional[str] = None  # None = start an embedded local Ray; "auto" or host:port = join
     num_cpus: Optional[int] = None  # embedded Ray only; None = all
     temp_dir: Optional[str] = None  # embedded Ray only; None = a fresh directory under /tmp
@@ -485,11 +487,20 @@ class RunConfig(_Section):
         t, dis = self.trainer, self.env.disagg_sim
         sizes = dict(trainer_nnodes=t.nnodes, n_env_gpus_per_node=t.n_env_gpus_per_node,
                      n_rollout_gpus_per_node=t.n_rollout_gpus_per_node)
-        if not self.ray.enable:
+        if not self.uses_ray:
             return InProcess(**sizes)
         if dis.enable:
             return Disaggregated(sim_nodes=dis.nnodes, **sizes)
         return Colocated(**sizes)
+
+    @property
+    def uses_ray(self) -> bool:
+        """`ray.enable`, or when it is null whether the run needs Ray: to join a cluster, to launch one
+        trainer process per node, or to place simulators on their own nodes."""
+        r = self.ray
+        if r.enable is not None:
+            return r.enable
+        return r.address is not None or self.trainer.nnodes > 1 or self.env.disagg_sim.enable
 
     def per_process(self, num_processes: int) -> "RunConfig":
         """The config of one trainer process of a `num_processes`-process job: each places its own
@@ -1111,7 +1122,7 @@ def _validate_trainer(cfg: RunConfig) -> None:
 def _validate_ray(cfg: RunConfig) -> None:
     """The Ray connection, or none (`ray.enable=false`: simulators in the trainer's process)."""
     r = cfg.ray
-    if not r.enable:
+    if r.enable is False:
         _check(not cfg.env.disagg_sim.enable, "ray.enable",
                "is false, but env.disagg_sim.enable=true places the simulators on other nodes, through Ray")
         _check(r.address is None, "ray.enable", f"is false, but ray.address={r.address} names a Ray cluster to join")
