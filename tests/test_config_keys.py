@@ -27,7 +27,7 @@ VARIANT = [
     "actor_rollout_ref.rollout.val_kwargs.temperature=1.0", "env.train.video_cfg.save_video=true",
     "actor_rollout_ref.actor.ppo_micro_batch_size=16", "actor_rollout_ref.actor.optim.lr_warmup_steps=2",
     "data.filter_accuracy=true", "data.accuracy_lower_bound=0.0", "data.accuracy_upper_bound=1.0",
-    "trainer.logger=[jsonl,console]", "data.max_sampling_rounds=1",
+    "trainer.logger=[jsonl,console]", "data.max_sampling_rounds=1", "ray.enable=true",
 ]
 
 
