@@ -29,6 +29,7 @@ OPEN, CLOSE = -1.0, 1.0
 HOLD = 0.0  # the gripper keeps its opening (robosuite ramps it by the sign of the command)
 PINCH_STEPS = 3  # closing steps from fully open that leave ~3 cm between the pads (a bowl's rim in a tight place)
 SAFE_Z_CLEARANCE = 0.12  # carry height above the highest point to pass over
+CARRY_BOTTOM_CLEARANCE = 0.05  # a carried object's bottom above the target's top while carried over it
 GRIPPER_STEPS = 12  # control steps the Panda gripper needs to close or open fully
 
 
@@ -96,8 +97,17 @@ def _shape(inner, name: str) -> Shape:
     return Shape(lo, hi, pos, ax / np.linalg.norm(ax), float(hx), float(hy))
 
 
+TILTED_SITE_INSET = 0.035  # how far up a tilted region's normal the object is aimed (past its lower lip)
+
+
 def _target_point(inner, name: str) -> tuple[np.ndarray, float]:
-    """(xy target, top z) of a place target: an object's body, or a region's site."""
+    """(xy target, top z) of a place target: an object's body, or a region's site.
+
+    A tilted region (the wine rack's slanted board) counts an object as on it when the object's
+    origin lies in a thin slab along the region's normal (LIBERO's `SiteObject.under`, which reads
+    the site matrix's rows as the region's axes); its site sits on the board's lower lip, so the
+    target is moved `TILTED_SITE_INSET` up that normal, where an upright object set down rests on
+    the board inside the slab."""
     model, data = inner.sim.model._model, inner.sim.data._data
     if name in inner.obj_body_id:
         s = _shape(inner, name)
@@ -106,6 +116,11 @@ def _target_point(inner, name: str) -> tuple[np.ndarray, float]:
         site = model.site(name).id
         pos = data.site_xpos[site].copy()
         half = model.site_size[site]
+        normal = data.site_xmat[site].reshape(3, 3)[2]  # `under` uses mat @ d: rows are the axes
+        if abs(normal[2]) < 0.9:
+            normal = normal if normal[2] > 0 else -normal
+            p = pos + TILTED_SITE_INSET * normal
+            return p[:2], float(p[2])
         return pos[:2], float(pos[2] + (half[2] if len(half) > 2 else 0.0))
     raise ExpertError(f"place target {name!r} is neither an object nor a region of the scene")
 
@@ -280,6 +295,15 @@ def _rotated(v: np.ndarray, angle: float) -> np.ndarray:
     return np.array([c * v[0] - s * v[1], s * v[0] + c * v[1]])
 
 
+def _is_tall_and_round(s: Shape) -> bool:
+    """A bottle: much taller than wide, about as deep as wide. Taken by its top (the palm stops
+    a deeper grasp), it hangs far below the pads and swings about the line between them when the
+    hand accelerates across that line; pinched along the carry direction it cannot, so the
+    closing axis is turned onto the way to the target (a round object has no narrow side)."""
+    height = s.hi[2] - s.lo[2]
+    return height > 2.5 * 2 * max(s.half_x, s.half_y) and abs(s.half_x - s.half_y) < 0.2 * max(s.half_x, s.half_y)
+
+
 # ---- primitives ----------------------------------------------------------------------------------
 def _yaw_to_close_along(expert: LiberoExpert, direction: np.ndarray) -> float:
     """The yaw (|yaw| <= pi/2) that turns the fingers' closing axis onto `direction` (mod pi)."""
@@ -310,8 +334,12 @@ def pick_and_place(expert: LiberoExpert, obj: str, target: str, *, drop: bool) -
                 cands.append((np.array([xy[0], xy[1], z]), radial))
         else:  # top-down across the narrow side, turned and shifted to keep the hand off neighbours
             narrow = s.axis_x if s.half_x <= s.half_y else np.array([-s.axis_x[1], s.axis_x[0]])
-            long_axis = np.array([-narrow[1], narrow[0]])
             height = s.hi[2] - s.lo[2]
+            if _is_tall_and_round(s):  # pinch across the way it will be carried (see _is_tall_and_round)
+                to_target = _target_point(inner, target)[0] - s.center[:2]
+                if np.linalg.norm(to_target) > 1e-3:
+                    narrow = to_target / np.linalg.norm(to_target)
+            long_axis = np.array([-narrow[1], narrow[0]])
             z = s.hi[2] - min(0.035, max(0.01, height * 0.5))
             z = max(z, s.lo[2] + 0.012)
             slack = max(0.0, max(s.half_x, s.half_y) - 0.025)
@@ -323,6 +351,7 @@ def pick_and_place(expert: LiberoExpert, obj: str, target: str, *, drop: bool) -
                     cands.append((np.array([xy[0], xy[1], z]), _rotated(narrow, np.deg2rad(dev))))
         grasp_xyz, close_dir = _best_grasp(cands, _obstacle_boxes(inner, obj, s.lo[2] + 0.005), reach)
         xy, z = grasp_xyz[:2], grasp_xyz[2]
+        state["hang"] = z - s.lo[2]  # how far the object reaches below the grip site
         yaw = _yaw_to_close_along(expert, close_dir)
         state["grasp"] = np.array([xy[0], xy[1], z])
         state["yaw"] = yaw
@@ -346,7 +375,8 @@ def pick_and_place(expert: LiberoExpert, obj: str, target: str, *, drop: bool) -
 
     def lift():
         tz, top = _target_point(inner, target)
-        z = max(state["grasp"][2] + 0.15, top + SAFE_Z_CLEARANCE)
+        # a tall object hangs far below the hand: its bottom, not the hand, must clear the target
+        z = max(state["grasp"][2] + 0.15, top + SAFE_Z_CLEARANCE, top + state["hang"] + CARRY_BOTTOM_CLEARANCE)
         state["carry_z"] = z
         return np.array([state["grasp"][0], state["grasp"][1], z])
 
