@@ -166,6 +166,7 @@ class Waypoint:
     min_steps: int = 0
     speed: float = 1.0  # cap on the position action's magnitude
     on_exit: Callable[[np.ndarray], None] | None = None  # called with the eef position when left
+    yaw: float | Callable[[], float] | None = None  # the hand's yaw while tracking (None: keep it)
 
 
 class LiberoExpert:
@@ -210,6 +211,8 @@ class LiberoExpert:
                 self._steps_here = 0
                 continue
             self._steps_here += 1
+            if wp.yaw is not None:
+                self._yaw = wp.yaw() if callable(wp.yaw) else wp.yaw
             return self._action(obs, target, wp.grip() if callable(wp.grip) else wp.grip, wp.speed)
         return np.array([0, 0, 0, 0, 0, 0, OPEN])
 
@@ -413,6 +416,71 @@ def pick_and_place(expert: LiberoExpert, obj: str, target: str, *, drop: bool) -
     return wps
 
 
+KNOB_TURN_STEP = 0.15  # radians of hand yaw per waypoint while turning a knob
+KNOB_ON_ANGLE = 1.2  # knob angle aimed at to turn it on (the flat stove is on from 0.5 rad, up to 2.1)
+KNOB_OFF_ANGLE = -0.3  # aimed at to turn it off (off below 0; the joint stops at -0.005)
+
+
+def _knob(inner, fixture: str) -> tuple[int, np.ndarray, np.ndarray, float]:
+    """(hinge joint id, its world axis (z up), the knob's collision geoms, the joint angle) of the
+    fixture's turnable knob."""
+    model, data = inner.sim.model._model, inner.sim.data._data
+    obj = inner.get_object(fixture)
+    hinges = [model.joint(j).id for j in getattr(obj, "joints", [])
+              if model.jnt_type[model.joint(j).id] == 3]  # mjJNT_HINGE
+    if fixture not in inner.obj_body_id or not hinges:
+        raise ExpertError(f"{fixture!r} has no knob (hinge joint) to turn")
+    j = hinges[0]
+    axis = data.xaxis[j].copy()
+    if abs(axis[2]) < 0.9:
+        raise ExpertError(f"{fixture!r}: its knob turns about {np.round(axis, 2)}, not a vertical axis")
+    geoms = _collision_geoms(model, _subtree_bodies(model, model.jnt_bodyid[j]))
+    return j, axis, geoms, float(data.qpos[model.jnt_qposadr[j]])
+
+
+def turn_knob(expert: LiberoExpert, fixture: str, *, on: bool) -> list[Waypoint]:
+    """Waypoints that turn the fixture's knob (the flat stove's) on or off.
+
+    The knob is a hinge about a vertical axis under a handle bar; LIBERO counts the stove on from
+    0.5 rad (`FlatStove.turn_on`) and off below 0. The hand pinches the bar across its narrow side
+    with the grip site on the hinge axis, then yaws in small steps (the OSC turns the hand about the
+    grip site, so the pinch stays on the axis and turns the bar with it), releases and rises."""
+    inner = expert.inner
+    model, data = inner.sim.model._model, inner.sim.data._data
+    state: dict[str, Any] = {}
+
+    def plan():
+        j, axis, geoms, angle = _knob(inner, fixture)
+        lo, hi = geoms_box(model, data, geoms)
+        handle = [g for g in geoms if geoms_box(model, data, np.array([g]))[1][2] > hi[2] - 0.012]
+        hlo, hhi = geoms_box(model, data, np.array(handle))
+        narrow = np.array([1.0, 0.0]) if hhi[0] - hlo[0] < hhi[1] - hlo[1] else np.array([0.0, 1.0])
+        centre = data.xanchor[j].copy()
+        state["grasp"] = np.array([centre[0], centre[1], hhi[2] - 0.02])
+        turn = ((KNOB_ON_ANGLE if on else KNOB_OFF_ANGLE) - angle) * np.sign(axis[2])
+        yaw0 = _yaw_to_close_along(expert, narrow)
+        alt = yaw0 - np.pi if yaw0 > 0 else yaw0 + np.pi  # the same pinch, the other way round
+        if max(abs(alt), abs(alt + turn)) < max(abs(yaw0), abs(yaw0 + turn)):
+            yaw0 = alt
+        state["yaws"] = yaw0 + np.linspace(0, turn, max(2, int(np.ceil(abs(turn) / KNOB_TURN_STEP)) + 1))[1:]
+        state["yaw0"] = yaw0
+        return state["grasp"]
+
+    grasp = plan()  # a fixture's knob does not move before its turn: planned now
+    yaw0 = state["yaw0"]
+    wps = [
+        Waypoint(grasp + np.array([0, 0, 0.10]), OPEN, tol=0.01, max_steps=100, yaw=yaw0),
+        Waypoint(grasp, OPEN, tol=0.006, max_steps=60, speed=0.6, yaw=yaw0),
+        Waypoint(grasp, CLOSE, tol=1.0, min_steps=GRIPPER_STEPS, max_steps=GRIPPER_STEPS, yaw=yaw0),
+    ]
+    wps += [Waypoint(grasp, CLOSE, tol=1.0, min_steps=3, max_steps=3, yaw=float(y)) for y in state["yaws"]]
+    wps += [
+        Waypoint(grasp, OPEN, tol=1.0, min_steps=GRIPPER_STEPS // 2, max_steps=GRIPPER_STEPS // 2),
+        Waypoint(grasp + np.array([0, 0, 0.08]), OPEN, tol=0.02, max_steps=40),
+    ]
+    return wps
+
+
 def plan_goal(expert: LiberoExpert, goal: Sequence[Sequence[str]]) -> list[Waypoint]:
     """The waypoints for a conjunction of BDDL goal predicates, in order."""
     plan: list[Waypoint] = []
@@ -422,6 +490,8 @@ def plan_goal(expert: LiberoExpert, goal: Sequence[Sequence[str]]) -> list[Waypo
             plan += pick_and_place(expert, pred[1], pred[2], drop=False)
         elif kind == "in":
             plan += pick_and_place(expert, pred[1], pred[2], drop=True)
+        elif kind in ("turnon", "turnoff"):
+            plan += turn_knob(expert, pred[1], on=kind == "turnon")
         else:
             raise ExpertError(f"no primitive for goal predicate {pred}")
     return plan
