@@ -167,6 +167,7 @@ class Waypoint:
     speed: float = 1.0  # cap on the position action's magnitude
     on_exit: Callable[[np.ndarray], None] | None = None  # called with the eef position when left
     yaw: float | Callable[[], float] | None = None  # the hand's yaw while tracking (None: keep it)
+    until: Callable[[], bool] | None = None  # also left as soon as this holds
 
 
 class LiberoExpert:
@@ -204,6 +205,7 @@ class LiberoExpert:
             wp = self._plan[self._i]
             target = wp.pos() if callable(wp.pos) else wp.pos
             reached = np.linalg.norm(target - eef) < wp.tol and self._steps_here >= wp.min_steps
+            reached = reached or (wp.until is not None and wp.until())
             if reached or self._steps_here >= wp.max_steps:
                 if wp.on_exit is not None:
                     wp.on_exit(eef)
@@ -416,6 +418,77 @@ def pick_and_place(expert: LiberoExpert, obj: str, target: str, *, drop: bool) -
     return wps
 
 
+SLIDE_TOL = 0.01  # a slid object this close to its target is let go
+SLIDE_LIFT = 0.004  # how far the pinched rim is raised off its seat while sliding
+
+
+def _is_slidable(s: Shape, target_top: float) -> bool:
+    """A plate: too wide for the open hand, flat, and its target is on the surface it stands on:
+    it is slid there by its rim (`slide_by_rim`), not carried."""
+    flat = s.hi[2] - s.lo[2] < 0.03
+    wide = 2 * min(s.half_x, s.half_y) > 2 * FINGER_REACH
+    return flat and wide and abs(target_top - s.lo[2]) < 0.02
+
+
+def slide_by_rim(expert: LiberoExpert, obj: str, target: str) -> list[Waypoint]:
+    """Waypoints that slide a plate along the table onto a region ("push the plate ...").
+
+    Why not carry it: a plate pinched by its low rim hangs on edge once lifted. Why not push it:
+    its rim is a gentle slope (a finger pushing it from inside wedges it onto the table) and the
+    plates stand at the far edge of the Panda's reach, where the hand cannot get down to the table
+    behind them. So the fingers pinch the rim on the side facing the target, closing radially,
+    and pull the plate there, the rim raised only `SLIDE_LIFT` so the plate stays flat on the
+    table; the pull aims the plate's centre (the grasp offset is measured once held)."""
+    inner = expert.inner
+    state: dict[str, Any] = {}
+
+    def centre_to_goal():
+        s = _shape(inner, obj)
+        goal, _ = _target_point(inner, target)
+        return s, goal, goal - s.center[:2]
+
+    def plan():
+        s, goal, to_goal = centre_to_goal()
+        d = to_goal / max(np.linalg.norm(to_goal), 1e-6)
+        rim = max(s.half_x, s.half_y) - 0.01
+        xy = s.center[:2] + rim * d
+        state["grasp"] = np.array([xy[0], xy[1], s.hi[2] - 0.012])
+        state["yaw"] = _yaw_to_close_along(expert, d)
+        return state["grasp"]
+
+    def above():
+        g = state.get("grasp")
+        if g is None:
+            g = plan()
+        return g + np.array([0, 0, 0.10])
+
+    def held(eef: np.ndarray) -> None:
+        state["offset"] = eef[:2] - _shape(inner, obj).center[:2]
+        state["z"] = eef[2] + SLIDE_LIFT
+
+    def pull():
+        _, goal, _ = centre_to_goal()
+        xy = goal + state["offset"]
+        return np.array([xy[0], xy[1], state["z"]])
+
+    def arrived() -> bool:
+        return bool(np.linalg.norm(centre_to_goal()[2]) < SLIDE_TOL)
+
+    def released(eef: np.ndarray) -> None:
+        state["end"] = eef.copy()
+
+    grasp = lambda: state["grasp"]  # noqa: E731
+    return [
+        Waypoint(above, OPEN, tol=0.01, max_steps=100, yaw=lambda: state["yaw"]),
+        Waypoint(above, CLOSE, tol=1.0, min_steps=PINCH_STEPS, max_steps=PINCH_STEPS),
+        Waypoint(grasp, HOLD, tol=0.006, max_steps=60, speed=0.6),
+        Waypoint(grasp, CLOSE, tol=1.0, min_steps=GRIPPER_STEPS, max_steps=GRIPPER_STEPS, on_exit=held),
+        Waypoint(pull, CLOSE, tol=0.005, max_steps=120, speed=0.4, until=arrived, on_exit=released),
+        Waypoint(lambda: state["end"], OPEN, tol=1.0, min_steps=GRIPPER_STEPS // 2, max_steps=GRIPPER_STEPS // 2),
+        Waypoint(lambda: state["end"] + np.array([0, 0, 0.08]), OPEN, tol=0.02, max_steps=40),
+    ]
+
+
 KNOB_TURN_STEP = 0.15  # radians of hand yaw per waypoint while turning a knob
 KNOB_ON_ANGLE = 1.2  # knob angle aimed at to turn it on (the flat stove is on from 0.5 rad, up to 2.1)
 KNOB_OFF_ANGLE = -0.3  # aimed at to turn it off (off below 0; the joint stops at -0.005)
@@ -487,7 +560,10 @@ def plan_goal(expert: LiberoExpert, goal: Sequence[Sequence[str]]) -> list[Waypo
     for pred in goal:
         kind = pred[0].lower()
         if kind == "on":
-            plan += pick_and_place(expert, pred[1], pred[2], drop=False)
+            if _is_slidable(_shape(expert.inner, pred[1]), _target_point(expert.inner, pred[2])[1]):
+                plan += slide_by_rim(expert, pred[1], pred[2])
+            else:
+                plan += pick_and_place(expert, pred[1], pred[2], drop=False)
         elif kind == "in":
             plan += pick_and_place(expert, pred[1], pred[2], drop=True)
         elif kind in ("turnon", "turnoff"):
