@@ -10,6 +10,12 @@ How it works: the goal (`parsed_problem["goal_state"]`) becomes a list of primit
   target, lower, open, retreat. The grasp point comes from the object's collision geometry
   (a bowl is taken by its rim, anything else across its narrow side, top-down); the carry keeps
   the object-to-gripper offset measured at the grasp, so the object (not the hand) lands on target.
+  A tall object (a bottle) is carried with its bottom clear of the target and pinched along the
+  carry so it cannot swing; a tilted region (the wine rack) is aimed at up its normal.
+- slide (`On` a plate onto a region of the surface it stands on): pinch the rim on the side facing
+  the target and pull the plate there flat on the table (`slide_by_rim`).
+- knob (`TurnOn`, `TurnOff`): pinch the knob's handle on its hinge axis and yaw (`turn_knob`).
+Drawers (`Open`, `Close`) have no primitive yet: an ExpertError names the predicate.
 Actions: position (3) in [-1, 1] = delta / 0.05 m, orientation (3) = axis-angle delta / 0.5 rad
 (robosuite's OSC_POSE scaling), gripper -1 open / +1 close.
 """
