@@ -77,8 +77,9 @@ def test_goal_primitive_succeeds_within_budget(task, state, assets):
 
 
 def test_sampled_state_and_no_primitive(assets):
-    """A sampled (non-evaluation) state works the same; a goal without a primitive (open a drawer)
-    is reported with suite, task and predicate, and the episode is not counted as a demonstration."""
+    """A sampled (non-evaluation) state works the same; a goal without a primitive (open a drawer,
+    or fill a closed one) is reported with suite, task and predicate, and the episode is not
+    counted as a demonstration."""
     from vlajax.envs.base import sampled_state_id
 
     env = _env("libero_goal", assets)
@@ -87,6 +88,8 @@ def test_sampled_state_and_no_primitive(assets):
         rec = env.demonstrate(0, 0)  # open the middle drawer
         assert not rec["success"] and rec["steps"] == 0
         assert "libero_goal task 0" in rec["error"] and "open" in rec["error"]
+        rec = env.demonstrate(3, 0)  # put the bowl into the top drawer, which is closed
+        assert not rec["success"] and rec["steps"] == 0 and "is closed" in rec["error"]
     finally:
         env.close()
 

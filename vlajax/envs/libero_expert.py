@@ -560,6 +560,17 @@ def turn_knob(expert: LiberoExpert, fixture: str, *, on: bool) -> list[Waypoint]
     return wps
 
 
+def _check_reachable_inside(inner, pred: Sequence[str]) -> None:
+    """A drawer's region can be filled only with the drawer open; there is no primitive that
+    opens one yet, so a closed drawer is a named error rather than a bowl dropped on its front."""
+    site = inner.object_sites_dict.get(pred[2])
+    if site is not None and getattr(site, "joints", None):
+        state = inner.object_states_dict.get(pred[2])
+        if state is not None and not state.is_open():
+            raise ExpertError(f"no primitive for goal predicate {list(pred)}: {pred[2]!r} is closed "
+                              "and no primitive opens drawers")
+
+
 def plan_goal(expert: LiberoExpert, goal: Sequence[Sequence[str]]) -> list[Waypoint]:
     """The waypoints for a conjunction of BDDL goal predicates, in order."""
     plan: list[Waypoint] = []
@@ -571,6 +582,7 @@ def plan_goal(expert: LiberoExpert, goal: Sequence[Sequence[str]]) -> list[Waypo
             else:
                 plan += pick_and_place(expert, pred[1], pred[2], drop=False)
         elif kind == "in":
+            _check_reachable_inside(expert.inner, pred)
             plan += pick_and_place(expert, pred[1], pred[2], drop=True)
         elif kind in ("turnon", "turnoff"):
             plan += turn_knob(expert, pred[1], on=kind == "turnon")
