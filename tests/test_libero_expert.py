@@ -63,9 +63,23 @@ def test_pick_and_place_succeeds_within_budget(suite, pairs, assets):
         env.close()
 
 
+@pytest.mark.parametrize("task,state", [
+    (7, 0),  # TurnOn(stove): pinch the knob's handle on its axis and yaw
+    (5, 0),  # On(plate, stove front region): slide the plate by its rim
+    (9, 0),  # On(wine bottle, rack): a tall bottle carried high, set on the tilted rack region
+])
+def test_goal_primitive_succeeds_within_budget(task, state, assets):
+    env = _env("libero_goal", assets)
+    try:
+        _check_record(env.demonstrate(task, state), "libero_goal")
+    finally:
+        env.close()
+
+
 def test_sampled_state_and_no_primitive(assets):
-    """A sampled (non-evaluation) state works the same; a goal without a primitive (open a drawer)
-    is reported with suite, task and predicate, and the episode is not counted as a demonstration."""
+    """A sampled (non-evaluation) state works the same; a goal without a primitive (open a drawer,
+    or fill a closed one) is reported with suite, task and predicate, and the episode is not
+    counted as a demonstration."""
     from vlajax.envs.base import sampled_state_id
 
     env = _env("libero_goal", assets)
@@ -74,6 +88,8 @@ def test_sampled_state_and_no_primitive(assets):
         rec = env.demonstrate(0, 0)  # open the middle drawer
         assert not rec["success"] and rec["steps"] == 0
         assert "libero_goal task 0" in rec["error"] and "open" in rec["error"]
+        rec = env.demonstrate(3, 0)  # put the bowl into the top drawer, which is closed
+        assert not rec["success"] and rec["steps"] == 0 and "is closed" in rec["error"]
     finally:
         env.close()
 

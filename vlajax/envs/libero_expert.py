@@ -10,6 +10,12 @@ How it works: the goal (`parsed_problem["goal_state"]`) becomes a list of primit
   target, lower, open, retreat. The grasp point comes from the object's collision geometry
   (a bowl is taken by its rim, anything else across its narrow side, top-down); the carry keeps
   the object-to-gripper offset measured at the grasp, so the object (not the hand) lands on target.
+  A tall object (a bottle) is carried with its bottom clear of the target and pinched along the
+  carry so it cannot swing; a tilted region (the wine rack) is aimed at up its normal.
+- slide (`On` a plate onto a region of the surface it stands on): pinch the rim on the side facing
+  the target and pull the plate there flat on the table (`slide_by_rim`).
+- knob (`TurnOn`, `TurnOff`): pinch the knob's handle on its hinge axis and yaw (`turn_knob`).
+Drawers (`Open`, `Close`) have no primitive yet: an ExpertError names the predicate.
 Actions: position (3) in [-1, 1] = delta / 0.05 m, orientation (3) = axis-angle delta / 0.5 rad
 (robosuite's OSC_POSE scaling), gripper -1 open / +1 close.
 """
@@ -29,6 +35,7 @@ OPEN, CLOSE = -1.0, 1.0
 HOLD = 0.0  # the gripper keeps its opening (robosuite ramps it by the sign of the command)
 PINCH_STEPS = 3  # closing steps from fully open that leave ~3 cm between the pads (a bowl's rim in a tight place)
 SAFE_Z_CLEARANCE = 0.12  # carry height above the highest point to pass over
+CARRY_BOTTOM_CLEARANCE = 0.05  # a carried object's bottom above the target's top while carried over it
 GRIPPER_STEPS = 12  # control steps the Panda gripper needs to close or open fully
 
 
@@ -96,8 +103,17 @@ def _shape(inner, name: str) -> Shape:
     return Shape(lo, hi, pos, ax / np.linalg.norm(ax), float(hx), float(hy))
 
 
+TILTED_SITE_INSET = 0.035  # how far up a tilted region's normal the object is aimed (past its lower lip)
+
+
 def _target_point(inner, name: str) -> tuple[np.ndarray, float]:
-    """(xy target, top z) of a place target: an object's body, or a region's site."""
+    """(xy target, top z) of a place target: an object's body, or a region's site.
+
+    A tilted region (the wine rack's slanted board) counts an object as on it when the object's
+    origin lies in a thin slab along the region's normal (LIBERO's `SiteObject.under`, which reads
+    the site matrix's rows as the region's axes); its site sits on the board's lower lip, so the
+    target is moved `TILTED_SITE_INSET` up that normal, where an upright object set down rests on
+    the board inside the slab."""
     model, data = inner.sim.model._model, inner.sim.data._data
     if name in inner.obj_body_id:
         s = _shape(inner, name)
@@ -106,6 +122,11 @@ def _target_point(inner, name: str) -> tuple[np.ndarray, float]:
         site = model.site(name).id
         pos = data.site_xpos[site].copy()
         half = model.site_size[site]
+        normal = data.site_xmat[site].reshape(3, 3)[2]  # `under` uses mat @ d: rows are the axes
+        if abs(normal[2]) < 0.9:
+            normal = normal if normal[2] > 0 else -normal
+            p = pos + TILTED_SITE_INSET * normal
+            return p[:2], float(p[2])
         return pos[:2], float(pos[2] + (half[2] if len(half) > 2 else 0.0))
     raise ExpertError(f"place target {name!r} is neither an object nor a region of the scene")
 
@@ -151,6 +172,8 @@ class Waypoint:
     min_steps: int = 0
     speed: float = 1.0  # cap on the position action's magnitude
     on_exit: Callable[[np.ndarray], None] | None = None  # called with the eef position when left
+    yaw: float | Callable[[], float] | None = None  # the hand's yaw while tracking (None: keep it)
+    until: Callable[[], bool] | None = None  # also left as soon as this holds
 
 
 class LiberoExpert:
@@ -188,6 +211,7 @@ class LiberoExpert:
             wp = self._plan[self._i]
             target = wp.pos() if callable(wp.pos) else wp.pos
             reached = np.linalg.norm(target - eef) < wp.tol and self._steps_here >= wp.min_steps
+            reached = reached or (wp.until is not None and wp.until())
             if reached or self._steps_here >= wp.max_steps:
                 if wp.on_exit is not None:
                     wp.on_exit(eef)
@@ -195,6 +219,8 @@ class LiberoExpert:
                 self._steps_here = 0
                 continue
             self._steps_here += 1
+            if wp.yaw is not None:
+                self._yaw = wp.yaw() if callable(wp.yaw) else wp.yaw
             return self._action(obs, target, wp.grip() if callable(wp.grip) else wp.grip, wp.speed)
         return np.array([0, 0, 0, 0, 0, 0, OPEN])
 
@@ -280,6 +306,15 @@ def _rotated(v: np.ndarray, angle: float) -> np.ndarray:
     return np.array([c * v[0] - s * v[1], s * v[0] + c * v[1]])
 
 
+def _is_tall_and_round(s: Shape) -> bool:
+    """A bottle: much taller than wide, about as deep as wide. Taken by its top (the palm stops
+    a deeper grasp), it hangs far below the pads and swings about the line between them when the
+    hand accelerates across that line; pinched along the carry direction it cannot, so the
+    closing axis is turned onto the way to the target (a round object has no narrow side)."""
+    height = s.hi[2] - s.lo[2]
+    return height > 2.5 * 2 * max(s.half_x, s.half_y) and abs(s.half_x - s.half_y) < 0.2 * max(s.half_x, s.half_y)
+
+
 # ---- primitives ----------------------------------------------------------------------------------
 def _yaw_to_close_along(expert: LiberoExpert, direction: np.ndarray) -> float:
     """The yaw (|yaw| <= pi/2) that turns the fingers' closing axis onto `direction` (mod pi)."""
@@ -310,8 +345,12 @@ def pick_and_place(expert: LiberoExpert, obj: str, target: str, *, drop: bool) -
                 cands.append((np.array([xy[0], xy[1], z]), radial))
         else:  # top-down across the narrow side, turned and shifted to keep the hand off neighbours
             narrow = s.axis_x if s.half_x <= s.half_y else np.array([-s.axis_x[1], s.axis_x[0]])
-            long_axis = np.array([-narrow[1], narrow[0]])
             height = s.hi[2] - s.lo[2]
+            if _is_tall_and_round(s):  # pinch across the way it will be carried (see _is_tall_and_round)
+                to_target = _target_point(inner, target)[0] - s.center[:2]
+                if np.linalg.norm(to_target) > 1e-3:
+                    narrow = to_target / np.linalg.norm(to_target)
+            long_axis = np.array([-narrow[1], narrow[0]])
             z = s.hi[2] - min(0.035, max(0.01, height * 0.5))
             z = max(z, s.lo[2] + 0.012)
             slack = max(0.0, max(s.half_x, s.half_y) - 0.025)
@@ -323,6 +362,7 @@ def pick_and_place(expert: LiberoExpert, obj: str, target: str, *, drop: bool) -
                     cands.append((np.array([xy[0], xy[1], z]), _rotated(narrow, np.deg2rad(dev))))
         grasp_xyz, close_dir = _best_grasp(cands, _obstacle_boxes(inner, obj, s.lo[2] + 0.005), reach)
         xy, z = grasp_xyz[:2], grasp_xyz[2]
+        state["hang"] = z - s.lo[2]  # how far the object reaches below the grip site
         yaw = _yaw_to_close_along(expert, close_dir)
         state["grasp"] = np.array([xy[0], xy[1], z])
         state["yaw"] = yaw
@@ -346,7 +386,8 @@ def pick_and_place(expert: LiberoExpert, obj: str, target: str, *, drop: bool) -
 
     def lift():
         tz, top = _target_point(inner, target)
-        z = max(state["grasp"][2] + 0.15, top + SAFE_Z_CLEARANCE)
+        # a tall object hangs far below the hand: its bottom, not the hand, must clear the target
+        z = max(state["grasp"][2] + 0.15, top + SAFE_Z_CLEARANCE, top + state["hang"] + CARRY_BOTTOM_CLEARANCE)
         state["carry_z"] = z
         return np.array([state["grasp"][0], state["grasp"][1], z])
 
@@ -383,15 +424,168 @@ def pick_and_place(expert: LiberoExpert, obj: str, target: str, *, drop: bool) -
     return wps
 
 
+SLIDE_TOL = 0.01  # a slid object this close to its target is let go
+SLIDE_LIFT = 0.004  # how far the pinched rim is raised off its seat while sliding
+
+
+def _is_slidable(s: Shape, target_top: float) -> bool:
+    """A plate: too wide for the open hand, flat, and its target is on the surface it stands on:
+    it is slid there by its rim (`slide_by_rim`), not carried."""
+    flat = s.hi[2] - s.lo[2] < 0.03
+    wide = 2 * min(s.half_x, s.half_y) > 2 * FINGER_REACH
+    return flat and wide and abs(target_top - s.lo[2]) < 0.02
+
+
+def slide_by_rim(expert: LiberoExpert, obj: str, target: str) -> list[Waypoint]:
+    """Waypoints that slide a plate along the table onto a region ("push the plate ...").
+
+    Why not carry it: a plate pinched by its low rim hangs on edge once lifted. Why not push it:
+    its rim is a gentle slope (a finger pushing it from inside wedges it onto the table) and the
+    plates stand at the far edge of the Panda's reach, where the hand cannot get down to the table
+    behind them. So the fingers pinch the rim on the side facing the target, closing radially,
+    and pull the plate there, the rim raised only `SLIDE_LIFT` so the plate stays flat on the
+    table; the pull aims the plate's centre (the grasp offset is measured once held)."""
+    inner = expert.inner
+    state: dict[str, Any] = {}
+
+    def centre_to_goal():
+        s = _shape(inner, obj)
+        goal, _ = _target_point(inner, target)
+        return s, goal, goal - s.center[:2]
+
+    def plan():
+        s, goal, to_goal = centre_to_goal()
+        d = to_goal / max(np.linalg.norm(to_goal), 1e-6)
+        rim = max(s.half_x, s.half_y) - 0.01
+        xy = s.center[:2] + rim * d
+        state["grasp"] = np.array([xy[0], xy[1], s.hi[2] - 0.012])
+        state["yaw"] = _yaw_to_close_along(expert, d)
+        return state["grasp"]
+
+    def above():
+        g = state.get("grasp")
+        if g is None:
+            g = plan()
+        return g + np.array([0, 0, 0.10])
+
+    def held(eef: np.ndarray) -> None:
+        state["offset"] = eef[:2] - _shape(inner, obj).center[:2]
+        state["z"] = eef[2] + SLIDE_LIFT
+
+    def pull():
+        _, goal, _ = centre_to_goal()
+        xy = goal + state["offset"]
+        return np.array([xy[0], xy[1], state["z"]])
+
+    def arrived() -> bool:
+        return bool(np.linalg.norm(centre_to_goal()[2]) < SLIDE_TOL)
+
+    def released(eef: np.ndarray) -> None:
+        state["end"] = eef.copy()
+
+    grasp = lambda: state["grasp"]  # noqa: E731
+    return [
+        Waypoint(above, OPEN, tol=0.01, max_steps=100, yaw=lambda: state["yaw"]),
+        Waypoint(above, CLOSE, tol=1.0, min_steps=PINCH_STEPS, max_steps=PINCH_STEPS),
+        Waypoint(grasp, HOLD, tol=0.006, max_steps=60, speed=0.6),
+        Waypoint(grasp, CLOSE, tol=1.0, min_steps=GRIPPER_STEPS, max_steps=GRIPPER_STEPS, on_exit=held),
+        Waypoint(pull, CLOSE, tol=0.005, max_steps=120, speed=0.4, until=arrived, on_exit=released),
+        Waypoint(lambda: state["end"], OPEN, tol=1.0, min_steps=GRIPPER_STEPS // 2, max_steps=GRIPPER_STEPS // 2),
+        Waypoint(lambda: state["end"] + np.array([0, 0, 0.08]), OPEN, tol=0.02, max_steps=40),
+    ]
+
+
+KNOB_TURN_STEP = 0.15  # radians of hand yaw per waypoint while turning a knob
+KNOB_ON_ANGLE = 1.2  # knob angle aimed at to turn it on (the flat stove is on from 0.5 rad, up to 2.1)
+KNOB_OFF_ANGLE = -0.3  # aimed at to turn it off (off below 0; the joint stops at -0.005)
+
+
+def _knob(inner, fixture: str) -> tuple[int, np.ndarray, np.ndarray, float]:
+    """(hinge joint id, its world axis (z up), the knob's collision geoms, the joint angle) of the
+    fixture's turnable knob."""
+    model, data = inner.sim.model._model, inner.sim.data._data
+    obj = inner.get_object(fixture)
+    hinges = [model.joint(j).id for j in getattr(obj, "joints", [])
+              if model.jnt_type[model.joint(j).id] == 3]  # mjJNT_HINGE
+    if fixture not in inner.obj_body_id or not hinges:
+        raise ExpertError(f"{fixture!r} has no knob (hinge joint) to turn")
+    j = hinges[0]
+    axis = data.xaxis[j].copy()
+    if abs(axis[2]) < 0.9:
+        raise ExpertError(f"{fixture!r}: its knob turns about {np.round(axis, 2)}, not a vertical axis")
+    geoms = _collision_geoms(model, _subtree_bodies(model, model.jnt_bodyid[j]))
+    return j, axis, geoms, float(data.qpos[model.jnt_qposadr[j]])
+
+
+def turn_knob(expert: LiberoExpert, fixture: str, *, on: bool) -> list[Waypoint]:
+    """Waypoints that turn the fixture's knob (the flat stove's) on or off.
+
+    The knob is a hinge about a vertical axis under a handle bar; LIBERO counts the stove on from
+    0.5 rad (`FlatStove.turn_on`) and off below 0. The hand pinches the bar across its narrow side
+    with the grip site on the hinge axis, then yaws in small steps (the OSC turns the hand about the
+    grip site, so the pinch stays on the axis and turns the bar with it), releases and rises."""
+    inner = expert.inner
+    model, data = inner.sim.model._model, inner.sim.data._data
+    state: dict[str, Any] = {}
+
+    def plan():
+        j, axis, geoms, angle = _knob(inner, fixture)
+        lo, hi = geoms_box(model, data, geoms)
+        handle = [g for g in geoms if geoms_box(model, data, np.array([g]))[1][2] > hi[2] - 0.012]
+        hlo, hhi = geoms_box(model, data, np.array(handle))
+        narrow = np.array([1.0, 0.0]) if hhi[0] - hlo[0] < hhi[1] - hlo[1] else np.array([0.0, 1.0])
+        centre = data.xanchor[j].copy()
+        state["grasp"] = np.array([centre[0], centre[1], hhi[2] - 0.02])
+        turn = ((KNOB_ON_ANGLE if on else KNOB_OFF_ANGLE) - angle) * np.sign(axis[2])
+        yaw0 = _yaw_to_close_along(expert, narrow)
+        alt = yaw0 - np.pi if yaw0 > 0 else yaw0 + np.pi  # the same pinch, the other way round
+        if max(abs(alt), abs(alt + turn)) < max(abs(yaw0), abs(yaw0 + turn)):
+            yaw0 = alt
+        state["yaws"] = yaw0 + np.linspace(0, turn, max(2, int(np.ceil(abs(turn) / KNOB_TURN_STEP)) + 1))[1:]
+        state["yaw0"] = yaw0
+        return state["grasp"]
+
+    grasp = plan()  # a fixture's knob does not move before its turn: planned now
+    yaw0 = state["yaw0"]
+    wps = [
+        Waypoint(grasp + np.array([0, 0, 0.10]), OPEN, tol=0.01, max_steps=100, yaw=yaw0),
+        Waypoint(grasp, OPEN, tol=0.006, max_steps=60, speed=0.6, yaw=yaw0),
+        Waypoint(grasp, CLOSE, tol=1.0, min_steps=GRIPPER_STEPS, max_steps=GRIPPER_STEPS, yaw=yaw0),
+    ]
+    wps += [Waypoint(grasp, CLOSE, tol=1.0, min_steps=3, max_steps=3, yaw=float(y)) for y in state["yaws"]]
+    wps += [
+        Waypoint(grasp, OPEN, tol=1.0, min_steps=GRIPPER_STEPS // 2, max_steps=GRIPPER_STEPS // 2),
+        Waypoint(grasp + np.array([0, 0, 0.08]), OPEN, tol=0.02, max_steps=40),
+    ]
+    return wps
+
+
+def _check_reachable_inside(inner, pred: Sequence[str]) -> None:
+    """A drawer's region can be filled only with the drawer open; there is no primitive that
+    opens one yet, so a closed drawer is a named error rather than a bowl dropped on its front."""
+    site = inner.object_sites_dict.get(pred[2])
+    if site is not None and getattr(site, "joints", None):
+        state = inner.object_states_dict.get(pred[2])
+        if state is not None and not state.is_open():
+            raise ExpertError(f"no primitive for goal predicate {list(pred)}: {pred[2]!r} is closed "
+                              "and no primitive opens drawers")
+
+
 def plan_goal(expert: LiberoExpert, goal: Sequence[Sequence[str]]) -> list[Waypoint]:
     """The waypoints for a conjunction of BDDL goal predicates, in order."""
     plan: list[Waypoint] = []
     for pred in goal:
         kind = pred[0].lower()
         if kind == "on":
-            plan += pick_and_place(expert, pred[1], pred[2], drop=False)
+            if _is_slidable(_shape(expert.inner, pred[1]), _target_point(expert.inner, pred[2])[1]):
+                plan += slide_by_rim(expert, pred[1], pred[2])
+            else:
+                plan += pick_and_place(expert, pred[1], pred[2], drop=False)
         elif kind == "in":
+            _check_reachable_inside(expert.inner, pred)
             plan += pick_and_place(expert, pred[1], pred[2], drop=True)
+        elif kind in ("turnon", "turnoff"):
+            plan += turn_knob(expert, pred[1], on=kind == "turnon")
         else:
             raise ExpertError(f"no primitive for goal predicate {pred}")
     return plan
