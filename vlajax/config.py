@@ -418,6 +418,14 @@ class MeshConfig(_Section):
     data: int = -1
     fsdp: int = -1
 
+    def build(self, job):
+        """The learner's mesh for this process of `job` (`vlajax.distributed.job.Job.mesh`); a layout
+        that cannot give each process its own full copy of the weights is an error naming the key."""
+        try:
+            return job.mesh(self.data, self.fsdp)
+        except ValueError as e:
+            raise ConfigError(str(e), key="trainer.mesh.data") from None
+
 
 @dataclass(frozen=True)
 class TrainerConfig(_Section):

@@ -191,7 +191,7 @@ class _Run:
     def __init__(self, cfg: RunConfig, train_eps: list[Episode], held_eps: list[Episode], stats: dict):
         self.cfg = cfg
         sim, t = cfg.simulator, cfg.env.train
-        self.mesh = Job.join().mesh(cfg.trainer.mesh)
+        self.mesh = cfg.trainer.mesh.build(Job.join())
         policy = build_policy(cfg)
         policy.dataset_statistics = {**(policy.dataset_statistics or {}), **stats}
         lcfg = cfg.actor_rollout_ref.learner_config(self.mesh.size, sim.image_flip, objective="nll")

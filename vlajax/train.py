@@ -176,7 +176,7 @@ class Trainer(Closing):
             raise ConfigError(problem, key="trainer.nnodes")
         t = cfg.env.train
         self.n = cfg.actor_rollout_ref.rollout.n
-        self.mesh = job.mesh(cfg.trainer.mesh)
+        self.mesh = cfg.trainer.mesh.build(job)
         lcfg = cfg.actor_rollout_ref.learner_config(self.mesh.size, cfg.simulator.image_flip)
         # The built policy's arrays go to the learner; nothing else keeps them (a LoRA run's fp32
         # base would otherwise stay next to the learner's bf16 copy).

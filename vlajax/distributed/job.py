@@ -24,7 +24,6 @@ from typing import Mapping, Sequence
 import jax
 import numpy as np
 
-from vlajax.config import ConfigError, MeshConfig
 from vlajax.distributed import multihost
 from vlajax.distributed.sharding import make_mesh
 
@@ -90,17 +89,15 @@ class Job:
         return None
 
     # -- devices ---------------------------------------------------------------------------------
-    def mesh(self, m: MeshConfig):
-        """The learner's mesh (`trainer.mesh`). One process: as configured. Several: data = processes
-        (unless set) x fsdp = the rest, so the data axis crosses processes and FSDP stays inside each,
-        which therefore holds a full copy of the weights for its own decoding."""
+    def mesh(self, data: int, fsdp: int):
+        """The learner's mesh (`trainer.mesh`'s axes, -1 = infer). One process: as configured. Several:
+        data = processes (unless set) x fsdp = the rest, so the data axis crosses processes and FSDP
+        stays inside each, which therefore holds a full copy of the weights for its own decoding
+        (ValueError if not)."""
         if not self.multi:
-            return make_mesh(m.data, m.fsdp)
-        mesh = make_mesh(self.num_processes if m.data == -1 else m.data, m.fsdp)
-        try:
-            multihost.local_mesh(mesh)
-        except ValueError as e:
-            raise ConfigError(str(e), key="trainer.mesh.data") from None
+            return make_mesh(data, fsdp)
+        mesh = make_mesh(self.num_processes if data == -1 else data, fsdp)
+        multihost.local_mesh(mesh)
         return mesh
 
     def decode_view(self, params, mesh):
