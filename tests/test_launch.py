@@ -193,7 +193,7 @@ def test_cli_launches_only_for_several_nodes(monkeypatch):
     # and the training are recorded instead of run (tests/test_multiprocess_train.py runs them for real)
     monkeypatch.setattr(launch_mod, "launch_train", lambda argv, n, address: calls.append(("launch", argv, n, address))
                         or L.LaunchResult([0, 0], ["a", "b"], "a:1", [[], []], [[], []]))
-    monkeypatch.setattr(train_mod, "train", lambda cfg: calls.append(("train", cfg.trainer.nnodes)) or
+    monkeypatch.setattr(train_mod, "train", lambda cfg, job=None: calls.append(("train", cfg.trainer.nnodes)) or
                         types.SimpleNamespace(final_eval={}, run_dir=Path("r"), steps=0, primary=True))
     assert cli.main(["train", "demo", "trainer.nnodes=2", "ray.address=auto"]) == 0
     assert calls == [("launch", ["demo", "trainer.nnodes=2", "ray.address=auto"], 2, "auto")]
