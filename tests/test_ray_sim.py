@@ -134,9 +134,11 @@ def test_placement_reads_the_reference_config_keys():
                                                                               False, True)
     share = opts.per_process(2)  # each of 2 trainer processes places its own share
     assert (share.trainer_nnodes, share.sim_nnodes) == (1, 1) and isinstance(share, Disaggregated)
-    colocated = C.RunConfig(trainer=C.TrainerConfig(nnodes=1, n_env_gpus_per_node=0)).placement()
+    colocated = C.RunConfig(trainer=C.TrainerConfig(nnodes=1, n_env_gpus_per_node=0, n_rollout_gpus_per_node=1)).placement()
     assert isinstance(colocated, Colocated) and colocated.num_workers == 1
-    assert [(g.bundle, g.count, g.sims, g.trainer) for g in colocated.node_groups()] == [({"CPU": 1.0}, 1, True, True)]
+    # one bundle per trainer node: its sim worker's CPU and the trainer's GPU
+    assert [(g.bundle, g.count, g.sims, g.trainer) for g in colocated.node_groups()] == [
+        ({"CPU": 1.0, "GPU": 1.0}, 1, True, True)]
     local = C.RunConfig(ray=C.RayConfig(enable=False)).placement()
     assert isinstance(local, InProcess) and not local.uses_ray and local.node_groups() == []
 
