@@ -10,6 +10,9 @@ How it works: the goal (`parsed_problem["goal_state"]`) becomes a list of primit
   target, lower, open, retreat. The grasp point comes from the object's collision geometry
   (a bowl is taken by its rim, anything else across its narrow side, top-down); the carry keeps
   the object-to-gripper offset measured at the grasp, so the object (not the hand) lands on target.
+  A bowl's rim is taken on the side within the arm's reach (`_reach_excess`): at the edge of the
+  Panda's workspace the OSC settles 1-2 cm short, so a waypoint is also left once the hand stalls
+  close to it (`STALL_TOL`) rather than waiting out its step cap.
   A tall object (a bottle) is carried with its bottom clear of the target and pinched along the
   carry so it cannot swing; a tilted region (the wine rack) is aimed at up its normal.
 - slide (`On` a plate onto a region of the surface it stands on): pinch the rim on the side facing
@@ -178,6 +181,7 @@ class Waypoint:
     yaw: float | Callable[[], float] | None = None  # the hand's yaw while tracking (None: keep it)
     until: Callable[[], bool] | None = None  # also left as soon as this holds
     stall_tol: float = STALL_TOL  # left once the hand stalls this close (0: only at tol or max_steps)
+    stall_above: float = np.inf  # ... and no higher than this above it
 
 
 class LiberoExpert:
@@ -220,8 +224,11 @@ class LiberoExpert:
             reached = err < wp.tol and self._steps_here >= wp.min_steps
             reached = reached or (wp.until is not None and wp.until())
             # Near the edge of the Panda's reach (an arm almost straight) the OSC settles short of
-            # the target, by 1-2 cm: a hand that has stopped that close is as near as it gets.
-            reached = reached or (err < wp.stall_tol and self._steps_here >= max(wp.min_steps, STALL_STEPS)
+            # the target, by 1-2 cm: a hand that has stopped that close is as near as it gets. On the
+            # way down to a grasp, not a hand held up above it (`stall_above`: a finger resting on a
+            # neighbour slides off it if the hand keeps pushing).
+            reached = reached or (err < wp.stall_tol and eef[2] - target[2] < wp.stall_above
+                                  and self._steps_here >= max(wp.min_steps, STALL_STEPS)
                                   and np.linalg.norm(eef - self._trail[-STALL_STEPS]) < STALL_MOVE)
             if reached or self._steps_here >= wp.max_steps:
                 if wp.on_exit is not None:
@@ -448,10 +455,11 @@ def pick_and_place(expert: LiberoExpert, obj: str, target: str, *, drop: bool) -
     wps = [
         Waypoint(above_grasp, OPEN, tol=0.01, max_steps=100),
         Waypoint(above_grasp, preshape, tol=1.0, min_steps=PINCH_STEPS, max_steps=PINCH_STEPS),
-        Waypoint(grasp, opening, tol=0.006, max_steps=60, speed=0.6),
+        Waypoint(grasp, opening, tol=0.006, max_steps=60, speed=0.6, stall_above=0.015),
         Waypoint(grasp, CLOSE, tol=1.0, min_steps=GRIPPER_STEPS, max_steps=GRIPPER_STEPS, on_exit=held),
         Waypoint(lift, CLOSE, tol=0.015, max_steps=100),
         Waypoint(above_target, CLOSE, tol=0.01, max_steps=120),
+        Waypoint(lambda: lower() + np.array([0, 0, 0.05]), CLOSE, tol=0.015, max_steps=60),  # full speed down
         Waypoint(lower, CLOSE, tol=0.008, max_steps=80, speed=0.6),
         Waypoint(lower, OPEN, tol=1.0, min_steps=GRIPPER_STEPS, max_steps=GRIPPER_STEPS),
         Waypoint(lambda: lower() + np.array([0, 0, 0.08]), OPEN, tol=0.02, max_steps=40),
