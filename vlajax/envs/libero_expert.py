@@ -10,6 +10,9 @@ How it works: the goal (`parsed_problem["goal_state"]`) becomes a list of primit
   target, lower, open, retreat. The grasp point comes from the object's collision geometry
   (a bowl is taken by its rim, anything else across its narrow side, top-down); the carry keeps
   the object-to-gripper offset measured at the grasp, so the object (not the hand) lands on target.
+  A bowl's rim is taken on the side within the arm's reach (`_reach_excess`): at the edge of the
+  Panda's workspace the OSC settles 1-2 cm short, so a waypoint is also left once the hand stalls
+  close to it (`STALL_TOL`) rather than waiting out its step cap.
   A tall object (a bottle) is carried with its bottom clear of the target and pinched along the
   carry so it cannot swing; a tilted region (the wine rack) is aimed at up its normal.
 - slide (`On` a plate onto a region of the surface it stands on): pinch the rim on the side facing
@@ -37,6 +40,9 @@ PINCH_STEPS = 3  # closing steps from fully open that leave ~3 cm between the pa
 SAFE_Z_CLEARANCE = 0.12  # carry height above the highest point to pass over
 CARRY_BOTTOM_CLEARANCE = 0.05  # a carried object's bottom above the target's top while carried over it
 GRIPPER_STEPS = 12  # control steps the Panda gripper needs to close or open fully
+STALL_STEPS = 6  # a waypoint whose hand moved less than STALL_MOVE over this many steps ...
+STALL_MOVE = 0.002
+STALL_TOL = 0.03  # ... while this close to it is left as reached (see `LiberoExpert.act`)
 
 
 class ExpertError(EnvError):
@@ -174,6 +180,8 @@ class Waypoint:
     on_exit: Callable[[np.ndarray], None] | None = None  # called with the eef position when left
     yaw: float | Callable[[], float] | None = None  # the hand's yaw while tracking (None: keep it)
     until: Callable[[], bool] | None = None  # also left as soon as this holds
+    stall_tol: float = STALL_TOL  # left once the hand stalls this close (0: only at tol or max_steps)
+    stall_above: float = np.inf  # ... and no higher than this above it
 
 
 class LiberoExpert:
@@ -188,6 +196,7 @@ class LiberoExpert:
         self._steps_here = 0
         self._yaw = 0.0
         self._r0: np.ndarray | None = None
+        self._trail: list[np.ndarray] = []  # the hand's positions since the waypoint began
 
     @property
     def inner(self):  # robosuite's env: privileged state
@@ -200,6 +209,7 @@ class LiberoExpert:
         self._plan = plan_goal(self, self.inner.parsed_problem["goal_state"])
         self._i = 0
         self._steps_here = 0
+        self._trail = []
 
     @property
     def done(self) -> bool:
@@ -210,15 +220,25 @@ class LiberoExpert:
         while not self.done:
             wp = self._plan[self._i]
             target = wp.pos() if callable(wp.pos) else wp.pos
-            reached = np.linalg.norm(target - eef) < wp.tol and self._steps_here >= wp.min_steps
+            err = np.linalg.norm(target - eef)
+            reached = err < wp.tol and self._steps_here >= wp.min_steps
             reached = reached or (wp.until is not None and wp.until())
+            # Near the edge of the Panda's reach (an arm almost straight) the OSC settles short of
+            # the target, by 1-2 cm: a hand that has stopped that close is as near as it gets. On the
+            # way down to a grasp, not a hand held up above it (`stall_above`: a finger resting on a
+            # neighbour slides off it if the hand keeps pushing).
+            reached = reached or (err < wp.stall_tol and eef[2] - target[2] < wp.stall_above
+                                  and self._steps_here >= max(wp.min_steps, STALL_STEPS)
+                                  and np.linalg.norm(eef - self._trail[-STALL_STEPS]) < STALL_MOVE)
             if reached or self._steps_here >= wp.max_steps:
                 if wp.on_exit is not None:
                     wp.on_exit(eef)
                 self._i += 1
                 self._steps_here = 0
+                self._trail = []
                 continue
             self._steps_here += 1
+            self._trail.append(eef)
             if wp.yaw is not None:
                 self._yaw = wp.yaw() if callable(wp.yaw) else wp.yaw
             return self._action(obs, target, wp.grip() if callable(wp.grip) else wp.grip, wp.speed)
@@ -290,12 +310,33 @@ def _clearance(points: np.ndarray, boxes) -> float:
     return float(np.linalg.norm(gap, axis=2).min())
 
 
-def _best_grasp(candidates, boxes, reach: float = FINGER_REACH, enough: float = 0.02):
-    """The (xyz, closing direction) candidate whose hand is clearest of obstacles; the first
-    candidates are preferred while they clear by `enough`."""
+SHOULDER_HEIGHT = 0.333  # the Panda's shoulder (joint 2) above its base
+WRIST_ABOVE_GRIP = 0.21  # the wrist above the grip site with the hand pointing down
+ARM_REACH = 0.79  # shoulder to wrist beyond which the OSC settles short (measured: stalls at 0.80-0.81)
+APPROACH_HEIGHT = 0.10  # the hand's height above a grasp before it descends
+
+
+def _reach_excess(inner, p: np.ndarray) -> float:
+    """How far (m) the wrist of a top-down hand with its grip site at `p` lies beyond the arm's
+    reach: the OSC stops 1-2 cm short of such a target and tilts the hand (a bowl's rim pinched
+    there is held by the pad tips and slips out on the carry)."""
+    model, data = inner.sim.model._model, inner.sim.data._data
+    if "robot0_base" not in _body_names(model):
+        return 0.0
+    shoulder = data.xpos[model.body("robot0_base").id] + np.array([0.0, 0.0, SHOULDER_HEIGHT])
+    wrist = np.asarray(p, dtype=float) + np.array([0.0, 0.0, WRIST_ABOVE_GRIP])
+    return max(0.0, float(np.linalg.norm(wrist - shoulder)) - ARM_REACH)
+
+
+def _best_grasp(candidates, boxes, reach: float = FINGER_REACH, enough: float = 0.02, inner=None):
+    """The (xyz, closing direction) candidate whose hand is clearest of obstacles, less how far its
+    approach lies beyond the arm's reach (with `inner`); the first candidates are preferred while
+    they clear by `enough`."""
     best = None
     for rank, (xyz, close_dir) in enumerate(candidates):
         score = min(_clearance(_hand_points(xyz, close_dir, reach), boxes), enough) - 1e-4 * rank
+        if inner is not None:
+            score -= _reach_excess(inner, xyz + np.array([0.0, 0.0, APPROACH_HEIGHT]))
         if best is None or score > best[0]:
             best = (score, xyz, close_dir)
     return best[1], best[2]
@@ -360,7 +401,8 @@ def pick_and_place(expert: LiberoExpert, obj: str, target: str, *, drop: bool) -
                 for shift in (0.0, slack / 2, -slack / 2, slack, -slack):
                     xy = s.center[:2] + shift * long_axis
                     cands.append((np.array([xy[0], xy[1], z]), _rotated(narrow, np.deg2rad(dev))))
-        grasp_xyz, close_dir = _best_grasp(cands, _obstacle_boxes(inner, obj, s.lo[2] + 0.005), reach)
+        grasp_xyz, close_dir = _best_grasp(cands, _obstacle_boxes(inner, obj, s.lo[2] + 0.005), reach,
+                                          inner=inner)
         xy, z = grasp_xyz[:2], grasp_xyz[2]
         state["hang"] = z - s.lo[2]  # how far the object reaches below the grip site
         yaw = _yaw_to_close_along(expert, close_dir)
@@ -413,10 +455,11 @@ def pick_and_place(expert: LiberoExpert, obj: str, target: str, *, drop: bool) -
     wps = [
         Waypoint(above_grasp, OPEN, tol=0.01, max_steps=100),
         Waypoint(above_grasp, preshape, tol=1.0, min_steps=PINCH_STEPS, max_steps=PINCH_STEPS),
-        Waypoint(grasp, opening, tol=0.006, max_steps=60, speed=0.6),
+        Waypoint(grasp, opening, tol=0.006, max_steps=60, speed=0.6, stall_above=0.015),
         Waypoint(grasp, CLOSE, tol=1.0, min_steps=GRIPPER_STEPS, max_steps=GRIPPER_STEPS, on_exit=held),
         Waypoint(lift, CLOSE, tol=0.015, max_steps=100),
         Waypoint(above_target, CLOSE, tol=0.01, max_steps=120),
+        Waypoint(lambda: lower() + np.array([0, 0, 0.05]), CLOSE, tol=0.015, max_steps=60),  # full speed down
         Waypoint(lower, CLOSE, tol=0.008, max_steps=80, speed=0.6),
         Waypoint(lower, OPEN, tol=1.0, min_steps=GRIPPER_STEPS, max_steps=GRIPPER_STEPS),
         Waypoint(lambda: lower() + np.array([0, 0, 0.08]), OPEN, tol=0.02, max_steps=40),
@@ -489,7 +532,8 @@ def slide_by_rim(expert: LiberoExpert, obj: str, target: str) -> list[Waypoint]:
         Waypoint(above, CLOSE, tol=1.0, min_steps=PINCH_STEPS, max_steps=PINCH_STEPS),
         Waypoint(grasp, HOLD, tol=0.006, max_steps=60, speed=0.6),
         Waypoint(grasp, CLOSE, tol=1.0, min_steps=GRIPPER_STEPS, max_steps=GRIPPER_STEPS, on_exit=held),
-        Waypoint(pull, CLOSE, tol=0.005, max_steps=120, speed=0.4, until=arrived, on_exit=released),
+        Waypoint(pull, CLOSE, tol=0.005, max_steps=120, speed=0.4, until=arrived, on_exit=released,
+                 stall_tol=0.0),
         Waypoint(lambda: state["end"], OPEN, tol=1.0, min_steps=GRIPPER_STEPS // 2, max_steps=GRIPPER_STEPS // 2),
         Waypoint(lambda: state["end"] + np.array([0, 0, 0.08]), OPEN, tol=0.02, max_steps=40),
     ]
