@@ -63,7 +63,7 @@ from vlajax.rl.data import StateSampler
 from vlajax.rl.dynamic_sampling import GroupBuffer
 from vlajax.rl.learner import Learner
 from vlajax.rl.policy_step import bucket_size
-from vlajax.rl.samples import make_samples, pad_samples, token_mask
+from vlajax.rl.samples import make_samples, pad_samples, token_mask, trim_prompts
 from vlajax.resume import restore_from, resume_source
 from vlajax.session import Closing, SimSession, build_policy, val_temperature
 from vlajax.states import eval_states_line, select_pairs, train_states_line, training_trials
@@ -98,21 +98,6 @@ def video_dir(cfg: RunConfig) -> str | None:
     """Where the final evaluation's videos go (`env.train.video_cfg`), or None."""
     v = cfg.env.train.video_cfg
     return (v.video_base_dir or str(cfg.run_dir / "videos")) if v.save_video else None
-
-
-# Prompt widths the update compiles for are multiples of this (the decoder pads to 64).
-PROMPT_WIDTH_MULTIPLE = 16
-
-
-def update_prompt_width(decoder, tasks) -> int:
-    """The update's prompt width for the whole run: the longest of the tasks' prompts, rounded up to a
-    multiple of `PROMPT_WIDTH_MULTIPLE`, at most the decoder's padded width. Fixed up front, so a step
-    whose tasks have longer prompts than the last one's compiles nothing new; the padding columns are
-    masked, so the logits are the ones the trimmed prompt gives, and a short prompt costs a few padded
-    tokens of ~350."""
-    _, mask = decoder.encode_prompts([t.instruction for t in tasks])
-    need = int(mask.sum(axis=1).max(initial=1))
-    return min(mask.shape[1], PROMPT_WIDTH_MULTIPLE * -(-need // PROMPT_WIDTH_MULTIPLE))
 
 
 def add_rollout_timing(timer: Timer, stats, wall_s: float) -> None:
@@ -190,7 +175,6 @@ class Trainer(Closing):
             if self.sim.capacity % self.n:
                 raise ConfigError(f"a rollout round runs {self.sim.capacity} trajectories, not a multiple of "
                                   f"actor_rollout_ref.rollout.n={self.n}", key="actor_rollout_ref.rollout.n")
-            self.prompt_width = update_prompt_width(self.sim.decoder, self.tasks)
             # groups of one rollout round of the whole job (every process draws them all)
             self.round_groups = self.sim.capacity * job.num_processes // self.n
             self.sampler = StateSampler(len(self.tasks), training_trials(cfg, self.tasks), seed=t.seed,
@@ -321,12 +305,12 @@ class Trainer(Closing):
                 idx = np.sort(order[start:start + mb])
                 sub = jax.tree.map(lambda x: x[idx], tr)
                 s = make_samples(sub["traj"], adv[idx], action_dim=pc.action_dim, chunk_len=pc.chunk)
-                rows, _ = self.job.agree_rows(len(s), self.prompt_width)  # one global batch, one shape
+                width = trim_prompts(sub["prompt_ids"][s.traj_index], sub["prompt_mask"][s.traj_index])[0].shape[1]
+                rows, width = self.job.agree_rows(len(s), width if len(s) else 0)  # one global batch, one shape
                 if rows == 0:
                     continue
                 s = pad_samples(s, bucket_size(rows, self.learner.batch_multiple // procs))
-                w = self.prompt_width  # the same for every mini-batch of the run: one compiled width
-                ids, mask = sub["prompt_ids"][s.traj_index][:, :w], sub["prompt_mask"][s.traj_index][:, :w]
+                ids, mask = sub["prompt_ids"][s.traj_index][:, :width], sub["prompt_mask"][s.traj_index][:, :width]
                 b = {"images": sub["images"][s.traj_index, s.chunk_index], "input_ids": ids,
                      "attention_mask": mask, "tokens": s.tokens,
                      "old_logp": s.old_logp, "advantages": s.advantages, "mask": s.mask}
