@@ -30,6 +30,11 @@ def test_libero_grpo_recipe_runs_checkpoints_and_evaluates(tmp_path, monkeypatch
     assert res.steps == 2 and [m["train/episodes"] for m in res.history] == [4, 4]
     for m in res.history:
         assert m["actor/updates"] >= 1 and m["rollout/restarts"] == 0
+        # libero_10's prompts differ in length: one prompt width for the run, so every update ran the
+        # executable compiled before step 1 (or the bucket below, compiled after the one before)
+        assert m["perf/updates_precompiled"] == m["actor/updates"], m
+    n_buckets = 1 + sum(m["actor/updates"] for m in res.history)  # the fullest, then one per update at most
+    assert sum(m["perf/compiles/update"] for m in res.history) <= n_buckets
     with CheckpointManager(run / "checkpoints") as ck:
         assert ck.restore(ck.latest_step(), restore_train_state=False).data_state["rl_step"] == 2
     final = csv_rows(run / "eval" / "final.csv")

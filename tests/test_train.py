@@ -234,4 +234,5 @@ def test_a_resumed_process_compiles_nothing_the_first_one_did(tmp_path):
     assert first["perf/compiles/update"] >= 1 and first["perf/compile_s"] > 0
     assert second["perf/compiles/update"] == 0 and second["perf/compile_cache_hits"] > 0, second
     for m in (first, second):  # the rollout's time, split: waiting for resets, for simulators, on decodes
+        assert m["perf/updates_precompiled"] == m["actor/updates"] > 0, m  # compiled before the step needed it
         assert m["timing/reset_s"] > 0 and m["timing/sim_s"] > 0 and m["timing/decode_s"] > 0, m

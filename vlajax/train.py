@@ -167,6 +167,7 @@ class Trainer(Closing):
         # base would otherwise stay next to the learner's bf16 copy).
         self.learner = Learner(build_policy(cfg), lcfg, self.mesh)
         self.policy = self.learner.policy  # graph, tokenizer, statistics for the decoders
+        self._closers.append(self.learner.close)
         self.sim_cfg = cfg.per_process(job.num_processes)  # this process's own simulators
         self.sim = SimSession(self.sim_cfg, self.policy, params=self._decode_params())
         self._closers.append(self.sim.close)
@@ -179,6 +180,12 @@ class Trainer(Closing):
             self.round_groups = self.sim.capacity * job.num_processes // self.n
             self.sampler = StateSampler(len(self.tasks), training_trials(cfg, self.tasks), seed=t.seed,
                                         shuffle=cfg.data.shuffle, init_states=t.init_states)
+            # The update's prompt width, fixed for the run: every task's prompt fits, so a step whose
+            # tasks have longer prompts than the last one's compiles nothing new (the padding columns
+            # are masked: the logits are those of the trimmed prompt).
+            ids, mask = self.sim.decoder.encode_prompts([task.instruction for task in self.tasks])
+            self.prompt_width = trim_prompts(ids, mask)[0].shape[1]
+            self._precompile(self._update_rows(self._most_samples()))  # while validation and step 1 roll out
             self.ckpt = CheckpointManager(self.run_dir / "checkpoints", save_interval_steps=1,
                                           max_to_keep=cfg.trainer.max_actor_ckpt_to_keep)
             self._closers.insert(0, self.ckpt.close)
@@ -289,6 +296,41 @@ class Trainer(Closing):
         return {"sampler": sampler, "rl_step": self.step}
 
     # -- update ---------------------------------------------------------------------------------
+    def _most_samples(self) -> int:
+        """The most samples (policy calls) a mini-batch of this process can have: every trajectory
+        running to the episode limit."""
+        procs, cfg = self.job.num_processes, self.cfg
+        trajectories = max(1, cfg.data.train_batch_size * self.n // procs)
+        return min(max(1, cfg.actor_rollout_ref.actor.ppo_mini_batch_size // procs), trajectories) * self.engine.max_chunks
+
+    def _update_rows(self, samples: int) -> int:
+        """The global rows of an update whose fullest process has `samples` samples: padded to the
+        row buckets (`bucket_size`), the same on every process."""
+        procs = self.job.num_processes
+        return bucket_size(samples, self.learner.batch_multiple // procs) * procs
+
+    def _update_sample(self) -> dict[str, np.ndarray]:
+        """One update sample, zeros: the shapes and dtypes the update compiles for."""
+        cfg, pc = self.cfg, self.policy.cfg
+        cams = cfg.env.train.init_params
+        tokens = pc.chunk * pc.action_dim
+        b = {"images": np.zeros((1, cfg.actor_rollout_ref.actor.num_images_in_input, cams.camera_heights,
+                                 cams.camera_widths, 3), np.uint8),
+             "input_ids": np.zeros((1, self.prompt_width), np.int32),
+             "attention_mask": np.zeros((1, self.prompt_width), np.int32),
+             "tokens": np.zeros((1, tokens), np.int32), "old_logp": np.zeros((1, tokens), np.float32),
+             "advantages": np.zeros((1, tokens), np.float32), "mask": np.zeros((1, tokens), np.float32)}
+        if pc.proprio_dim:
+            b["proprio"] = np.zeros((1, pc.proprio_dim), np.float32)
+        return b
+
+    def _precompile(self, rows: int) -> None:
+        """Compile the update for `rows` in the background (a no-op if it was), so no step waits for it:
+        the fullest bucket before step 1, and after each update the next smaller one, where the
+        mini-batches go as episodes get shorter."""
+        if rows >= self.learner.batch_multiple and rows % self.learner.batch_multiple == 0:
+            self.learner.precompile(self._update_sample(), rows)
+
     def update(self, batch) -> list[dict]:
         cfg, pc = self.cfg, self.policy.cfg
         tr = batch.trajectories
@@ -305,12 +347,12 @@ class Trainer(Closing):
                 idx = np.sort(order[start:start + mb])
                 sub = jax.tree.map(lambda x: x[idx], tr)
                 s = make_samples(sub["traj"], adv[idx], action_dim=pc.action_dim, chunk_len=pc.chunk)
-                width = trim_prompts(sub["prompt_ids"][s.traj_index], sub["prompt_mask"][s.traj_index])[0].shape[1]
-                rows, width = self.job.agree_rows(len(s), width if len(s) else 0)  # one global batch, one shape
+                rows, _ = self.job.agree_rows(len(s), self.prompt_width)  # one global batch, one shape
                 if rows == 0:
                     continue
                 s = pad_samples(s, bucket_size(rows, self.learner.batch_multiple // procs))
-                ids, mask = sub["prompt_ids"][s.traj_index][:, :width], sub["prompt_mask"][s.traj_index][:, :width]
+                w = self.prompt_width
+                ids, mask = sub["prompt_ids"][s.traj_index][:, :w], sub["prompt_mask"][s.traj_index][:, :w]
                 b = {"images": sub["images"][s.traj_index, s.chunk_index], "input_ids": ids,
                      "attention_mask": mask, "tokens": s.tokens,
                      "old_logp": s.old_logp, "advantages": s.advantages, "mask": s.mask}
@@ -318,6 +360,7 @@ class Trainer(Closing):
                     b["proprio"] = self.sim.decoder.model_proprio(sub["proprio"][s.traj_index, s.chunk_index])
                 m = self.learner.update(self.job.global_batch(b, self.mesh, _BATCH_DTYPES))
                 self._hand_over()
+                self._precompile(self._update_rows(rows) // 2)
                 out.append(self.job.scalars(m))
         return out
 
@@ -387,6 +430,8 @@ def train(cfg: RunConfig, job: Job | None = None) -> TrainResult:
     run_dir = cfg.run_dir
     source = resume_source(cfg)  # before anything starts (Ray, the model) or is written
     history = []
+    # from here: step 1's record counts the warm-up (the update compiled ahead, validation's decodes)
+    compiles = CompileMeter({"update": "_update", "decode": "decode_step"})
     with Trainer(cfg, job) as tr:
         tr.maybe_resume(source)
         if primary:  # once the run is sure to go on: a refused command leaves the run's config as it was
@@ -400,7 +445,6 @@ def train(cfg: RunConfig, job: Job | None = None) -> TrainResult:
             v = tr.validate()
             logger.log(0, {"val/success_rate": v["success_rate"]})
         progress = Progress(total - tr.step, desc="GRPO steps", unit="step") if primary else _Quiet()
-        compiles = CompileMeter({"update": "_update", "decode": "decode_step"})  # from here: the steps' own
         try:
             timer = Timer()
             while tr.step < total:
@@ -410,12 +454,13 @@ def train(cfg: RunConfig, job: Job | None = None) -> TrainResult:
                 if nxt < total and not val_due:  # overlap the next step's resets with this update
                     with timer("reset"):
                         tr.issue_next_reset()
-                upd = []
+                upd, ahead = [], tr.learner.precompiled_hits
                 if batch is not None:
                     with timer("update"):
                         upd = tr.update(batch)
                 tr.step += 1
                 m = _step_metrics(tr, rounds, batch, upd, timer.breakdown())
+                m["perf/updates_precompiled"] = tr.learner.precompiled_hits - ahead  # of len(upd) optimizer steps
                 m = job.aggregate(m)  # job-wide values, the same on every process
                 if val_due:  # validation uses the same envs, so the next resets wait for it
                     v = tr.validate()
@@ -446,7 +491,7 @@ def train(cfg: RunConfig, job: Job | None = None) -> TrainResult:
             logger.close()
         t = val_temperature(cfg)
         val = f"validation (sampled, T={t:g})" if t else "validation (greedy)"
-        if primary:
+        if primary and "jsonl" in cfg.trainer.logger:  # the curve is drawn from the JSONL record
             plot_learning_curve(run_dir / "metrics.jsonl", run_dir / "learning_curve.png",
                                 keys=((TRAIN_SUCCESS, "train (sampled rollouts)"), (VAL_SUCCESS, val)))
         return TrainResult(run_dir, tr.step, history, final, primary)

@@ -82,7 +82,9 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-from typing import Any
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Mapping
 
 import jax
 import jax.numpy as jnp
@@ -400,6 +402,30 @@ def _logprobs(params, frozen, batch, *, graphdef, cfg, mesh):
 
 
 # -- the learner ----------------------------------------------------------------------------------
+_DTYPES = {"input_ids": np.int32, "attention_mask": np.int32, "tokens": np.int32, "old_logp": np.float32,
+           "advantages": np.float32, "mask": np.float32, "ref_logp": np.float32, "proprio": np.float32,
+           "pixel_values": np.float32, "crop_offsets": np.float32}
+
+
+def _cast(batch: Mapping[str, Any]) -> dict:
+    """The batch keys a step reads, in the dtypes it compiles for."""
+    out = {}
+    for k in BATCH_KEYS:
+        if k in batch and batch[k] is not None:
+            x = batch[k]
+            if not isinstance(x, jax.Array):
+                x = np.asarray(x)
+            if k in _DTYPES and x.dtype != _DTYPES[k]:
+                x = x.astype(_DTYPES[k])
+            out[k] = x
+    return out
+
+
+def _signature(batch: Mapping[str, Any]) -> tuple:
+    """What a compiled update is specific to: each key's shape and dtype."""
+    return tuple(sorted((k, tuple(np.shape(x)), np.dtype(x.dtype).name) for k, x in batch.items()))
+
+
 def _place(tree: dict, shardings: dict, dtype) -> dict:
     """Shard, then cast floats to `dtype`. Arrays already right are taken over, not copied: a 7B
     policy's fp32 weights must not exist twice on one GPU."""
@@ -451,6 +477,10 @@ class Learner:
         self._policy = copy.copy(policy)
         self._policy.set_model(nnx.merge(graphdef, self.state.params, self.frozen))
         self._static = dict(graphdef=graphdef, cfg=cfg.static(), mesh=self.mesh)
+        self._compiled: dict[tuple, Future] = {}  # batch signature -> the update compiled ahead of time
+        self._compiling = None  # ThreadPoolExecutor, made by the first `precompile`
+        self._compile_lock = threading.Lock()
+        self.precompiled_hits = 0  # updates that ran an executable compiled ahead of time
 
     def _reference(self, params: dict) -> dict:
         """Trained-parameter tree of the KL reference (see module docstring): zeroed adapters with
@@ -506,18 +536,7 @@ class Learner:
             raise KeyError(f"batch is missing {missing}; it has {sorted(batch)}")
         if ("images" in batch) == ("pixel_values" in batch):
             raise KeyError("batch needs exactly one of 'images' (uint8) and 'pixel_values' (float32)")
-        dtypes = {"input_ids": np.int32, "attention_mask": np.int32, "tokens": np.int32, "old_logp": np.float32,
-                  "advantages": np.float32, "mask": np.float32, "ref_logp": np.float32, "proprio": np.float32,
-                  "pixel_values": np.float32, "crop_offsets": np.float32}
-        out = {}
-        for k in BATCH_KEYS:
-            if k in batch and batch[k] is not None:
-                x = batch[k]
-                if not isinstance(x, jax.Array):
-                    x = np.asarray(x)
-                if k in dtypes and x.dtype != dtypes[k]:
-                    x = x.astype(dtypes[k])
-                out[k] = x
+        out = _cast(batch)
         m, t = np.shape(out["tokens"])
         local_m = m
         for k, x in out.items():
@@ -552,8 +571,47 @@ class Learner:
         batch = self.prepare_batch(batch)
         if self.cfg.kl_coef and "ref_logp" not in batch:
             batch["ref_logp"] = self._ref_logp(batch)
-        self.state, metrics = _update(self.state, self.frozen, batch, **self._static)
+        with self._compile_lock:
+            ahead = self._compiled.get(_signature(batch))
+        if ahead is not None:  # compiled ahead of time (waits if that compile is still running)
+            self.state, metrics = ahead.result()(self.state, self.frozen, batch)
+            self.precompiled_hits += 1
+        else:
+            self.state, metrics = _update(self.state, self.frozen, batch, **self._static)
         return metrics
+
+    def precompile(self, sample: Mapping[str, np.ndarray], rows: int) -> Future:
+        """Compile the update for mini-batches of `rows` samples (global, over all processes) shaped
+        like `sample` (the batch keys with a leading dim of any size: only the rest of each shape and
+        the dtype count), on a background thread; returns its future. `update` then runs a batch of
+        that signature with it instead of compiling (waiting for it if it is still compiling), so a
+        run compiles its update while it rolls out, not after. With JAX's persistent compilation cache
+        on, the compile also lands there: a resumed or relaunched process loads it. Idempotent."""
+        one = _cast(sample)
+        if self.cfg.kl_coef and "ref_logp" not in one:
+            one["ref_logp"] = np.zeros(np.shape(one["tokens"]), np.float32)
+        if rows % self.batch_multiple:
+            raise ValueError(f"precompile: {rows} rows is not a multiple of micro_batch_size x devices = "
+                             f"{self.batch_multiple}")
+        batch_sh = NamedSharding(self.mesh, P(BATCH_AXES))
+        abstract = {k: jax.ShapeDtypeStruct((rows,) + tuple(np.shape(x)[1:]), x.dtype, sharding=batch_sh)
+                    for k, x in one.items()}
+        key = _signature(abstract)
+        with self._compile_lock:
+            if key in self._compiled:
+                return self._compiled[key]
+            if self._compiling is None:
+                self._compiling = ThreadPoolExecutor(1, thread_name_prefix="vlajax-precompile")
+            spec = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)  # noqa: E731
+            state, frozen = jax.tree.map(spec, self.state), jax.tree.map(spec, self.frozen)
+            fut = self._compiling.submit(lambda: _update.lower(state, frozen, abstract, **self._static).compile())
+            self._compiled[key] = fut
+            return fut
+
+    def close(self) -> None:
+        """Stop compiling ahead: queued compiles are dropped (one under way finishes on its own)."""
+        if self._compiling is not None:
+            self._compiling.shutdown(wait=False, cancel_futures=True)
 
     def evaluate(self, batch: dict) -> dict[str, jax.Array]:
         """The nll objective's metrics (`NLL_METRICS`: token-mean nll, token_accuracy, entropy of the
