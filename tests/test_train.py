@@ -236,3 +236,65 @@ def test_a_resumed_process_compiles_nothing_the_first_one_did(tmp_path):
     for m in (first, second):  # the rollout's time, split: waiting for resets, for simulators, on decodes
         assert m["perf/updates_precompiled"] == m["actor/updates"] > 0, m  # compiled before the step needed it
         assert m["timing/reset_s"] > 0 and m["timing/sim_s"] > 0 and m["timing/decode_s"] > 0, m
+
+
+def test_async_rollout_samples_with_the_weights_from_before_the_update(tmp_path):
+    """`actor_rollout_ref.rollout.mode=async`: the next step's rollout runs during the update and decodes
+    with the weights from before it; the log-probs it records (the PPO ratio's denominator) are those
+    weights', not the updated ones'."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from vlajax.metrics import Timer
+    from vlajax.model.actions import token_logprobs
+    from vlajax.model.preprocess import preprocess_images
+    from vlajax.train import Trainer
+
+    cfg = load_config("demo", TINY_RUN + ["actor_rollout_ref.rollout.mode=async", "ray.enable=false",
+                                          # a first update that moves every weight (5% decay), advantages or not
+                                          "actor_rollout_ref.actor.optim.lr_warmup_steps=0",
+                                          "actor_rollout_ref.actor.optim.lr=0.05", "actor_rollout_ref.actor.optim.weight_decay=1.0",
+                                          f"trainer.default_local_dir={tmp_path / 'run'}"])
+    with Trainer(cfg) as tr:
+        first, _ = tr.collect(Timer())
+        before = jax.tree.map(np.asarray, tr.learner.decode_params())  # what the next rollout decodes with
+        tr.start_next_rollout()
+        assert tr.update(first)  # donates the learner's arrays; the rollout in flight has a copy
+        after = jax.tree.map(np.asarray, tr.learner.decode_params())
+        nxt = tr.next_rollout(Timer())[0].trajectories
+        dec = tr.sim.decoder
+        traj = nxt["traj"]
+        rows = np.flatnonzero(traj.chunk_valid[:, 0])[:4]  # first policy calls (all ran)
+        pixels = preprocess_images(jnp.asarray(nxt["images"][rows, 0]), **dec.preprocess)
+        proprio = dec.model_proprio(nxt["proprio"][rows, 0])
+        tokens = jnp.asarray(traj.actions_tokens[rows, 0])
+
+        def logp(params):
+            model = nnx.merge(tr.policy.graphdef, params)
+            logits = model.action_logits(pixels, nxt["prompt_ids"][rows], nxt["prompt_mask"][rows], proprio,
+                                         dtype=jnp.float32)
+            return np.asarray(token_logprobs(logits, tokens, cfg.actor_rollout_ref.rollout.temperature)[0])
+
+        recorded = traj.old_logp[rows, 0]
+        np.testing.assert_allclose(recorded, logp(before), atol=1e-4)
+        assert np.abs(recorded - logp(after)).max() > 1e-3  # the update moved them: the check can tell
+
+
+@pytest.mark.slow
+def test_async_run_validates_checkpoints_with_a_rollout_in_flight_and_resumes(tmp_path):
+    """An async run checkpoints while the next step's rollout is in flight; a resumed run rolls that step
+    out again (with the weights it resumed with): every step logged once, validation where due."""
+    run = tmp_path / "run"
+    base = TINY_RUN + ["actor_rollout_ref.rollout.mode=async", "ray.enable=false", f"trainer.default_local_dir={run}",
+                       "trainer.test_freq=3"]
+    first = train(load_config("demo", base + ["trainer.total_training_steps=2"]))  # step 1's save: step 2 in flight
+    assert first.steps == 2 and first.history[0]["timing/reset_s"] > 0
+    assert first.history[1]["timing/rollout_wait_s"] >= 0 and first.history[1]["timing/sim_s"] > 0
+    second = train(load_config("demo", base + ["trainer.total_training_steps=4"]))
+    assert second.steps == 4
+    recs = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    steps = [r["step"] for r in recs if "train/success_rate" in r]
+    assert steps == [1, 2, 3, 4], steps
+    assert [r["step"] for r in recs if "val/success_rate" in r] == [2, 3, 4]  # each run's last step, test_freq
+    with CheckpointManager(run / "checkpoints") as ck:
+        assert ck.restore(ck.latest_step(), restore_train_state=False).data_state["rl_step"] == 4

@@ -310,6 +310,9 @@ class RolloutConfig(_Section):
     n: int = 8  # rollouts per initial state (GRPO group size; SimpleVLA-RL: data.n_samples)
     temperature: float = 1.6
     val_kwargs: ValKwargsConfig = field(default_factory=ValKwargsConfig)
+    # "sync": roll out, then update. "async" (one step off-policy): the next step's rollout runs during
+    # this step's update, decoding with the weights from before it (vlajax.train says what changes).
+    mode: str = "sync"
 
 
 @dataclass(frozen=True)
@@ -1000,6 +1003,7 @@ def _validate_rollout(cfg: RunConfig) -> None:
     _check(r.temperature > 0, "actor_rollout_ref.rollout.temperature",
            f"must be > 0 for training rollouts (sampling), got {r.temperature}")
     _positive(r.val_kwargs.n, "actor_rollout_ref.rollout.val_kwargs.n")
+    _check(r.mode in ("sync", "async"), "actor_rollout_ref.rollout.mode", f"must be sync or async, got {r.mode!r}")
     if r.val_kwargs.do_sample:
         _check(r.val_kwargs.temperature > 0, "actor_rollout_ref.rollout.val_kwargs.temperature",
                f"must be > 0 with val_kwargs.do_sample=true, got {r.val_kwargs.temperature}")

@@ -112,7 +112,7 @@ def run_eval(checkpoint: str | Path, *, suite: str | None = None, trials: int | 
     if trials is None and cfg.simulator.init_states_per_task is None:
         trials = cfg.data.val_num_trials_per_task or 50
     video_dir = str(out / "videos") if video else None
-    with SimSession(cfg, policy, video_dir=video_dir) as sim:
+    with SimSession(cfg, policy, video_dir=video_dir, temperatures=(temp,)) as sim:
         pairs = select_pairs(sim.tasks, tasks, trials)
         bar = Progress(len(pairs), desc=f"eval {suite_name}", unit="episode") if progress else None
         try:

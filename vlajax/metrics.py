@@ -366,6 +366,11 @@ class Timer:
             self._open.discard(phase)
             self.add(phase, self._clock() - t)
 
+    def add_phases(self, other: "Timer", *, concurrent: bool = True) -> None:
+        """Another timer's phases (e.g. a rollout that ran on a thread during this step's update)."""
+        for phase, seconds in other._acc.items():
+            self.add(phase, seconds, concurrent=concurrent or phase in other._concurrent)
+
     def add(self, phase: str, seconds: float, *, concurrent: bool = False) -> None:
         """`concurrent`: work done elsewhere while this process did other things (simulators stepping
         during decodes); reported, but not subtracted from the wall time to get "idle"."""

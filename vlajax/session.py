@@ -115,9 +115,12 @@ class SimSession(Closing):
     """Ray + simulator actors + decoder + rollout engine for `policy` (see module docstring).
 
     The decoder decodes with `params` (default: the policy's own); a training loop hands it the
-    learner's after each update (`decoder.set_params(learner.decode_params())`: no weight copy)."""
+    learner's after each update (`decoder.set_params(learner.decode_params())`: no weight copy).
+    `temperatures`: what it will decode at, first needed first; their decodes compile in the
+    background from the start (`PolicyDecoder.precompile`)."""
 
-    def __init__(self, cfg: RunConfig, policy, *, params: dict | None = None, video_dir: str | None = None):
+    def __init__(self, cfg: RunConfig, policy, *, params: dict | None = None, video_dir: str | None = None,
+                 temperatures: Sequence[float] = ()):
         # Ray (if the placement uses it) only here: building a policy does not need it.
         from vlajax.distributed.pools import open_sim_pool
         from vlajax.rl.rollout import RolloutEngine
@@ -136,6 +139,9 @@ class SimSession(Closing):
             self.decoder = PolicyDecoder(policy, params=params, flip=sim.image_flip, center_crop=True,
                                          unnorm_key=sim.unnorm_key(t.task_suite_name, policy.dataset_statistics),
                                          gripper=sim.gripper, capacity=self.pool.capacity)
+            self._closers.append(self.decoder.close)
+            if temperatures:  # the decodes compile while the simulators reset, not when the first is due
+                self.decoder.precompile((t.init_params.camera_heights, t.init_params.camera_widths), temperatures)
             self.engine = RolloutEngine(self.pool, self.decoder, cfg.rollout_config())
         except BaseException:
             self.close()

@@ -270,7 +270,8 @@ class _Run:
         """Greedy (or `val_kwargs`) success on the fixed init states of the demonstrated tasks."""
         cfg = self.cfg
         if self.sim is None:
-            self.sim = SimSession(cfg, self.learner.policy, params=self.learner.decode_params())
+            self.sim = SimSession(cfg, self.learner.policy, params=self.learner.decode_params(),
+                                  temperatures=(val_temperature(cfg),))
         self.sim.decoder.set_params(self.learner.decode_params())
         tasks = self.sim.tasks
         ids = [i for i, t in enumerate(tasks) if t.name in self.task_names] or None

@@ -9,10 +9,18 @@ One training step (SimpleVLA-RL's recipe):
   2. advantages per trajectory (GRPO or REINFORCE++), one sample per policy call with its 56 tokens,
      tokens after the success step masked;
   3. `ppo_mini_batch_size` trajectories per optimizer step; the first rollout round of the next step
-     is reset before the update so the resets overlap it;
+     is reset before the update so the resets overlap it (async mode: the whole next rollout runs);
   4. validate greedily every `trainer.test_freq`, log, then checkpoint every `trainer.save_freq`
      (the record first, so that no committed step lacks its record; the save's time is in the
      next step's `timing/checkpoint_s`).
+
+Async mode (`actor_rollout_ref.rollout.mode=async`, one step off-policy): the next step's whole
+rollout runs on a thread during this step's update, so the simulators keep stepping; it decodes with a
+copy of the weights from before the update (+1x the trained parameters' memory; LoRA: the adapters),
+and its log-probs are those weights', which the next update's PPO ratio divides by. Nothing runs
+ahead of a validation or the last step. A checkpoint taken while a rollout is in flight records the
+sampler from before it: a resumed run rolls that step out again with the weights it resumed with,
+so it is exact for sync runs only.
 
 Exact resume: rollout sampling keys derive from (seed, step, round; and the process id in a
 multi-process job, `job.rollout_key`), env starts from (task, state, seed), the sampler position and
@@ -43,6 +51,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import threading
 import time
 from pathlib import Path
 
@@ -161,6 +170,8 @@ class Trainer(Closing):
             raise ConfigError(problem, key="trainer.nnodes")
         t = cfg.env.train
         self.n = cfg.actor_rollout_ref.rollout.n
+        self.async_rollout = cfg.actor_rollout_ref.rollout.mode == "async"
+        self._next: tuple[threading.Thread, dict] | None = None  # async: the next step's rollout, running
         self.mesh = cfg.trainer.mesh.build(job)
         lcfg = cfg.actor_rollout_ref.learner_config(self.mesh.size, cfg.simulator.image_flip)
         # The built policy's arrays go to the learner; nothing else keeps them (a LoRA run's fp32
@@ -169,7 +180,9 @@ class Trainer(Closing):
         self.policy = self.learner.policy  # graph, tokenizer, statistics for the decoders
         self._closers.append(self.learner.close)
         self.sim_cfg = cfg.per_process(job.num_processes)  # this process's own simulators
-        self.sim = SimSession(self.sim_cfg, self.policy, params=self._decode_params())
+        train_t, val_t = cfg.actor_rollout_ref.rollout.temperature, val_temperature(cfg)
+        self.sim = SimSession(self.sim_cfg, self.policy, params=self._decode_params(),
+                              temperatures=(val_t, train_t) if cfg.trainer.val_before_train else (train_t, val_t))
         self._closers.append(self.sim.close)
         try:  # from here on, a failure closes the simulators it started
             self.engine, self.tasks = self.sim.engine, self.sim.tasks
@@ -222,7 +235,8 @@ class Trainer(Closing):
         return self.job.primary
 
     def _decode_params(self) -> dict:
-        return self.job.decode_view(self.learner.decode_params(), self.mesh)
+        # async: a copy, since the update that runs while the next rollout decodes donates the learner's
+        return self.job.decode_view(self.learner.decode_params(copy=self.async_rollout), self.mesh)
 
     def _hand_over(self) -> None:
         """Give the decoder the learner's current parameters (after an update or a restore)."""
@@ -245,7 +259,7 @@ class Trainer(Closing):
             return self.engine.rollout(key=key)
         return self.engine.rollout(t_ids, s_ids, g_ids, seed=self.cfg.env.train.seed, key=key)
 
-    def collect(self, timer):
+    def collect(self, timer, step: int | None = None):
         """Roll out until the batch is full (dynamic sampling). Returns (GroupBatch, round stats).
 
         Several processes (lockstep rule): each keeps its own groups in a buffer of
@@ -253,7 +267,9 @@ class Trainer(Closing):
         counts and stop together once every one has k (or the round bound is reached: rounds are the
         same everywhere). Each then trains min(kept counts, k) groups, the same number on every process,
         so the step trains exactly data.train_batch_size groups when the batch filled, and fewer (as
-        one process would, with its warning) only when the round bound cut it short."""
+        one process would, with its warning) only when the round bound cut it short.
+        `step`: the completed steps the rollout's keys count from (default: `self.step`)."""
+        step = self.step if step is None else step
         d = self.cfg.data
         lower, upper = (d.accuracy_lower_bound, d.accuracy_upper_bound) if d.filter_accuracy else (0.0, 1.0)
         if self.buffer is None:
@@ -269,7 +285,7 @@ class Trainer(Closing):
                 break
             groups, issued = (self.pending, True) if self.pending is not None else (self._round_groups(), False)
             self.pending = None
-            key = self.job.round_key(self.key, self.step, r)
+            key = self.job.round_key(self.key, step, r)
             t0 = time.perf_counter()
             rb = self._rollout_round(groups, key, issued)
             add_rollout_timing(timer, rb.stats, time.perf_counter() - t0)
@@ -289,10 +305,44 @@ class Trainer(Closing):
         self.engine.start_reset(t_ids, s_ids, g_ids, seed=self.cfg.env.train.seed)
         self.pending = groups
 
+    def start_next_rollout(self) -> None:
+        """Async mode: roll out the next step on a thread now, during this step's update, with the
+        weights as they are (a copy: the update donates the learner's). Its trajectories were sampled
+        by those weights and carry their log-probs, which the next update's PPO ratio divides by."""
+        self._hand_over()
+        self._sampler_before_pending = self.sampler.state_dict()
+        out: dict = {"timer": Timer()}
+        step = self.step + 1
+
+        def run() -> None:
+            try:
+                out["result"] = self.collect(out["timer"], step)
+            except BaseException as e:  # raised in the main thread by `next_rollout`
+                out["error"] = e
+
+        thread = threading.Thread(target=run, name="vlajax-next-rollout", daemon=True)
+        thread.start()
+        self._next = (thread, out)
+
+    def next_rollout(self, timer):
+        """The rollout `start_next_rollout` began: waits for it; its phases join `timer` as concurrent
+        (they ran beside the update)."""
+        thread, out = self._next
+        while thread.is_alive():
+            thread.join(timeout=0.5)
+            stopping.check()
+        self._next = None
+        if "error" in out:
+            raise out["error"]
+        timer.add_phases(out["timer"])
+        return out["result"]
+
     def data_state(self) -> dict:
         """Sampler position as of the end of this step: groups already drawn for a pending reset
-        are drawn again by a resumed run."""
-        sampler = self._sampler_before_pending if self.pending is not None else self.sampler.state_dict()
+        or for a rollout in flight (async) are drawn again by a resumed run, which rolls them out
+        with the weights it resumed with."""
+        ahead = self.pending is not None or self._next is not None
+        sampler = self._sampler_before_pending if ahead else self.sampler.state_dict()
         return {"sampler": sampler, "rl_step": self.step}
 
     # -- update ---------------------------------------------------------------------------------
@@ -359,7 +409,8 @@ class Trainer(Closing):
                 if pc.proprio_dim:
                     b["proprio"] = self.sim.decoder.model_proprio(sub["proprio"][s.traj_index, s.chunk_index])
                 m = self.learner.update(self.job.global_batch(b, self.mesh, _BATCH_DTYPES))
-                self._hand_over()
+                if not self.async_rollout:  # async: the rollout in flight keeps its weights (train() hands over)
+                    self._hand_over()
                 self._precompile(self._update_rows(rows) // 2)
                 out.append(self.job.scalars(m))
         return out
@@ -381,7 +432,7 @@ class Trainer(Closing):
             res = self.sim.evaluate(mine, temperature=temp, stream=job.stream)
         else:  # the final evaluation records videos, each process its own share
             self.sim.close()
-            with SimSession(self.sim_cfg, self.policy, params=self._decode_params(),
+            with SimSession(self.sim_cfg, self.policy, params=self._decode_params(), temperatures=(temp,),
                             video_dir=job.own_folder(video_dir)) as sim:
                 res = sim.evaluate(mine, temperature=temp, stream=job.stream)
         results = job.gather_episodes(pairs, res, [t.name for t in self.tasks])
@@ -448,16 +499,25 @@ def train(cfg: RunConfig, job: Job | None = None) -> TrainResult:
         try:
             timer = Timer()
             while tr.step < total:
-                batch, rounds = tr.collect(timer)
+                if tr._next is not None:  # async: rolled out during the last update
+                    with timer("rollout_wait"):
+                        batch, rounds = tr.next_rollout(timer)
+                else:
+                    batch, rounds = tr.collect(timer)
                 nxt = tr.step + 1
                 val_due = cfg.trainer.test_freq > 0 and (nxt % cfg.trainer.test_freq == 0 or nxt == total)
-                if nxt < total and not val_due:  # overlap the next step's resets with this update
-                    with timer("reset"):
-                        tr.issue_next_reset()
+                if nxt < total and not val_due:  # validation uses the same simulators: nothing runs ahead of it
+                    if tr.async_rollout:  # the next step's whole rollout during this update
+                        tr.start_next_rollout()
+                    else:  # the next step's resets during this update
+                        with timer("reset"):
+                            tr.issue_next_reset()
                 upd, ahead = [], tr.learner.precompiled_hits
                 if batch is not None:
                     with timer("update"):
                         upd = tr.update(batch)
+                    if tr.async_rollout and tr._next is None:  # validation and the final evaluation
+                        tr._hand_over()
                 tr.step += 1
                 m = _step_metrics(tr, rounds, batch, upd, timer.breakdown())
                 m["perf/updates_precompiled"] = tr.learner.precompiled_hits - ahead  # of len(upd) optimizer steps

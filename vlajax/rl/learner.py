@@ -513,11 +513,15 @@ class Learner:
         """All policy parameters (trained + frozen) as one pure dict (shares the arrays)."""
         return _merge_dicts(self.state.params, self.frozen)
 
-    def decode_params(self) -> dict:
+    def decode_params(self, copy: bool = False) -> dict:
         """What a decoder decodes with (`PolicyDecoder.set_params`): `params()`, the learner's own
         arrays, no copy. Valid until the next `update` / `restore`, which donate or free them: hand
-        them over again after each."""
-        return self.params()
+        them over again after each. `copy`: the trained parameters copied (the frozen rest is never
+        donated, so it is shared), for a decoder that keeps decoding while the learner updates
+        (the async rollout): +1x the trained parameters' memory."""
+        if not copy:
+            return self.params()
+        return _merge_dicts(jax.tree.map(jnp.copy, self.state.params), self.frozen)
 
     @property
     def policy(self):

@@ -15,6 +15,8 @@ numpy on the host (`Policy.tokens_to_actions`).
 from __future__ import annotations
 
 import dataclasses
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from typing import Any, Protocol, Sequence
 
@@ -197,6 +199,9 @@ class PolicyDecoder(Decoder):
                 self._q99 = np.asarray(stats["q99"], np.float32)
         self._prompts: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._fns: dict[float, Any] = {}
+        self._ahead: dict[tuple[float, int], Future] = {}  # (temperature, bucket) -> compiled ahead of time
+        self._ahead_lock = threading.Lock()
+        self._compiling: ThreadPoolExecutor | None = None
 
     def set_params(self, params: dict) -> None:
         """Decode with `params` from the next dispatch on (e.g. `Learner.decode_params()` after an
@@ -253,6 +258,41 @@ class PolicyDecoder(Decoder):
                 return b
         raise ValueError(f"decode batch of {n} rows exceeds the largest bucket {self.buckets[-1]}")
 
+    def _args(self, b: int, image_shape: tuple[int, int], key: jax.Array) -> tuple:
+        """Zeros shaped like a decode of `b` rows (what `precompile` lowers with)."""
+        ids, mask = self.encode_prompts(["warm up"])
+        proprio = np.zeros((b, self.policy.cfg.proprio_dim), np.float32) if self.policy.cfg.proprio_dim else None
+        return (self._params, key, np.zeros((b, self.num_images, *image_shape, 3), np.uint8), np.repeat(ids, b, 0),
+                np.repeat(mask, b, 0), proprio, np.zeros(b, np.int32), np.zeros(b, np.int32), self._q01, self._q99)
+
+    def precompile(self, image_shape: tuple[int, int], temperatures: Sequence[float]) -> list[Future]:
+        """Compile the decode of every bucket at each temperature on a background thread (the largest
+        bucket of the first temperature first: what a rollout calls first), while the simulators
+        start and reset; `dispatch` then runs them without compiling (waiting for one still under
+        way). The compiles also fill JAX's persistent compilation cache, if on. Needs fixed buckets."""
+        if self.buckets is None:
+            raise ValueError("precompile needs fixed buckets (give capacity or buckets)")
+        spec = lambda x: (x if x is None else  # noqa: E731
+                          jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None)))
+        key = jax.random.key(0)
+        futures = []
+        with self._ahead_lock:
+            if self._compiling is None:
+                self._compiling = ThreadPoolExecutor(1, thread_name_prefix="vlajax-decode-precompile")
+            for t in dict.fromkeys(float(t) for t in temperatures):
+                for b in sorted(self.buckets, reverse=True):
+                    if (t, b) not in self._ahead:
+                        args = jax.tree.map(spec, self._args(b, image_shape, key))
+                        self._ahead[(t, b)] = self._compiling.submit(
+                            lambda fn=self._fn(t), args=args: fn.lower(*args).compile())
+                    futures.append(self._ahead[(t, b)])
+        return futures
+
+    def close(self) -> None:
+        """Drop queued ahead-of-time compiles (one under way finishes on its own)."""
+        if self._compiling is not None:
+            self._compiling.shutdown(wait=False, cancel_futures=True)
+
     def dispatch(self, inputs: DecodeInputs, *, temperature: float, key: jax.Array):
         """Issue the jitted call (returns at once: JAX async dispatch); `fetch` the handle later."""
         n = len(inputs)
@@ -263,7 +303,10 @@ class PolicyDecoder(Decoder):
         b = self.bucket(n)
         pad = (lambda x: x) if b == n else (lambda x: np.concatenate([x, np.repeat(x[:1], b - n, axis=0)]))
         proprio = pad(inputs.proprio) if self.policy.cfg.proprio_dim else None
-        tokens, logp = self._fn(float(temperature))(
+        with self._ahead_lock:
+            ahead = self._ahead.get((float(temperature), b))
+        fn = ahead.result() if ahead is not None else self._fn(float(temperature))
+        tokens, logp = fn(
             self._params, key, pad(inputs.images), pad(inputs.input_ids), pad(inputs.attention_mask),
             proprio, pad(inputs.rows.astype(np.int32)), pad(inputs.calls.astype(np.int32)), self._q01, self._q99)
         return tokens, logp, n
