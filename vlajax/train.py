@@ -17,10 +17,10 @@ One training step (SimpleVLA-RL's recipe):
 Async mode (`actor_rollout_ref.rollout.mode=async`, one step off-policy): the next step's whole
 rollout runs on a thread during this step's update, so the simulators keep stepping; it decodes with a
 copy of the weights from before the update (+1x the trained parameters' memory; LoRA: the adapters),
-and its log-probs are those weights', which the next update's PPO ratio divides by. Nothing runs
-ahead of a validation or the last step. A checkpoint taken while a rollout is in flight records the
-sampler from before it: a resumed run rolls that step out again with the weights it resumed with,
-so it is exact for sync runs only.
+and its log-probs are those weights', which the next update's PPO ratio divides by. No rollout runs
+ahead of a validation, a checkpoint or the last step (only the next resets, as in sync mode): so a
+checkpoint never has a rollout in flight, the step after it rolls out with the checkpointed weights
+in both an uninterrupted and a resumed run, and async resumes are exact too.
 
 Exact resume: rollout sampling keys derive from (seed, step, round; and the process id in a
 multi-process job, `job.rollout_key`), env starts from (task, state, seed), the sampler position and
@@ -308,7 +308,8 @@ class Trainer(Closing):
     def start_next_rollout(self) -> None:
         """Async mode: roll out the next step on a thread now, during this step's update, with the
         weights as they are (a copy: the update donates the learner's). Its trajectories were sampled
-        by those weights and carry their log-probs, which the next update's PPO ratio divides by."""
+        by those weights and carry their log-probs, which the next update's PPO ratio divides by.
+        Not before a checkpoint (train() says why)."""
         self._hand_over()
         self._sampler_before_pending = self.sampler.state_dict()
         out: dict = {"timer": Timer()}
@@ -339,10 +340,10 @@ class Trainer(Closing):
 
     def data_state(self) -> dict:
         """Sampler position as of the end of this step: groups already drawn for a pending reset
-        or for a rollout in flight (async) are drawn again by a resumed run, which rolls them out
-        with the weights it resumed with."""
-        ahead = self.pending is not None or self._next is not None
-        sampler = self._sampler_before_pending if ahead else self.sampler.state_dict()
+        are drawn again by a resumed run."""
+        if self._next is not None:
+            raise RuntimeError("a checkpoint with a rollout in flight (train() starts none before a save)")
+        sampler = self._sampler_before_pending if self.pending is not None else self.sampler.state_dict()
         return {"sampler": sampler, "rl_step": self.step}
 
     # -- update ---------------------------------------------------------------------------------
@@ -506,10 +507,11 @@ def train(cfg: RunConfig, job: Job | None = None) -> TrainResult:
                     batch, rounds = tr.collect(timer)
                 nxt = tr.step + 1
                 val_due = cfg.trainer.test_freq > 0 and (nxt % cfg.trainer.test_freq == 0 or nxt == total)
+                save_due = cfg.trainer.save_freq > 0 and nxt % cfg.trainer.save_freq == 0
                 if nxt < total and not val_due:  # validation uses the same simulators: nothing runs ahead of it
-                    if tr.async_rollout:  # the next step's whole rollout during this update
+                    if tr.async_rollout and not save_due:  # the next step's whole rollout during this update
                         tr.start_next_rollout()
-                    else:  # the next step's resets during this update
+                    else:  # the next step's resets during this update (they do not depend on the weights)
                         with timer("reset"):
                             tr.issue_next_reset()
                 upd, ahead = [], tr.learner.precompiled_hits
