@@ -15,7 +15,10 @@ from vlajax.config import load_config
 from vlajax.train import train
 
 # validation before and during training, so that its keys are read too
-RUN = TINY_RUN + ["trainer.test_freq=1", "trainer.val_before_train=true", "trainer.total_training_steps=2"]
+# (2 envs per pipeline stage: each run spawns 4 simulator processes instead of TINY_RUN's 8; a step
+# then takes 2 rollout rounds, as a config with fewer envs than trajectories does)
+RUN = TINY_RUN + ["trainer.test_freq=1", "trainer.val_before_train=true", "trainer.total_training_steps=2",
+                  "env.train.num_envs=2"]
 # The other branch of every optional path: LoRA with a KL term to the base model, REINFORCE++,
 # sampled validation with videos, verl's global micro-batch key, warm-up, other dynamic-sampling
 # bounds. (`trainer.resume=<path>` is tested in test_train.)
