@@ -17,6 +17,13 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
+# One persistent JAX compilation cache for the whole test session, in-process and for the `vlajax`
+# processes tests start (the CLI's default cache is the user's): the tests build the same small
+# programs over and over, and a cache hit runs the executable the compile would have made. Set before
+# jax is imported (it reads these at import). Tests that count compiles set their own directory.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", f"/tmp/vlajax-test-jax-cache-{os.getuid()}")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
 # -- short training runs ----------------------------------------------------------------------------
 # `key=value` overrides that make any run config a tiny one: small images and episodes, 2 GRPO groups
 # of 4 per step, no validation, a checkpoint every step, jsonl metrics only. Files add their own on top
