@@ -70,6 +70,27 @@ def assets() -> str:
 
 
 # -- files and data ---------------------------------------------------------------------------------
+def final_params(run_dir) -> tuple[int, dict]:
+    """A run directory's latest checkpoint: (step, its parameters as numpy)."""
+    import jax
+    import numpy as np
+
+    from vlajax.rl.checkpoint import CheckpointManager
+
+    with CheckpointManager(Path(run_dir) / "checkpoints") as ck:
+        r = ck.restore(ck.latest_step())
+    return r.step, jax.tree.map(np.asarray, r.params)
+
+
+def same_params(a: dict, b: dict) -> bool:
+    """Bit-identical parameter trees."""
+    import jax
+    import numpy as np
+
+    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+    return len(la) == len(lb) and all(np.array_equal(x, y) for x, y in zip(la, lb))
+
+
 def csv_rows(path) -> list[dict[str, str]]:
     """The rows of a CSV file with a header (evaluation tables), as dicts."""
     with open(path, newline="") as f:

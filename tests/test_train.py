@@ -10,18 +10,11 @@ import jax
 import numpy as np
 import pytest
 
-from tests.conftest import TINY_RUN
+from tests.conftest import TINY_RUN, final_params, same_params
 from vlajax.cli import main as cli_main
 from vlajax.config import ConfigError, load_config
 from vlajax.rl.checkpoint import CheckpointManager
 from vlajax.train import train
-
-
-def _final_params(run_dir):
-    ck = CheckpointManager(run_dir / "checkpoints")
-    r = ck.restore(ck.latest_step())
-    ck.close()
-    return r.step, jax.tree.map(np.asarray, r.params)
 
 
 @pytest.mark.slow
@@ -48,11 +41,9 @@ def test_resumed_run_is_bit_identical_to_uninterrupted(tmp_path):
                                                              f"trainer.default_local_dir={resumed}"]))
     assert [m["train/success_rate"] for m in res2.history] == [res.history[2]["train/success_rate"]]
 
-    step_a, a = _final_params(straight)
-    step_b, b = _final_params(resumed)
-    assert step_a == step_b
-    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-    assert len(la) == len(lb) and all(np.array_equal(x, y) for x, y in zip(la, lb))
+    step_a, a = final_params(straight)
+    step_b, b = final_params(resumed)
+    assert step_a == step_b and same_params(a, b)
 
 
 def _steps(run_dir) -> list[int]:
@@ -72,8 +63,8 @@ def test_resume_from_another_runs_checkpoint(tmp_path, capsys):
     assert f"resumed from checkpoint {first / 'checkpoints' / '1'} at training step 1" in capsys.readouterr().out
     assert b.steps == 2 and len(b.history) == 1 and _steps(second) == [2] and _steps(first) == [1, 2]
     assert b.history[0]["actor/pg_loss"] == a.history[1]["actor/pg_loss"]  # what the first run computed
-    assert _final_params(second)[1].keys() == _final_params(first)[1].keys()
-    for x, y in zip(jax.tree.leaves(_final_params(second)[1]), jax.tree.leaves(_final_params(first)[1])):
+    assert final_params(second)[1].keys() == final_params(first)[1].keys()
+    for x, y in zip(jax.tree.leaves(final_params(second)[1]), jax.tree.leaves(final_params(first)[1])):
         np.testing.assert_array_equal(x, y)
     # nothing is overwritten: a run directory with checkpoints of its own refuses another run's, and `disable`
     with pytest.raises(ConfigError, match="already has checkpoints of its own") as e:
@@ -300,6 +291,5 @@ def test_async_run_resumed_equals_uninterrupted(tmp_path):
     recs = [json.loads(x) for x in (resumed / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in recs if "train/success_rate" in r] == [1, 2, 3, 4]
     assert [r["step"] for r in recs if "val/success_rate" in r] == [2, 4]
-    (sa, a), (sb, b) = _final_params(straight), _final_params(resumed)
-    la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
-    assert sa == sb == 4 and len(la) == len(lb) and all(np.array_equal(x, y) for x, y in zip(la, lb))
+    (sa, a), (sb, b) = final_params(straight), final_params(resumed)
+    assert sa == sb == 4 and same_params(a, b)

@@ -313,6 +313,10 @@ class RolloutConfig(_Section):
     # "sync": roll out, then update. "async" (one step off-policy): the next step's rollout runs during
     # this step's update, decoding with the weights from before it (vlajax.train says what changes).
     mode: str = "sync"
+    # vlajax: devices of each trainer process that only decode (0 or 1: its last local device); the
+    # learner's mesh gets the rest, and the decoder is handed a copy of the weights after each update
+    # (verl's separate rollout GPUs; with mode=async the two work at once).
+    decode_devices: int = 0
 
 
 @dataclass(frozen=True)
@@ -421,13 +425,15 @@ class MeshConfig(_Section):
     data: int = -1
     fsdp: int = -1
 
-    def build(self, job):
-        """The learner's mesh for this process of `job` (`vlajax.distributed.job.Job.mesh`); a layout
-        that cannot give each process its own full copy of the weights is an error naming the key."""
+    def build(self, job, decode_devices: int = 0):
+        """The learner's mesh for this process of `job` (`vlajax.distributed.job.Job.mesh`), on the
+        devices `decode_devices` leaves it; a layout that cannot give each process its own full copy of
+        the weights is an error naming the key."""
         try:
-            return job.mesh(self.data, self.fsdp)
+            return job.mesh(self.data, self.fsdp, decode_devices)
         except ValueError as e:
-            raise ConfigError(str(e), key="trainer.mesh.data") from None
+            key = "actor_rollout_ref.rollout.decode_devices" if "decode_devices" in str(e) else "trainer.mesh.data"
+            raise ConfigError(str(e), key=key) from None
 
 
 @dataclass(frozen=True)
@@ -1004,6 +1010,8 @@ def _validate_rollout(cfg: RunConfig) -> None:
            f"must be > 0 for training rollouts (sampling), got {r.temperature}")
     _positive(r.val_kwargs.n, "actor_rollout_ref.rollout.val_kwargs.n")
     _check(r.mode in ("sync", "async"), "actor_rollout_ref.rollout.mode", f"must be sync or async, got {r.mode!r}")
+    _check(r.decode_devices in (0, 1), "actor_rollout_ref.rollout.decode_devices",
+           f"must be 0 (decode on the learner's devices) or 1 (one device apart), got {r.decode_devices}")
     if r.val_kwargs.do_sample:
         _check(r.val_kwargs.temperature > 0, "actor_rollout_ref.rollout.val_kwargs.temperature",
                f"must be > 0 with val_kwargs.do_sample=true, got {r.val_kwargs.temperature}")

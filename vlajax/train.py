@@ -172,7 +172,10 @@ class Trainer(Closing):
         self.n = cfg.actor_rollout_ref.rollout.n
         self.async_rollout = cfg.actor_rollout_ref.rollout.mode == "async"
         self._next: tuple[threading.Thread, dict] | None = None  # async: the next step's rollout, running
-        self.mesh = cfg.trainer.mesh.build(job)
+        decode_devices = cfg.actor_rollout_ref.rollout.decode_devices
+        self.mesh = cfg.trainer.mesh.build(job, decode_devices)
+        self.decode_device = job.decode_device(decode_devices)  # None: decoding shares the learner's devices
+        self.handoff = {"seconds": 0.0, "bytes": 0}  # weights copied to the decode device, this step
         lcfg = cfg.actor_rollout_ref.learner_config(self.mesh.size, cfg.simulator.image_flip)
         # The built policy's arrays go to the learner; nothing else keeps them (a LoRA run's fp32
         # base would otherwise stay next to the learner's bf16 copy).
@@ -235,8 +238,18 @@ class Trainer(Closing):
         return self.job.primary
 
     def _decode_params(self) -> dict:
+        if self.decode_device is not None:  # a copy on the decode device (the frozen part once)
+            return self.learner.decode_params(place=self._to_decode_device)
         # async: a copy, since the update that runs while the next rollout decodes donates the learner's
         return self.job.decode_view(self.learner.decode_params(copy=self.async_rollout), self.mesh)
+
+    def _to_decode_device(self, tree: dict) -> dict:
+        """The hand-off: `tree` copied to the decode device, timed and counted (`perf/handoff_*`)."""
+        t0 = time.perf_counter()
+        out = jax.block_until_ready(jax.device_put(self.job.decode_view(tree, self.mesh), self.decode_device))
+        self.handoff["seconds"] += time.perf_counter() - t0
+        self.handoff["bytes"] += sum(x.nbytes for x in jax.tree.leaves(out))
+        return out
 
     def _hand_over(self) -> None:
         """Give the decoder the learner's current parameters (after an update or a restore)."""
@@ -523,6 +536,9 @@ def train(cfg: RunConfig, job: Job | None = None) -> TrainResult:
                 tr.step += 1
                 m = _step_metrics(tr, rounds, batch, upd, timer.breakdown())
                 m["perf/updates_precompiled"] = tr.learner.precompiled_hits - ahead  # of len(upd) optimizer steps
+                if tr.decode_device is not None:  # the weights' copies to the decode device since the last record
+                    m["perf/handoff_s"], m["perf/handoff_bytes"] = tr.handoff["seconds"], tr.handoff["bytes"]
+                    tr.handoff = {"seconds": 0.0, "bytes": 0}
                 m = job.aggregate(m)  # job-wide values, the same on every process
                 if val_due:  # validation uses the same envs, so the next resets wait for it
                     v = tr.validate()

@@ -89,16 +89,35 @@ class Job:
         return None
 
     # -- devices ---------------------------------------------------------------------------------
-    def mesh(self, data: int, fsdp: int):
-        """The learner's mesh (`trainer.mesh`'s axes, -1 = infer). One process: as configured. Several:
-        data = processes (unless set) x fsdp = the rest, so the data axis crosses processes and FSDP
-        stays inside each, which therefore holds a full copy of the weights for its own decoding
-        (ValueError if not)."""
+    def mesh(self, data: int, fsdp: int, decode_devices: int = 0):
+        """The learner's mesh (`trainer.mesh`'s axes, -1 = infer) over every process's devices but its
+        last `decode_devices` (`decode_device`). One process: as configured. Several: data = processes
+        (unless set) x fsdp = the rest, so the data axis crosses processes and FSDP stays inside each,
+        which therefore holds a full copy of the weights for its own decoding (ValueError if not)."""
+        devices = self.train_devices(decode_devices)
         if not self.multi:
-            return make_mesh(data, fsdp)
-        mesh = make_mesh(self.num_processes if data == -1 else data, fsdp)
+            return make_mesh(data, fsdp, devices)
+        mesh = make_mesh(self.num_processes if data == -1 else data, fsdp, devices)
         multihost.local_mesh(mesh)
         return mesh
+
+    @staticmethod
+    def train_devices(decode_devices: int = 0) -> list:
+        """Every process's devices but its last `decode_devices` (ValueError if that leaves one none)."""
+        out = []
+        for p in range(jax.process_count()):
+            local = sorted((d for d in jax.devices() if d.process_index == p), key=lambda d: d.id)
+            if len(local) <= decode_devices:
+                raise ValueError(f"process {p} has {len(local)} device(s): {decode_devices} for decoding "
+                                 "(actor_rollout_ref.rollout.decode_devices) leave none to train on")
+            out += local[:len(local) - decode_devices]
+        return out
+
+    @staticmethod
+    def decode_device(decode_devices: int = 0):
+        """This process's device that only decodes (its last local one), or None (decoding shares the
+        learner's devices)."""
+        return sorted(jax.local_devices(), key=lambda d: d.id)[-1] if decode_devices else None
 
     def decode_view(self, params, mesh):
         """The learner's parameters as this process's decoder takes them: the arrays themselves, or

@@ -481,6 +481,7 @@ class Learner:
         self._compiling = None  # ThreadPoolExecutor, made by the first `precompile`
         self._compile_lock = threading.Lock()
         self.precompiled_hits = 0  # updates that ran an executable compiled ahead of time
+        self._frozen_placed = None  # the frozen parameters where `decode_params(place=...)` put them
 
     def _reference(self, params: dict) -> dict:
         """Trained-parameter tree of the KL reference (see module docstring): zeroed adapters with
@@ -513,12 +514,18 @@ class Learner:
         """All policy parameters (trained + frozen) as one pure dict (shares the arrays)."""
         return _merge_dicts(self.state.params, self.frozen)
 
-    def decode_params(self, copy: bool = False) -> dict:
+    def decode_params(self, copy: bool = False, place=None) -> dict:
         """What a decoder decodes with (`PolicyDecoder.set_params`): `params()`, the learner's own
         arrays, no copy. Valid until the next `update` / `restore`, which donate or free them: hand
         them over again after each. `copy`: the trained parameters copied (the frozen rest is never
         donated, so it is shared), for a decoder that keeps decoding while the learner updates
-        (the async rollout): +1x the trained parameters' memory."""
+        (the async rollout): +1x the trained parameters' memory. `place`: a function that copies a
+        parameter tree to where the decoder runs (a device of its own): the trained parameters go
+        each time, the frozen rest once (kept until a restore)."""
+        if place is not None:
+            if self._frozen_placed is None:
+                self._frozen_placed = place(self.frozen)
+            return _merge_dicts(place(self.state.params), self._frozen_placed)
         if not copy:
             return self.params()
         return _merge_dicts(jax.tree.map(jnp.copy, self.state.params), self.frozen)
@@ -702,6 +709,7 @@ class Learner:
         ts = r.train_state
         self.state = TrainState(params, ts["opt_state"], ts["lr"], ts["step"], ts["skipped"])
         self.frozen = frozen
+        self._frozen_placed = None
         return r
 
 

@@ -213,6 +213,11 @@ class PolicyDecoder(Decoder):
                              "(another model, or LoRA on one side only)")
         self._params = params
 
+    @property
+    def params(self) -> dict:
+        """The parameters the next dispatch decodes with."""
+        return self._params
+
     def model_proprio(self, proprio: np.ndarray) -> np.ndarray:
         """(..., D) raw robot state -> what the model sees (q01/q99-normalised when the policy's
         statistics have proprio bounds): the learner must feed the same as the decode did."""
@@ -272,8 +277,10 @@ class PolicyDecoder(Decoder):
         way). The compiles also fill JAX's persistent compilation cache, if on. Needs fixed buckets."""
         if self.buckets is None:
             raise ValueError("precompile needs fixed buckets (give capacity or buckets)")
-        spec = lambda x: (x if x is None else  # noqa: E731
-                          jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=getattr(x, "sharding", None)))
+        def spec(x):  # committed arrays (the parameters) keep their devices; the rest follows them
+            committed = isinstance(x, jax.Array) and x.committed
+            return x if x is None else jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=x.sharding if committed else None)
+
         key = jax.random.key(0)
         futures = []
         with self._ahead_lock:
