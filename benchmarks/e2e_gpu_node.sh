@@ -7,7 +7,9 @@
 #
 # WHEELHOUSE: scripts/wheelhouse.sh's folder (installed into /tmp/site unless vlajax's imports already
 # work); OSMESA_LIBS: a folder with libOSMesa and its libraries for the CPU-rendering rows (optional);
-# VLAJAX_LIBERO_ASSETS: LIBERO's assets. STEPS selects parts: install,ckpt,train,resume,node,rollout.
+# VLAJAX_LIBERO_ASSETS: LIBERO's assets. STEPS selects parts: install,ckpt,train,resume,node,rollout
+# (default), and modes (sync vs async rollout, MODE_STEPS steps each; MODE_EXTRA more overrides, e.g.
+# actor_rollout_ref.rollout.decode_devices=1 on a two-GPU node).
 # Everything is logged under E2E_OUT; a failing part does not stop the later ones.
 set -u
 OUT=${E2E_OUT:-/tmp/e2e}
@@ -73,6 +75,31 @@ if has resume; then
   $TIMEV $PY -m vlajax.cli train "${RUN[@]}" trainer.total_training_steps=3 > "$OUT/resume.log" 2>&1 \
     || log "resume failed (resume.log)"
   cp runs/e2e/metrics.jsonl runs/e2e/eval/final.md "$OUT/" 2>/dev/null
+fi
+if has modes; then  # issue #24: steady-state s/step, sync vs async (not in the default STEPS)
+  for mode in sync async; do
+    log "vlajax train, rollout.mode=$mode (${MODE_STEPS:-8} steps)"
+    rm -rf "runs/e2e_$mode"
+    $TIMEV $PY -m vlajax.cli train "${RUN[@]}" actor_rollout_ref.rollout.mode=$mode trainer.save_freq=-1 \
+      "trainer.total_training_steps=${MODE_STEPS:-8}" "trainer.default_local_dir=runs/e2e_$mode" \
+      ${MODE_EXTRA:-} > "$OUT/mode_$mode.log" 2>&1 || log "$mode run failed (mode_$mode.log)"
+    cp "runs/e2e_$mode/metrics.jsonl" "$OUT/metrics_$mode.jsonl" 2>/dev/null
+  done
+  $PY - "$OUT" <<'PYEOF' > "$OUT/modes.md" 2>&1
+import json, statistics, sys
+out = sys.argv[1]
+print("| mode | steps | median s/step (steps 4+) | median update s | median rollout wait s | compiles after step 1 |")
+print("|---|---:|---:|---:|---:|---:|")
+for mode in ("sync", "async"):
+    try:
+        recs = [json.loads(x) for x in open(f"{out}/metrics_{mode}.jsonl") if '"train/' in x]
+    except OSError:
+        continue
+    late = recs[3:] or recs
+    med = lambda k: statistics.median(r.get(k, 0.0) for r in late)
+    print(f"| {mode} | {len(recs)} | {med('timing/step_s'):.1f} | {med('timing/update_s'):.1f} | "
+          f"{med('timing/rollout_wait_s'):.1f} | {sum(r.get('perf/compiles', 0) for r in recs[1:]):.0f} |")
+PYEOF
 fi
 if has node; then
   log "LIBERO env-step cost on the node"
