@@ -201,6 +201,7 @@ class Trainer(Closing):
             # are masked: the logits are those of the trimmed prompt).
             ids, mask = self.sim.decoder.encode_prompts([task.instruction for task in self.tasks])
             self.prompt_width = trim_prompts(ids, mask)[0].shape[1]
+            self._sample = self._update_sample()
             self._precompile(self._update_rows(self._most_samples()))  # while validation and step 1 roll out
             self.ckpt = CheckpointManager(self.run_dir / "checkpoints", save_interval_steps=1,
                                           max_to_keep=cfg.trainer.max_actor_ckpt_to_keep)
@@ -374,26 +375,24 @@ class Trainer(Closing):
         return bucket_size(samples, self.learner.batch_multiple // procs) * procs
 
     def _update_sample(self) -> dict[str, np.ndarray]:
-        """One update sample, zeros: the shapes and dtypes the update compiles for."""
+        """One update sample, zeros: the shapes (and `_BATCH_DTYPES`) the update compiles for."""
         cfg, pc = self.cfg, self.policy.cfg
         cams = cfg.env.train.init_params
-        tokens = pc.chunk * pc.action_dim
-        b = {"images": np.zeros((1, cfg.actor_rollout_ref.actor.num_images_in_input, cams.camera_heights,
-                                 cams.camera_widths, 3), np.uint8),
-             "input_ids": np.zeros((1, self.prompt_width), np.int32),
-             "attention_mask": np.zeros((1, self.prompt_width), np.int32),
-             "tokens": np.zeros((1, tokens), np.int32), "old_logp": np.zeros((1, tokens), np.float32),
-             "advantages": np.zeros((1, tokens), np.float32), "mask": np.zeros((1, tokens), np.float32)}
+        tokens = (pc.chunk * pc.action_dim,)
+        shapes = {"images": (cfg.actor_rollout_ref.actor.num_images_in_input, cams.camera_heights,
+                             cams.camera_widths, 3), "input_ids": (self.prompt_width,),
+                  "attention_mask": (self.prompt_width,), "tokens": tokens, "old_logp": tokens,
+                  "advantages": tokens, "mask": tokens}
         if pc.proprio_dim:
-            b["proprio"] = np.zeros((1, pc.proprio_dim), np.float32)
-        return b
+            shapes["proprio"] = (pc.proprio_dim,)
+        return {k: np.zeros((1, *shape), _BATCH_DTYPES[k]) for k, shape in shapes.items()}
 
     def _precompile(self, rows: int) -> None:
         """Compile the update for `rows` in the background (a no-op if it was), so no step waits for it:
         the fullest bucket before step 1, and after each update the next smaller one, where the
         mini-batches go as episodes get shorter."""
         if rows >= self.learner.batch_multiple and rows % self.learner.batch_multiple == 0:
-            self.learner.precompile(self._update_sample(), rows)
+            self.learner.precompile(self._sample, rows)
 
     def update(self, batch) -> list[dict]:
         cfg, pc = self.cfg, self.policy.cfg

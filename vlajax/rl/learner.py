@@ -82,8 +82,6 @@ from __future__ import annotations
 import copy
 import dataclasses
 import functools
-import threading
-from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Any, Mapping
 
 import jax
@@ -96,6 +94,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from vlajax.distributed.sharding import BATCH_AXES, make_mesh, place, shard_batch, state_shardings
 from vlajax.model.preprocess import preprocess_images
 from vlajax.rl.checkpoint import CheckpointManager, Restored
+from vlajax.rl.compile_ahead import CompileAhead, abstract
 from vlajax.rl.lora import has_lora, trainable_filter
 from vlajax.rl.loss import masked_mean, ppo_clip_loss, token_logprobs_and_entropy
 
@@ -477,9 +476,7 @@ class Learner:
         self._policy = copy.copy(policy)
         self._policy.set_model(nnx.merge(graphdef, self.state.params, self.frozen))
         self._static = dict(graphdef=graphdef, cfg=cfg.static(), mesh=self.mesh)
-        self._compiled: dict[tuple, Future] = {}  # batch signature -> the update compiled ahead of time
-        self._compiling = None  # ThreadPoolExecutor, made by the first `precompile`
-        self._compile_lock = threading.Lock()
+        self._ahead = CompileAhead("vlajax-precompile")  # batch signature -> the update compiled ahead
         self.precompiled_hits = 0  # updates that ran an executable compiled ahead of time
         self._frozen_placed = None  # the frozen parameters where `decode_params(place=...)` put them
 
@@ -582,19 +579,18 @@ class Learner:
         batch = self.prepare_batch(batch)
         if self.cfg.kl_coef and "ref_logp" not in batch:
             batch["ref_logp"] = self._ref_logp(batch)
-        with self._compile_lock:
-            ahead = self._compiled.get(_signature(batch))
-        if ahead is not None:  # compiled ahead of time (waits if that compile is still running)
-            self.state, metrics = ahead.result()(self.state, self.frozen, batch)
+        ahead = self._ahead.get(_signature(batch))  # waits if that compile is still running
+        if ahead is not None:
+            self.state, metrics = ahead(self.state, self.frozen, batch)
             self.precompiled_hits += 1
         else:
             self.state, metrics = _update(self.state, self.frozen, batch, **self._static)
         return metrics
 
-    def precompile(self, sample: Mapping[str, np.ndarray], rows: int) -> Future:
+    def precompile(self, sample: Mapping[str, np.ndarray], rows: int) -> None:
         """Compile the update for mini-batches of `rows` samples (global, over all processes) shaped
         like `sample` (the batch keys with a leading dim of any size: only the rest of each shape and
-        the dtype count), on a background thread; returns its future. `update` then runs a batch of
+        the dtype count), on a background thread. `update` then runs a batch of
         that signature with it instead of compiling (waiting for it if it is still compiling), so a
         run compiles its update while it rolls out, not after. With JAX's persistent compilation cache
         on, the compile also lands there: a resumed or relaunched process loads it. Idempotent."""
@@ -605,24 +601,16 @@ class Learner:
             raise ValueError(f"precompile: {rows} rows is not a multiple of micro_batch_size x devices = "
                              f"{self.batch_multiple}")
         batch_sh = NamedSharding(self.mesh, P(BATCH_AXES))
-        abstract = {k: jax.ShapeDtypeStruct((rows,) + tuple(np.shape(x)[1:]), x.dtype, sharding=batch_sh)
-                    for k, x in one.items()}
-        key = _signature(abstract)
-        with self._compile_lock:
-            if key in self._compiled:
-                return self._compiled[key]
-            if self._compiling is None:
-                self._compiling = ThreadPoolExecutor(1, thread_name_prefix="vlajax-precompile")
-            spec = lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding)  # noqa: E731
-            state, frozen = jax.tree.map(spec, self.state), jax.tree.map(spec, self.frozen)
-            fut = self._compiling.submit(lambda: _update.lower(state, frozen, abstract, **self._static).compile())
-            self._compiled[key] = fut
-            return fut
+        batch = {k: jax.ShapeDtypeStruct((rows,) + tuple(np.shape(x)[1:]), x.dtype, sharding=batch_sh)
+                 for k, x in one.items()}
+        key = _signature(batch)
+        if key not in self._ahead:  # checked first: the trainer asks after every update
+            state, frozen = abstract(self.state), abstract(self.frozen)
+            self._ahead.submit(key, lambda: _update.lower(state, frozen, batch, **self._static))
 
     def close(self) -> None:
         """Stop compiling ahead: queued compiles are dropped (one under way finishes on its own)."""
-        if self._compiling is not None:
-            self._compiling.shutdown(wait=False, cancel_futures=True)
+        self._ahead.close()
 
     def evaluate(self, batch: dict) -> dict[str, jax.Array]:
         """The nll objective's metrics (`NLL_METRICS`: token-mean nll, token_accuracy, entropy of the

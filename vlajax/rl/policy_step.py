@@ -15,8 +15,6 @@ numpy on the host (`Policy.tokens_to_actions`).
 from __future__ import annotations
 
 import dataclasses
-import threading
-from concurrent.futures import Future, ThreadPoolExecutor
 from functools import partial
 from typing import Any, Protocol, Sequence
 
@@ -27,6 +25,7 @@ from flax import nnx
 
 from vlajax.model.actions import token_logprobs
 from vlajax.model.preprocess import normalize_proprio, preprocess_images
+from vlajax.rl.compile_ahead import CompileAhead, abstract
 
 __all__ = ["DecodeInputs", "DecodeOutputs", "Decoder", "PolicyDecoder", "bucket_size", "decode_step",
            "default_buckets"]
@@ -199,9 +198,7 @@ class PolicyDecoder(Decoder):
                 self._q99 = np.asarray(stats["q99"], np.float32)
         self._prompts: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._fns: dict[float, Any] = {}
-        self._ahead: dict[tuple[float, int], Future] = {}  # (temperature, bucket) -> compiled ahead of time
-        self._ahead_lock = threading.Lock()
-        self._compiling: ThreadPoolExecutor | None = None
+        self._ahead = CompileAhead("vlajax-decode-precompile")  # (temperature, bucket) -> compiled ahead
 
     def set_params(self, params: dict) -> None:
         """Decode with `params` from the next dispatch on (e.g. `Learner.decode_params()` after an
@@ -270,35 +267,23 @@ class PolicyDecoder(Decoder):
         return (self._params, key, np.zeros((b, self.num_images, *image_shape, 3), np.uint8), np.repeat(ids, b, 0),
                 np.repeat(mask, b, 0), proprio, np.zeros(b, np.int32), np.zeros(b, np.int32), self._q01, self._q99)
 
-    def precompile(self, image_shape: tuple[int, int], temperatures: Sequence[float]) -> list[Future]:
+    def precompile(self, image_shape: tuple[int, int], temperatures: Sequence[float]) -> None:
         """Compile the decode of every bucket at each temperature on a background thread (the largest
         bucket of the first temperature first: what a rollout calls first), while the simulators
         start and reset; `dispatch` then runs them without compiling (waiting for one still under
         way). The compiles also fill JAX's persistent compilation cache, if on. Needs fixed buckets."""
         if self.buckets is None:
             raise ValueError("precompile needs fixed buckets (give capacity or buckets)")
-        def spec(x):  # committed arrays (the parameters) keep their devices; the rest follows them
-            committed = isinstance(x, jax.Array) and x.committed
-            return x if x is None else jax.ShapeDtypeStruct(np.shape(x), x.dtype, sharding=x.sharding if committed else None)
-
         key = jax.random.key(0)
-        futures = []
-        with self._ahead_lock:
-            if self._compiling is None:
-                self._compiling = ThreadPoolExecutor(1, thread_name_prefix="vlajax-decode-precompile")
-            for t in dict.fromkeys(float(t) for t in temperatures):
-                for b in sorted(self.buckets, reverse=True):
-                    if (t, b) not in self._ahead:
-                        args = jax.tree.map(spec, self._args(b, image_shape, key))
-                        self._ahead[(t, b)] = self._compiling.submit(
-                            lambda fn=self._fn(t), args=args: fn.lower(*args).compile())
-                    futures.append(self._ahead[(t, b)])
-        return futures
+        for t in dict.fromkeys(float(t) for t in temperatures):
+            for b in sorted(self.buckets, reverse=True):
+                if (t, b) not in self._ahead:
+                    args = abstract(self._args(b, image_shape, key))
+                    self._ahead.submit((t, b), lambda fn=self._fn(t), args=args: fn.lower(*args))
 
     def close(self) -> None:
         """Drop queued ahead-of-time compiles (one under way finishes on its own)."""
-        if self._compiling is not None:
-            self._compiling.shutdown(wait=False, cancel_futures=True)
+        self._ahead.close()
 
     def dispatch(self, inputs: DecodeInputs, *, temperature: float, key: jax.Array):
         """Issue the jitted call (returns at once: JAX async dispatch); `fetch` the handle later."""
@@ -310,9 +295,7 @@ class PolicyDecoder(Decoder):
         b = self.bucket(n)
         pad = (lambda x: x) if b == n else (lambda x: np.concatenate([x, np.repeat(x[:1], b - n, axis=0)]))
         proprio = pad(inputs.proprio) if self.policy.cfg.proprio_dim else None
-        with self._ahead_lock:
-            ahead = self._ahead.get((float(temperature), b))
-        fn = ahead.result() if ahead is not None else self._fn(float(temperature))
+        fn = self._ahead.get((float(temperature), b)) or self._fn(float(temperature))  # waits for one compiling
         tokens, logp = fn(
             self._params, key, pad(inputs.images), pad(inputs.input_ids), pad(inputs.attention_mask),
             proprio, pad(inputs.rows.astype(np.int32)), pad(inputs.calls.astype(np.int32)), self._q01, self._q99)
