@@ -4,7 +4,8 @@
     devices on the same batch (same global mesh shape, same rows), and `global_batch` assembles
     exactly the arrays the learner's own batch path does;
 (b) a process that never joins: the others exit with the clear join error within the timeout;
-(c) `assign_groups` rules, and `aggregate_metrics` / `global_batch`'s row check over 2 real processes.
+(c) `assign_groups` rules, and `aggregate_metrics` / `global_batch`'s row check over 2 real processes;
+(d) processes that end normally while `watch_peers` beats exit 0 (no abort in Python's teardown).
 
 The workers are this module run as a script (``python -m tests.test_multihost MODE ...``); every
 subprocess is started by a module fixture (so they overlap on 2 cores) and killed in a finally.
@@ -58,14 +59,15 @@ def _worker_job(mode: str, nproc: int, devices: int, out: Path, *extra: str, ski
 @pytest.fixture(scope="module")
 def jobs(tmp_path_factory):
     """Start every subprocess at once; the join-failure jobs mostly sleep while the updates compile."""
-    dirs = {k: tmp_path_factory.mktemp(k) for k in ("two", "one", "no1", "no0")}
+    dirs = {k: tmp_path_factory.mktemp(k) for k in ("two", "one", "no1", "no0", "watch")}
     started = []
     try:
         started.append(_worker_job("update", 2, 2, dirs["two"]))
         started.append(_worker_job("update", 1, 4, dirs["one"]))
         started.append(_worker_job("join", 2, 2, dirs["no1"], str(JOIN_TIMEOUT_S), skip=(1,)))  # peer missing
         started.append(_worker_job("join", 2, 2, dirs["no0"], str(JOIN_TIMEOUT_S), skip=(0,)))  # coordinator missing
-        yield dict(zip(("two", "one", "no1", "no0"), started))
+        started.append(_worker_job("watch", 2, 1, dirs["watch"]))
+        yield dict(zip(("two", "one", "no1", "no0", "watch"), started))
     finally:
         for job in started:
             job.kill()
@@ -191,6 +193,18 @@ def test_missing_process_fails_fast(jobs, missing):
     began = float(log.split("JOIN_STARTED_AT ")[1].split()[0])
     waited = job.log_path(pid).stat().st_mtime - began
     assert JOIN_TIMEOUT_S - 0.5 < waited < JOIN_TIMEOUT_S + 5, waited
+
+
+# -- (d) the peer watchdog at exit ----------------------------------------------------------------------
+def test_processes_watching_their_peers_exit_cleanly(jobs):
+    """CI once saw a finished run's process 1 abort (SIGABRT, a C++ stack trace from a Python thread)
+    as Python finalized: the watchdog's daemon thread was inside the key-value store's client. Here it
+    beats without pause (interval 0, so it is always in a store call) while both processes end."""
+    job = jobs["watch"]
+    codes = job.wait(120)
+    log = job.logs()
+    assert codes == {0: 0, 1: 0}, log
+    assert log.count("WATCHED") == 2 and "Stack trace" not in log and "stopped" not in log, log
 
 
 # -- (c) assign_groups ------------------------------------------------------------------------------
@@ -335,5 +349,18 @@ def _worker_join(out: str, nproc: str, pid: str, port: str, timeout: str) -> Non
     print("JOINED", flush=True)
 
 
+def _worker_watch(out: str, nproc: str, pid: str, port: str) -> None:
+    """Join, watch the peers with no pause between beats for a while, then end normally."""
+    from jax.experimental import multihost_utils
+
+    from vlajax.distributed.multihost import initialize, watch_peers
+
+    initialize(f"localhost:{port}", int(nproc), int(pid), initialization_timeout=60)
+    watch_peers(9, 60.0, interval_s=0.0)
+    time.sleep(2.0)
+    multihost_utils.sync_global_devices("done")
+    print("WATCHED", flush=True)
+
+
 if __name__ == "__main__":
-    {"update": _worker_update, "join": _worker_join}[sys.argv[1]](*sys.argv[2:])
+    {"update": _worker_update, "join": _worker_join, "watch": _worker_watch}[sys.argv[1]](*sys.argv[2:])

@@ -187,6 +187,7 @@ class Trainer(Closing):
         self.sim = SimSession(self.sim_cfg, self.policy, params=self._decode_params(),
                               temperatures=(val_t, train_t) if cfg.trainer.val_before_train else (train_t, val_t))
         self._closers.append(self.sim.close)
+        self._closers.append(self._end_next_rollout)  # after the simulators it waits on are closed
         try:  # from here on, a failure closes the simulators it started
             self.engine, self.tasks = self.sim.engine, self.sim.tasks
             if self.sim.capacity % self.n:
@@ -352,6 +353,13 @@ class Trainer(Closing):
         timer.add_phases(out["timer"])
         return out["result"]
 
+    def _end_next_rollout(self, timeout_s: float = 60.0) -> None:
+        """On close (an error or Ctrl-C with a rollout in flight): wait for its thread, which fails
+        out once the simulators are closed, so no thread is inside jax when Python finalizes."""
+        if self._next is not None:
+            self._next[0].join(timeout_s)
+            self._next = None
+
     def data_state(self) -> dict:
         """Sampler position as of the end of this step: groups already drawn for a pending reset
         are drawn again by a resumed run."""
@@ -424,7 +432,8 @@ class Trainer(Closing):
                 m = self.learner.update(self.job.global_batch(b, self.mesh, _BATCH_DTYPES))
                 if not self.async_rollout:  # async: the rollout in flight keeps its weights (train() hands over)
                     self._hand_over()
-                self._precompile(self._update_rows(rows) // 2)
+                if self.step + 1 < self.cfg.trainer.total_training_steps:  # no update follows the last step's
+                    self._precompile(self._update_rows(rows) // 2)
                 out.append(self.job.scalars(m))
         return out
 

@@ -21,6 +21,7 @@ CPU collectives go through gloo.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
 import logging
 import os
@@ -445,6 +446,10 @@ def watch_peers(exit_code: int, timeout_s: float, *, interval_s: float = 1.0, cl
     On a loss it runs `cleanup` (this process's simulators / Ray, at most 15 s), kills what is left of
     its child processes, writes the error and exits with `exit_code` (`os._exit`: the main thread may
     be stuck in C++). One process: does nothing, returns None.
+
+    The thread is stopped and joined at exit (atexit, before jax's own teardown): a daemon thread
+    still inside the store's client when Python finalizes is torn down mid-call (pthread_exit through
+    a noexcept C++ frame), which aborts the process (SIGABRT) after a run that had succeeded.
     """
     if jax.process_count() == 1:
         return None
@@ -454,10 +459,12 @@ def watch_peers(exit_code: int, timeout_s: float, *, interval_s: float = 1.0, cl
     me, n = jax.process_index(), jax.process_count()
     peers = [p for p in range(n) if p != me]
 
+    stop = threading.Event()
+
     def watch() -> None:
         beat, seen, changed = 0, {}, {p: time.monotonic() for p in peers}
         why = None
-        while why is None:
+        while why is None and not stop.is_set():
             try:
                 beat += 1
                 client.key_value_set(f"vlajax/beat/{me}", str(beat), allow_overwrite=True)
@@ -474,7 +481,9 @@ def watch_peers(exit_code: int, timeout_s: float, *, interval_s: float = 1.0, cl
             except Exception as e:  # the store (on process 0) is gone
                 why = f"process 0 (the coordinator at {_coordinator_in_use()}) stopped answering ({_first_line(e)})"
             if why is None:
-                time.sleep(interval_s)
+                stop.wait(interval_s)
+        if stop.is_set():  # this process is exiting: the peers' ends are theirs to report
+            return
         msg = (f"vlajax.distributed.multihost: process {me} of {n}: {why}; ending this process too "
                f"(exit code {exit_code}). See the log of that process for why it ended.")
         _end_children(cleanup)  # at most ~20 s; the message comes last, once, below what cleanup printed
@@ -483,6 +492,12 @@ def watch_peers(exit_code: int, timeout_s: float, *, interval_s: float = 1.0, cl
 
     t = threading.Thread(target=watch, name="vlajax-peer-watchdog", daemon=True)
     t.start()
+
+    def stop_watching() -> None:
+        stop.set()
+        t.join(timeout=interval_s + 30)  # a store call under way returns or times out
+
+    atexit.register(stop_watching)
     return t
 
 
