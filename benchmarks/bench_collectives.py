@@ -55,8 +55,8 @@ def worker(args) -> None:
     from random_weights import random_policy
 
     from vlajax.distributed.sharding import make_mesh
-    from vlajax.model.config import preset
-    from vlajax.model.pretrained import Policy, build_model
+    from vlajax.model.oft.config import preset
+    from vlajax.model.oft.pretrained import Policy, build_model
     from vlajax.rl.learner import Learner, LearnerConfig
 
     cfg = preset("small", image_size=args.image_size)

@@ -27,8 +27,8 @@ import numpy as np  # noqa: E402
 
 from peak import jax_matmul_tflops  # noqa: E402
 from random_weights import random_policy  # noqa: E402
-from vlajax.model.config import preset  # noqa: E402
-from vlajax.model.flops import forward_flops  # noqa: E402
+from vlajax.model.oft.config import preset  # noqa: E402
+from vlajax.model.oft.flops import forward_flops  # noqa: E402
 from vlajax.model.tokenizer import load_tokenizer  # noqa: E402
 from vlajax.rl.learner import Learner, LearnerConfig  # noqa: E402
 from vlajax.rl.policy_step import DecodeInputs, PolicyDecoder  # noqa: E402

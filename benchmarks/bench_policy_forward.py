@@ -28,9 +28,9 @@ import torch  # noqa: E402
 
 from tests.reference.hf_layout import random_inputs, write_hf_checkpoint  # noqa: E402
 from tests.reference.torch_oft import OFTSizes, build_torch_oft, full_size_meta_keys  # noqa: E402
-from vlajax.model import load_pretrained  # noqa: E402
-from vlajax.model.flops import forward_flops  # noqa: E402,F401  (re-exported for other benchmarks)
-from vlajax.model.hf_convert import entries, read_tensors  # noqa: E402
+from vlajax.model.oft import load_pretrained  # noqa: E402
+from vlajax.model.oft.flops import forward_flops  # noqa: E402,F401  (re-exported for other benchmarks)
+from vlajax.model.oft.hf_convert import entries, read_tensors  # noqa: E402
 
 
 def time_it(fn, iters: int, warmup: int, sync) -> float:
@@ -76,7 +76,7 @@ def main() -> None:
     ref = None if args.no_torch else build_torch_oft(sizes, seed=0, device="cuda", dtype=torch.bfloat16)
     if args.no_checkpoint:
         from benchmarks.random_weights import random_policy
-        from vlajax.model import preset
+        from vlajax.model.oft import preset
 
         policy = random_policy(preset("openvla-oft-7b"), jnp.bfloat16)
         cfg = policy.cfg

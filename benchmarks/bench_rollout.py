@@ -50,7 +50,7 @@ import numpy as np  # noqa: E402
 from random_weights import small_random_policy  # noqa: E402
 from vlajax.distributed.placement import Colocated  # noqa: E402
 from vlajax.distributed.ray_sim import SimPool, init_ray  # noqa: E402
-from vlajax.model import Policy  # noqa: E402
+from vlajax.model.oft import Policy  # noqa: E402
 from vlajax.rl.policy_step import DecodeInputs, DecodeOutputs, Decoder, PolicyDecoder  # noqa: E402
 from vlajax.rl.rollout import EngineConfig, RolloutEngine  # noqa: E402
 
@@ -136,7 +136,7 @@ def decode_times(dec: PolicyDecoder, image_hw, temperature: float, key, reps: in
 def load_policy(args) -> Policy:
     if args.policy is None:
         return small_random_policy(args.policy_image)
-    from vlajax.model import load_pretrained
+    from vlajax.model.oft import load_pretrained
 
     return load_pretrained(args.policy, dtype="bfloat16", compute_dtype="bfloat16")
 

@@ -2,7 +2,7 @@
 training where the memory plan fits the device. Reports step time, tokens/s, the measured peak memory
 next to the plan, and model FLOP utilisation against a bf16 8192^3 matmul measured in the same run.
 
-Model FLOPs of an update = 3 x the forward FLOPs of the mini-batch (`vlajax.model.flops.forward_flops`,
+Model FLOPs of an update = 3 x the forward FLOPs of the mini-batch (`vlajax.model.oft.flops.forward_flops`,
 as bench_policy_forward counts them: towers, projector, LLM, 56x256 head), the usual fwd + 2x bwd convention. It is
 kept for LoRA too, where the real work is smaller (no weight gradients for the base, no backward through
 the vision towers), so LoRA "MFU" overstates; remat's recomputation is not counted (hardware FLOPs are
@@ -43,9 +43,9 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
-from vlajax.model.flops import forward_flops  # noqa: E402
-from vlajax.model.config import preset  # noqa: E402
-from vlajax.model.policy import OpenVLAOFT  # noqa: E402
+from vlajax.model.oft.flops import forward_flops  # noqa: E402
+from vlajax.model.oft.config import preset  # noqa: E402
+from vlajax.model.oft.policy import OpenVLAOFT  # noqa: E402
 from vlajax.rl.learner import Learner, LearnerConfig  # noqa: E402
 from vlajax.rl.lora import LoraConfig, with_lora  # noqa: E402
 from random_weights import random_policy  # noqa: E402

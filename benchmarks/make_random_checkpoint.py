@@ -22,8 +22,8 @@ import jax.numpy as jnp
 sys.path.insert(0, str(Path(__file__).parent))
 from random_weights import random_policy  # noqa: E402
 
-from vlajax.model import preset  # noqa: E402
-from vlajax.model.actions import ActionStats  # noqa: E402
+from vlajax.model.oft import preset  # noqa: E402
+from vlajax.model.oft.actions import ActionStats  # noqa: E402
 from vlajax.model.tokenizer import TINY_TOKENIZER_DIR  # noqa: E402
 
 

@@ -28,10 +28,10 @@ import optax  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from vlajax.envs.tabletop import ANCHORS, PROPRIO_HIGH, PROPRIO_LOW, TabletopEnv, directed_actions  # noqa: E402
-from vlajax.model import build_model, preset  # noqa: E402
-from vlajax.model.actions import BIN_CENTERS  # noqa: E402
-from vlajax.model.init import apply_init  # noqa: E402
-from vlajax.model.preprocess import normalize_proprio, preprocess_images  # noqa: E402
+from vlajax.model.oft import build_model, preset  # noqa: E402
+from vlajax.model.oft.actions import BIN_CENTERS  # noqa: E402
+from vlajax.model.oft.init import apply_init  # noqa: E402
+from vlajax.model.oft.preprocess import normalize_proprio, preprocess_images  # noqa: E402
 from vlajax.model.tokenizer import load_tokenizer  # noqa: E402
 
 XY = (np.arange(56) % 7) < 2  # the dx, dy tokens of the 8 x 7 chunk

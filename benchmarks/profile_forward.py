@@ -18,9 +18,9 @@ import jax.numpy as jnp  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from benchmarks.bench_policy_forward import time_it  # noqa: E402
-from vlajax.model.config import LlamaConfig, preset  # noqa: E402
+from vlajax.model.oft.config import LlamaConfig, preset  # noqa: E402
 from vlajax.model.layers import attention  # noqa: E402
-from vlajax.model.llama import Llama, rope  # noqa: E402
+from vlajax.model.oft.llama import Llama, rope  # noqa: E402
 from vlajax.model.vit import ViT  # noqa: E402
 
 

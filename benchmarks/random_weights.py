@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vlajax.model.config import preset
-from vlajax.model.policy import OpenVLAOFT
-from vlajax.model.pretrained import Policy, abstract_params, build_model
+from vlajax.model.oft.config import preset
+from vlajax.model.oft.policy import OpenVLAOFT
+from vlajax.model.oft.pretrained import Policy, abstract_params, build_model
 from vlajax.model.tokenizer import load_tokenizer
 
 _ONES = ("scale", "weight", "ls1", "ls2")

@@ -74,7 +74,7 @@ def main() -> None:
     from benchmarks.random_weights import random_policy
     from tests.reference.hf_layout import random_inputs
     from tests.reference.torch_oft import OFTSizes
-    from vlajax.model import preset
+    from vlajax.model.oft import preset
 
     policy = random_policy(preset("openvla-oft-7b"), jnp.bfloat16)
     pv, ids, mask = random_inputs(OFTSizes.full(), args.batch, [args.prompt_len] * args.batch, seed=2)

@@ -19,9 +19,9 @@ from flax import nnx, traverse_util
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from vlajax.model.config import preset  # noqa: E402
-from vlajax.model.policy import OpenVLAOFT  # noqa: E402
-from vlajax.model.pretrained import Policy, build_model  # noqa: E402
+from vlajax.model.oft.config import preset  # noqa: E402
+from vlajax.model.oft.policy import OpenVLAOFT  # noqa: E402
+from vlajax.model.oft.pretrained import Policy, build_model  # noqa: E402
 
 CFG = preset("small", image_size=56)  # 16 patches per tower: fast on CPU
 M = 8  # samples per mini-batch

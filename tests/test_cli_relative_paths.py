@@ -17,7 +17,7 @@ import torch
 from tests.conftest import TINY_RUN
 from tests.reference.hf_layout import write_hf_checkpoint
 from tests.reference.torch_oft import OFTSizes, build_torch_oft
-from vlajax.model.hf_convert import read_tensors
+from vlajax.model.oft.hf_convert import read_tensors
 
 VLAJAX = Path(sys.executable).parent / "vlajax"  # the console script `pip install` made
 # The demo config, shrunk to seconds per step, with its default loggers; the run directory is left at its

@@ -304,8 +304,8 @@ def test_hard_coded_names_match_the_modules():
     from vlajax.envs.libero import SUITES
     from vlajax.envs.simulators import simulator
     from vlajax.envs.tabletop import SUITES as TABLETOP
-    from vlajax.model.config import PRESETS
-    from vlajax.model.init import INIT_SCHEMES
+    from vlajax.model.oft.config import PRESETS
+    from vlajax.model.oft.init import INIT_SCHEMES
     from vlajax.rl.loss import kl_penalty
 
     assert sorted(C.MODEL_PRESETS) == sorted(PRESETS)

@@ -90,7 +90,7 @@ def test_eval_errors_name_the_problem(run_dir, tmp_path, capsys, monkeypatch):
 
 
 def test_eval_of_a_saved_policy_checkpoint(tmp_path, capsys):
-    from vlajax.model import Policy, build_model, preset
+    from vlajax.model.oft import Policy, build_model, preset
     from vlajax.model.tokenizer import load_tokenizer
 
     ckpt = tmp_path / "policy"

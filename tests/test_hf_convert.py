@@ -15,8 +15,8 @@ from safetensors.torch import load_file, save_file
 from tests.reference.hf_layout import random_inputs, write_hf_checkpoint
 from tests.reference.torch_oft import OFTSizes, build_torch_oft
 from vlajax.cli import main as cli_main
-from vlajax.model import CheckpointError, load_pretrained
-from vlajax.model.hf_convert import read_tensors
+from vlajax.model.oft import CheckpointError, load_pretrained
+from vlajax.model.oft.hf_convert import read_tensors
 
 
 @pytest.fixture(scope="module")
@@ -62,7 +62,7 @@ def test_vlajax_checkpoint_gives_same_logits(tmp_path, tiny):
 
 def test_export_of_a_model_without_hf_origin_loads_in_torch(tmp_path):
     """A policy built from the preset (never imported) exports a checkpoint the reference loads strictly."""
-    from vlajax.model import Policy, build_model, preset
+    from vlajax.model.oft import Policy, build_model, preset
 
     policy = Policy(build_model(preset("small"), seed=1), compute_dtype=jnp.float32)
     policy.export_hf(tmp_path / "hf", dtype="float32")
@@ -184,7 +184,7 @@ def test_unused_tensors_are_read_lazily_sized(tmp_path, tiny):
     assert len(p.model.featurizer.blocks) == 2
     with safe_open(str(src / "model.safetensors"), "np") as f:
         n_total = len(list(f.keys()))
-    from vlajax.model.hf_convert import entries
+    from vlajax.model.oft.hf_convert import entries
 
     assert len(entries(p.cfg)) + len(p.unused) == n_total
     shutil.rmtree(src)

@@ -1,4 +1,4 @@
-"""From-scratch init schemes (vlajax.model.init): fan-in kernels, unit tables, ordinal action head."""
+"""From-scratch init schemes (vlajax.model.oft.init): fan-in kernels, unit tables, ordinal action head."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 from flax import nnx, traverse_util
 
-from vlajax.model import build_model, preset
-from vlajax.model.actions import tokens_to_normalized
-from vlajax.model.init import apply_init, bin_values
+from vlajax.model.oft import build_model, preset
+from vlajax.model.oft.actions import tokens_to_normalized
+from vlajax.model.oft.init import apply_init, bin_values
 
 
 def _flat(model):
@@ -132,7 +132,7 @@ def test_action_queries_tell_the_action_rows_apart():
 
 
 def test_action_queries_survive_save_and_load_but_not_hf_export(tmp_path):
-    from vlajax.model import Policy, load_pretrained
+    from vlajax.model.oft import Policy, load_pretrained
 
     cfg = preset("small", image_size=28, action_queries=True)
     model = build_model(cfg, seed=1)
@@ -148,7 +148,7 @@ def test_action_queries_survive_save_and_load_but_not_hf_export(tmp_path):
 
 def test_build_policy_checks_a_checkpoint_against_the_config(tmp_path):
     from vlajax.config import ConfigError, load_config
-    from vlajax.model import Policy
+    from vlajax.model.oft import Policy
     from vlajax.model.tokenizer import load_tokenizer
     from vlajax.session import build_policy
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from vlajax.model import preset
-from vlajax.model.init import apply_init
+from vlajax.model.oft import preset
+from vlajax.model.oft.init import apply_init
 from vlajax.model.layers import gelu
-from vlajax.model.pretrained import build_model
+from vlajax.model.oft.pretrained import build_model
 
 
 def test_gelu_is_exact_erf_gelu():

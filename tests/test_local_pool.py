@@ -21,7 +21,7 @@ from tests._rollout_kit import (
 )
 from vlajax.envs.sim_worker import SimFailure
 from vlajax.envs.tabletop import TabletopEnv
-from vlajax.model.actions import token_logprobs
+from vlajax.model.oft.actions import token_logprobs
 from vlajax.rl.policy_step import PolicyDecoder
 from vlajax.rl.rollout import EngineConfig, RolloutEngine
 

@@ -11,7 +11,7 @@ from tests.reference.torch_oft import OFTSizes, build_torch_oft  # noqa: E402  (
 from tests.reference.hf_layout import random_inputs, random_proprio, write_hf_checkpoint
 import torch
 
-from vlajax.model import load_pretrained
+from vlajax.model.oft import load_pretrained
 
 
 def _rel_err(a, b) -> float:

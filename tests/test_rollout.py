@@ -25,7 +25,7 @@ from tests.conftest import alive, free_port, wait_gone
 from vlajax.distributed.placement import Colocated
 from vlajax.distributed.ray_sim import PlacementError, RayConnectError, SimPool, init_ray
 from vlajax.envs.tabletop import TabletopEnv, make_tabletop_vector_env
-from vlajax.model.actions import token_logprobs
+from vlajax.model.oft.actions import token_logprobs
 from vlajax.rl.policy_step import default_buckets, DecodeInputs, PolicyDecoder
 from vlajax.rl.rollout import EngineConfig, RolloutEngine, RolloutError
 

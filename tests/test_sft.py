@@ -16,9 +16,9 @@ from tests.conftest import make_episode
 from vlajax.cli import main as cli_main
 from vlajax.config import ConfigError, load_config
 from vlajax.data import DemoWriter
-from vlajax.model import Policy, build_model, preset
-from vlajax.model.actions import BIN_CENTERS, ActionStats, actions_to_tokens, normalized_to_tokens, tokens_to_actions
-from vlajax.model.actions import tokens_to_normalized
+from vlajax.model.oft import Policy, build_model, preset
+from vlajax.model.oft.actions import BIN_CENTERS, ActionStats, actions_to_tokens, normalized_to_tokens, tokens_to_actions
+from vlajax.model.oft.actions import tokens_to_normalized
 from vlajax.model.tokenizer import load_tokenizer
 from vlajax.rl.learner import Learner, LearnerConfig
 from vlajax.sft import action_chunks, batch_rows, split_held_out
@@ -208,7 +208,7 @@ def test_sft_on_expert_demos_beats_untrained_and_starts_grpo(demos, tmp_path, mo
     from vlajax.data import read_dataset
     from vlajax.envs import libero_setup
     from vlajax.metrics import read_metrics
-    from vlajax.model import load_pretrained
+    from vlajax.model.oft import load_pretrained
     from vlajax.session import build_policy
     from vlajax.sft import sft
 

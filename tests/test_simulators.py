@@ -68,7 +68,7 @@ def test_tabletop_env_fn_is_picklable_and_carries_the_run_settings():
 
 def test_tabletop_scratch_statistics_are_identity_actions_and_the_env_proprio_range():
     from vlajax.envs.tabletop import PROPRIO_HIGH, PROPRIO_LOW
-    from vlajax.model.actions import ActionStats
+    from vlajax.model.oft.actions import ActionStats
 
     spec = simulator("tabletop")
     stats = spec.dataset_statistics(7)

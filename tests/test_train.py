@@ -237,8 +237,8 @@ def test_async_rollout_samples_with_the_weights_from_before_the_update(tmp_path)
     from flax import nnx
 
     from vlajax.metrics import Timer
-    from vlajax.model.actions import token_logprobs
-    from vlajax.model.preprocess import preprocess_images
+    from vlajax.model.oft.actions import token_logprobs
+    from vlajax.model.oft.preprocess import preprocess_images
     from vlajax.train import Trainer
 
     cfg = load_config("demo", TINY_RUN + ["actor_rollout_ref.rollout.mode=async", "ray.enable=false",

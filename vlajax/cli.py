@@ -17,6 +17,7 @@ from pathlib import Path
 
 from vlajax import stopping
 from vlajax.config import ConfigError
+from vlajax.model.family import family_names
 
 TRACEBACK_ENV = "VLAJAX_TRACEBACK"  # "1": errors also print their traceback
 
@@ -28,21 +29,10 @@ def _absolute(path: str | None) -> Path | None:
 
 
 def _convert(args) -> int:
-    import jax
+    from vlajax.model.family import get_family
 
-    from vlajax.model import load_pretrained
-    from vlajax.model.pretrained import MARKER
-
-    src, dst = _absolute(args.src), _absolute(args.dst)
-    to = args.to or ("hf" if (src / MARKER).exists() else "vlajax")
-    policy = load_pretrained(src, dtype=args.dtype)
-    if to == "vlajax":
-        policy.save(dst)
-    else:
-        policy.export_hf(dst, dtype=args.export_dtype)
-    n = sum(x.size for x in jax.tree.leaves(policy.params()))
-    print(f"converted {src} -> {dst} ({to}); {n:,} parameters used by the model"
-          + (f", {len(policy.unused)} unused tensors kept" if policy.unused else ""))
+    print(get_family(args.family).convert(_absolute(args.src), _absolute(args.dst), args.to, dtype=args.dtype,
+                                          export_dtype=args.export_dtype))
     return 0
 
 
@@ -229,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
 
     c = sub.add_parser("convert", help="convert a Hugging Face OpenVLA-OFT directory to a vlajax checkpoint or back")
+    c.add_argument("--family", default="oft", choices=family_names(), help="policy family (default oft)")
     c.add_argument("src", help="HF directory (config.json + safetensors) or vlajax policy checkpoint")
     c.add_argument("dst", help="output directory")
     c.add_argument("--to", choices=["vlajax", "hf"], default=None,

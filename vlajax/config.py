@@ -56,13 +56,13 @@ __all__ = [
 DEFAULT_CONFIG = "demo"  # what `vlajax train` runs without arguments
 CONFIG_FILE = "config.yaml"  # name written by `save_config` in the run directory
 LOGGERS = ("console", "tensorboard", "jsonl", "wandb")
-# Names of `vlajax.model.config.PRESETS`, repeated here so that loading a config does not import jax
+# Names of `vlajax.model.oft.config.PRESETS`, repeated here so that loading a config does not import jax
 # (a test keeps the two equal).
 MODEL_PRESETS = ("openvla-oft-7b", "small")
 PRESET_PREFIX = "preset:"
 DTYPES = ("float32", "bfloat16", "float16")
 KL_TYPES = ("kl", "k1", "abs", "mse", "k2", "low_var_kl", "k3")  # vlajax.rl.loss.kl_penalty
-INIT_SCHEMES = ("normal", "scratch")  # vlajax.model.init.INIT_SCHEMES (no jax import here)
+INIT_SCHEMES = ("normal", "scratch")  # vlajax.model.oft.init.INIT_SCHEMES (no jax import here)
 PATCH_SIZE = 14  # both vision towers of OpenVLA-OFT
 # Keys accepted so that a verl / SimpleVLA-RL config loads key by key, but that vlajax does not use.
 # Setting one to a non-default value warns (with the reason); a test holds every other key to being read.
@@ -184,6 +184,8 @@ class DataConfig(_Section):
 
 @dataclass(frozen=True)
 class ModelConfig(_Section):
+    # vlajax: the policy family (vlajax.model.family): "oft" = SimpleVLA-OFT (OpenVLA-OFT).
+    family: str = "oft"
     # HF OpenVLA-OFT directory, vlajax checkpoint, or "preset:small" / "preset:openvla-oft-7b"
     # (random init).
     path: str = "preset:small"
@@ -202,12 +204,25 @@ class ModelConfig(_Section):
     # None = 224. A checkpoint brings its own.
     image_size: Optional[int] = None
     # vlajax: random init of "preset:" models: "normal" (N(0, 0.02)) or "scratch" (fan-in kernels,
-    # ordinal action head: what RL from scratch needs; vlajax.model.init).
+    # ordinal action head: what RL from scratch needs; vlajax.model.oft.init).
     init_scheme: str = "normal"
     # vlajax: learned embeddings at the 56 action rows instead of OFT's zeros, for "preset:" models
-    # trained from scratch (vlajax.model.init says why); HF checkpoints have none, and a vlajax
+    # trained from scratch (vlajax.model.oft.init says why); HF checkpoints have none, and a vlajax
     # checkpoint brings its own (this key must then match it).
     action_queries: bool = False
+
+    # keys of this section a family reads as its own options (`PolicySpec.options`)
+    FAMILY_OPTIONS = ("init_scheme", "action_queries")
+
+    def policy_spec(self, *, num_images: int, proprio_dim: int | None, chunk: int, action_dim: int, seed: int,
+                    dataset_statistics: dict | None):
+        """What this section asks of the family (`vlajax.model.family.PolicySpec`)."""
+        from vlajax.model.family import PolicySpec
+
+        return PolicySpec(path=self.path, num_images=num_images, proprio_dim=proprio_dim, chunk=chunk,
+                          action_dim=action_dim, param_dtype=self.param_dtype, compute_dtype=self.compute_dtype,
+                          image_size=self.image_size, seed=seed, dataset_statistics=dataset_statistics,
+                          options={k: getattr(self, k) for k in self.FAMILY_OPTIONS})
 
     def lora_target_regex(self) -> str | None:
         """Regex for `vlajax.rl.lora.LoraConfig.targets`; None = its default (every LLM Linear)."""
@@ -937,6 +952,10 @@ def _validate_data(cfg: RunConfig) -> None:
 def _validate_model(cfg: RunConfig) -> None:
     """The model keys; the path first, since the others are judged by what it names."""
     m = cfg.actor_rollout_ref.model
+    from vlajax.model.family import family_names  # numpy only
+
+    _check(m.family in family_names(), "actor_rollout_ref.model.family",
+           f"{m.family!r} is not a policy family; the families are {', '.join(family_names())}")
     key = "actor_rollout_ref.model.path"
     _check(bool(m.path.strip()), key, "is empty")
     is_preset = m.path.startswith(PRESET_PREFIX)

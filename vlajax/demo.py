@@ -15,7 +15,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vlajax.envs.tabletop import make_tabletop_vector_env
-from vlajax.model import Policy, build_model, preset
+from vlajax.model.oft import Policy, build_model, preset
 from vlajax.model.tokenizer import load_tokenizer
 from vlajax.rl.policy_step import DecodeInputs, PolicyDecoder
 

@@ -26,7 +26,7 @@ from vlajax.config import ConfigError, RunConfig, load_config
 from vlajax.envs.simulators import simulator_of_suite
 from vlajax.eval_report import write_eval_report
 from vlajax.metrics import Progress
-from vlajax.model import load_pretrained
+from vlajax.model.oft import load_pretrained
 from vlajax.rl.checkpoint import CheckpointManager
 from vlajax.session import SimSession, build_policy, val_temperature
 from vlajax.states import eval_states_line, select_pairs, train_states_line, training_trials

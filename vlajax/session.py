@@ -8,68 +8,44 @@ for (task, init-state) pairs through the same loop that training uses.
 
 from __future__ import annotations
 
+import functools
 import logging
-from pathlib import Path
 from typing import Callable, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from vlajax.config import ConfigError, RunConfig
-from vlajax.model import Policy, build_model, load_pretrained, preset
-from vlajax.model.init import apply_init
-from vlajax.model.tokenizer import load_tokenizer
+from vlajax.model.family import SpecError, get_family
 from vlajax.rl.lora import with_lora
 from vlajax.rl.policy_step import PolicyDecoder
 
 log = logging.getLogger(__name__)
 
 
+# `PolicySpec` fields (a `SpecError`'s field) -> the config key that sets them
+_SPEC_KEYS = {"path": "actor_rollout_ref.model.path", "proprio_dim": "actor_rollout_ref.actor.use_proprio",
+              "num_images": "actor_rollout_ref.actor.num_images_in_input",
+              "chunk": "env.actor.model.num_action_chunks", "action_dim": "env.actor.model.action_dim"}
+
+
 def build_policy(cfg: RunConfig):
-    """The policy named by `actor_rollout_ref.model.path`: `preset:<name>` (random init, the shipped
-    tiny tokenizer) or a HF / vlajax checkpoint directory; its chunk must be the config's. With
+    """The policy named by `actor_rollout_ref.model` (`family`, `path`: a preset or a checkpoint),
+    for the simulator's cameras, robot state and action chunks. With
     `actor_rollout_ref.model.lora_rank` > 0 it has its adapters (`with_lora`), so training, its
     rollouts and the evaluation of its checkpoints all see the same graph."""
-    policy = _load_policy(cfg)
-    am = cfg.env.actor.model
-    if (policy.cfg.chunk, policy.cfg.action_dim) != (am.num_action_chunks, am.action_dim):
-        raise ConfigError(f"env.actor.model.num_action_chunks={am.num_action_chunks} and action_dim={am.action_dim}, "
-                          f"but the policy {cfg.actor_rollout_ref.model.path} decodes {policy.cfg.chunk} actions of "
-                          f"{policy.cfg.action_dim} dims per call", key="env.actor.model.num_action_chunks")
-    return with_lora(policy, cfg.actor_rollout_ref.model.lora_config(cfg.trainer.seed))
-
-
-def _load_policy(cfg: RunConfig):
-    m, a = cfg.actor_rollout_ref.model, cfg.actor_rollout_ref.actor
-    n_img = a.num_images_in_input
-    if m.path.startswith("preset:"):
-        kw = {"num_images": n_img, "proprio_dim": cfg.simulator.proprio_dim if a.use_proprio else None,
-              "action_queries": m.action_queries}
-        if m.image_size:
-            kw["image_size"] = m.image_size
-        mcfg = preset(m.path.split(":", 1)[1], **kw)
-        model = build_model(mcfg, seed=cfg.trainer.seed, dtype=jnp.dtype(m.param_dtype))
-        apply_init(model, m.init_scheme, seed=cfg.trainer.seed)
-        return Policy(model, tokenizer=load_tokenizer("tiny"), compute_dtype=jnp.dtype(m.compute_dtype),
-                      dataset_statistics=cfg.simulator.dataset_statistics(cfg.env.actor.model.action_dim))
-    path = Path(m.path)
-    if not path.exists():
-        raise ConfigError(f"actor_rollout_ref.model.path: checkpoint {path} does not exist",
-                          key="actor_rollout_ref.model.path")
-    policy = load_pretrained(path, dtype=m.param_dtype, compute_dtype=m.compute_dtype, num_images=n_img)
-    if policy.tokenizer is None:
-        raise ConfigError(f"actor_rollout_ref.model.path: {path} has no tokenizer.json / tokenizer.model",
-                          key="actor_rollout_ref.model.path")
-    has = policy.cfg.proprio_dim is not None
-    if has != a.use_proprio:
-        raise ConfigError(f"actor_rollout_ref.actor.use_proprio={a.use_proprio} but the checkpoint {path} "
-                          f"{'has' if has else 'has no'} proprio projector", key="actor_rollout_ref.actor.use_proprio")
-    if policy.cfg.action_queries != m.action_queries:
-        raise ConfigError(f"actor_rollout_ref.model.action_queries={m.action_queries} but the checkpoint {path} "
-                          f"{'has' if policy.cfg.action_queries else 'has no'} action queries",
-                          key="actor_rollout_ref.model.action_queries")
-    return policy
+    m, a, am = cfg.actor_rollout_ref.model, cfg.actor_rollout_ref.actor, cfg.env.actor.model
+    spec = m.policy_spec(num_images=a.num_images_in_input,
+                         proprio_dim=cfg.simulator.proprio_dim if a.use_proprio else None,
+                         chunk=am.num_action_chunks, action_dim=am.action_dim, seed=cfg.trainer.seed,
+                         dataset_statistics=cfg.simulator.dataset_statistics(am.action_dim))
+    try:
+        policy = get_family(m.family).load(spec)
+    except SpecError as e:
+        key = _SPEC_KEYS.get(e.field, f"actor_rollout_ref.model.{e.field}")
+        value = functools.reduce(getattr, key.split("."), cfg)
+        raise ConfigError(f"{key}={value} but {e}", key=key) from None
+    return with_lora(policy, m.lora_config(cfg.trainer.seed))
 
 
 def make_env_fn(cfg: RunConfig, video_dir: str | None = None) -> Callable:

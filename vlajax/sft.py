@@ -7,7 +7,7 @@ of an episode: its camera image(s) as rendered, preprocessed inside the learner'
 random crop of the same area instead, OFT's augmentation); the instruction encoded by the decoder's
 `encode_prompts`; proprio normalised by the decoder's `model_proprio`; and as target the chunk
 actions[t:t+K] (past the episode's end the last action repeats, as OpenVLA-OFT pads) turned into the
-K x 7 tokens the decoder un-discretises (`vlajax.model.actions.actions_to_tokens`, its inverse). The
+K x 7 tokens the decoder un-discretises (`vlajax.model.oft.actions.actions_to_tokens`, its inverse). The
 update is the GRPO learner with objective "nll" (token-mean cross-entropy at temperature 1): the
 same sharded step, micro-batches, remat, LoRA or full parameters, clipping, AdamW, checkpoints.
 
@@ -41,7 +41,7 @@ from vlajax.config import ConfigError, RunConfig, save_config, to_dict
 from vlajax.data import DatasetError, Episode, action_statistics, proprio_statistics, read_dataset
 from vlajax.distributed.job import Job
 from vlajax.metrics import MetricsLogger, Progress, Timer, resource_metrics
-from vlajax.model.actions import ActionStats, actions_to_tokens, gripper_target, load_action_stats
+from vlajax.model.oft.actions import ActionStats, actions_to_tokens, gripper_target, load_action_stats
 from vlajax.resume import restore_from, resume_source
 from vlajax.rl.checkpoint import CheckpointManager
 from vlajax.rl.learner import Learner

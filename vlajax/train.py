@@ -65,7 +65,7 @@ from vlajax.distributed.job import Job
 from vlajax.eval_report import write_eval_report
 from vlajax.metrics import (TRAIN_SUCCESS, VAL_SUCCESS, MetricsLogger, Progress, Timer, plot_learning_curve,
                             resource_metrics)
-from vlajax.model.flops import forward_flops
+from vlajax.model.family import get_family
 from vlajax.rl.advantages import compute_advantages
 from vlajax.rl.checkpoint import CheckpointManager
 from vlajax.rl.data import StateSampler
@@ -138,9 +138,6 @@ class _Quiet:
         pass
 
 
-_BATCH_DTYPES = {"input_ids": np.int32, "attention_mask": np.int32, "tokens": np.int32, "old_logp": np.float32,
-                 "advantages": np.float32, "mask": np.float32, "proprio": np.float32, "images": np.uint8}
-
 
 # ----------------------------------------------------------------------------- the run
 
@@ -202,7 +199,11 @@ class Trainer(Closing):
             # are masked: the logits are those of the trimmed prompt).
             ids, mask = self.sim.decoder.encode_prompts([task.instruction for task in self.tasks])
             self.prompt_width = trim_prompts(ids, mask)[0].shape[1]
-            self._sample = self._update_sample()
+            cams = cfg.env.train.init_params
+            self.family = get_family(cfg.actor_rollout_ref.model.family)
+            self.batch_spec = self.family.batch_spec(self.policy, image_shape=(cams.camera_heights, cams.camera_widths),
+                                                     prompt_width=self.prompt_width)
+            self._sample = {k: np.zeros((1, *f.shape), f.dtype) for k, f in self.batch_spec.items()}  # what compiles
             self._precompile(self._update_rows(self._most_samples()))  # while validation and step 1 roll out
             self.ckpt = CheckpointManager(self.run_dir / "checkpoints", save_interval_steps=1,
                                           max_to_keep=cfg.trainer.max_actor_ckpt_to_keep)
@@ -382,19 +383,6 @@ class Trainer(Closing):
         procs = self.job.num_processes
         return bucket_size(samples, self.learner.batch_multiple // procs) * procs
 
-    def _update_sample(self) -> dict[str, np.ndarray]:
-        """One update sample, zeros: the shapes (and `_BATCH_DTYPES`) the update compiles for."""
-        cfg, pc = self.cfg, self.policy.cfg
-        cams = cfg.env.train.init_params
-        tokens = (pc.chunk * pc.action_dim,)
-        shapes = {"images": (cfg.actor_rollout_ref.actor.num_images_in_input, cams.camera_heights,
-                             cams.camera_widths, 3), "input_ids": (self.prompt_width,),
-                  "attention_mask": (self.prompt_width,), "tokens": tokens, "old_logp": tokens,
-                  "advantages": tokens, "mask": tokens}
-        if pc.proprio_dim:
-            shapes["proprio"] = (pc.proprio_dim,)
-        return {k: np.zeros((1, *shape), _BATCH_DTYPES[k]) for k, shape in shapes.items()}
-
     def _precompile(self, rows: int) -> None:
         """Compile the update for `rows` in the background (a no-op if it was), so no step waits for it:
         the fullest bucket before step 1, and after each update the next smaller one, where the
@@ -429,7 +417,7 @@ class Trainer(Closing):
                      "old_logp": s.old_logp, "advantages": s.advantages, "mask": s.mask}
                 if pc.proprio_dim:
                     b["proprio"] = self.sim.decoder.model_proprio(sub["proprio"][s.traj_index, s.chunk_index])
-                m = self.learner.update(self.job.global_batch(b, self.mesh, _BATCH_DTYPES))
+                m = self.learner.update(self.job.global_batch(b, self.mesh, {k: f.dtype for k, f in self.batch_spec.items()}))
                 if not self.async_rollout:  # async: the rollout in flight keeps its weights (train() hands over)
                     self._hand_over()
                 if self.step + 1 < self.cfg.trainer.total_training_steps:  # no update follows the last step's
@@ -471,7 +459,7 @@ def _step_metrics(trainer: Trainer, rounds, batch, upd: list[dict], timing: dict
     m = {"train/success_rate": float(succ.mean()), "train/successes": int(succ.sum()), "train/episodes": len(succ),
          "train/episode_length": float(length.mean()),
          "train/env_steps": env_steps, "perf/env_steps_per_s": env_steps / max(sim_s, 1e-9),
-         "perf/policy_tflops": decoded * forward_flops(trainer.policy.cfg, 1, trainer.sim.decoder.prompt_len) / 1e12
+         "perf/policy_tflops": decoded * trainer.family.flops_per_row(trainer.policy, trainer.sim.decoder.prompt_len) / 1e12
          / max(sum(rb.stats.decode_wait_s + rb.stats.dispatch_s for rb in rounds), 1e-9),
          "rollout/rounds": len(rounds), "rollout/restarts": sum(rb.stats.restarts for rb in rounds),
          "rollout/sim_busy_fraction": float(np.nanmean([rb.stats.sim_busy_fraction for rb in rounds])),

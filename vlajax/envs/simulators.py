@@ -35,7 +35,7 @@ class SimulatorSpec:
     sampled_init_states: can also start from fresh states its own placement sampler draws, seeded
         (`env.train.init_states=sampled`: training off the fixed evaluation states).
     image_flip: frames come upside-down (OpenGL row order) and the OpenVLA preprocessing flips them.
-    gripper: gripper post-processing of decoded actions (`vlajax.model.actions`), None = as decoded.
+    gripper: gripper post-processing of decoded actions (`vlajax.model.oft.actions`), None = as decoded.
     proprio_dim: robot-state size (OpenVLA-OFT's proprio token).
     stats_key: which `dataset_statistics.json` entry un-normalises actions: "suite" = the suite's own,
         which a policy with statistics must have (LIBERO checkpoints: `libero_10` ->

@@ -328,7 +328,7 @@ def vector_env_fn(*, suite: str, image_size: tuple[int, int], cameras: Sequence[
 
 def scratch_statistics(action_dim: int, key: str) -> dict:
     """`dataset_statistics.json` content (under `key`) for a policy trained from scratch here: identity
-    actions ([-1, 1] kept, the gripper not un-normalised: `vlajax.model.actions.ActionStats.identity`)
+    actions ([-1, 1] kept, the gripper not un-normalised: `vlajax.model.oft.actions.ActionStats.identity`)
     and this env's proprio ranges, which the policy normalises to [-1, 1] as OFT does with a dataset's
     q01 / q99 (raw, the gripper xy would be a +-0.26 ripple beside a constant pi)."""
     action = {"q01": [-1.0] * action_dim, "q99": [1.0] * action_dim, "mask": [True] * (action_dim - 1) + [False]}

@@ -7,12 +7,42 @@ block depth-2 with prefix tokens dropped and no final norm, so only depth-1 bloc
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vlajax.model.config import ViTConfig
 from vlajax.model.layers import LayerNorm, Linear, attention, gelu, maybe_remat, param
+
+
+@dataclasses.dataclass(frozen=True)
+class ViTConfig:
+    """A timm-style ViT tower. Only blocks 0..depth-2 are kept: OpenVLA takes the output of block
+    depth-2 without final norm, so the last block is dead compute."""
+
+    width: int
+    depth: int  # blocks in the original model (the checkpoint has all of them)
+    mlp_dim: int
+    num_heads: int = 16
+    class_token: bool = False
+    num_registers: int = 0
+    layer_scale: bool = False
+    patch_size: int = 14
+    image_size: int = 224
+    ln_eps: float = 1e-6
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.depth - 1
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return int(self.class_token) + self.num_registers
 
 
 class ViTBlock(nnx.Module):

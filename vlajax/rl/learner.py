@@ -29,7 +29,7 @@ touches jax, and pass each process's slice of the batch, or the global arrays
 
 Batch (a dict; numpy or jax arrays, M = mini-batch size, a multiple of `batch_multiple`):
   images         uint8 (M, H, W, 3) or (M, n_img, H, W, 3): raw frames, preprocessed inside the
-                 step (`vlajax.model.preprocess.preprocess_images`; 150 KB per frame to move
+                 step (`vlajax.model.oft.preprocess.preprocess_images`; 150 KB per frame to move
                  instead of 1.2 MB of float pixels), or
   pixel_values   float32 (M, 6*n_img, S, S) already preprocessed;
   input_ids      int32 (M, P) right-padded prompts; attention_mask (M, P)
@@ -92,7 +92,7 @@ from flax import nnx, traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from vlajax.distributed.sharding import BATCH_AXES, make_mesh, place, shard_batch, state_shardings
-from vlajax.model.preprocess import preprocess_images
+from vlajax.model.oft.preprocess import preprocess_images
 from vlajax.rl.checkpoint import CheckpointManager, Restored
 from vlajax.rl.compile_ahead import CompileAhead, abstract
 from vlajax.rl.lora import has_lora, trainable_filter
@@ -438,7 +438,7 @@ class Learner:
     """Owns the train state: the trained parameters, the frozen rest, the optimizer state.
 
     Args:
-      policy: a `vlajax.model.Policy`, trained as it is: with LoRA when it has adapters (add them
+      policy: a `vlajax.model.oft.Policy`, trained as it is: with LoRA when it has adapters (add them
         with `vlajax.rl.lora.with_lora` first), full-parameter otherwise. The Policy object is not
         changed, but its parameter arrays are taken over where they already have the learner's
         sharding and dtype (no copy), and the first `update` donates them: use `decode_params()` or

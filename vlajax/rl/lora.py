@@ -23,28 +23,26 @@ from flax import nnx
 from vlajax.model.layers import Linear
 
 __all__ = [
-    "LoraConfig", "LLM_ALL_LINEAR", "apply_lora", "with_lora", "has_lora", "lora_modules", "merge_lora",
+    "LoraConfig", "apply_lora", "default_targets", "with_lora", "has_lora", "lora_modules", "merge_lora",
     "merged_policy", "trainable_filter", "frozen_filter", "count_params",
 ]
-
-LLM_ALL_LINEAR = r"llm\.layers\.\d+\.(q|k|v|o|gate|up|down)_proj"
-
 
 @dataclasses.dataclass(frozen=True)
 class LoraConfig:
     """rank r, alpha (the update is scaled by alpha / r), targets (a regex `re.fullmatch`-ed against
-    the dot-joined module path), seed (init of the A matrices)."""
+    the dot-joined module path; None: the model's own default, its class's `LORA_TARGETS`), seed
+    (init of the A matrices)."""
 
     rank: int = 32
     alpha: float = 32.0
-    targets: str = LLM_ALL_LINEAR
+    targets: str | None = None
     seed: int = 0
 
     def __post_init__(self):
         if self.rank < 1:
             raise ValueError(f"LoraConfig.rank must be >= 1, got {self.rank}")
         try:
-            re.compile(self.targets)
+            re.compile(self.targets or "")
         except re.error as e:
             raise ValueError(f"LoraConfig.targets {self.targets!r} is not a valid regex: {e}") from None
 
@@ -53,9 +51,18 @@ def _name(path) -> str:
     return ".".join(str(p) for p in path)
 
 
-def lora_modules(model: nnx.Module, targets: str = LLM_ALL_LINEAR) -> dict[str, Linear]:
-    """Linear layers whose dot-joined path fully matches `targets`, by name (in model order)."""
-    pattern = re.compile(targets)
+def default_targets(model: nnx.Module) -> str:
+    """The layers a model's family adapts when none are named (`LORA_TARGETS` of its class)."""
+    targets = getattr(type(model), "LORA_TARGETS", None)
+    if targets is None:
+        raise ValueError(f"{type(model).__name__} names no default LoRA targets (LORA_TARGETS): give LoraConfig.targets")
+    return targets
+
+
+def lora_modules(model: nnx.Module, targets: str | None = None) -> dict[str, Linear]:
+    """Linear layers whose dot-joined path fully matches `targets` (None: the model's default), by
+    name (in model order)."""
+    pattern = re.compile(targets if targets is not None else default_targets(model))
     return {_name(p): m for p, m in nnx.iter_modules(model)
             if isinstance(m, Linear) and pattern.fullmatch(_name(p))}
 
@@ -66,11 +73,12 @@ def apply_lora(model: nnx.Module, cfg: LoraConfig = LoraConfig()) -> list[str]:
     Raises ValueError if the regex matches no Linear layer (naming a few that exist) or if a layer
     already has an adapter. After this the model's graph changes: to adapt a `Policy`, use
     `with_lora`."""
-    mods = lora_modules(model, cfg.targets)
+    targets = cfg.targets if cfg.targets is not None else default_targets(model)
+    mods = lora_modules(model, targets)
     if not mods:
         kinds = sorted({re.sub(r"\.\d+\.", ".<i>.", _name(p)) for p, m in nnx.iter_modules(model)
                         if isinstance(m, Linear)})
-        raise ValueError(f"LoRA targets {cfg.targets!r} match no Linear layer; the Linear layers are {kinds}")
+        raise ValueError(f"LoRA targets {targets!r} match no Linear layer; the Linear layers are {kinds}")
     rngs = nnx.Rngs(cfg.seed)
     for name, m in mods.items():
         if m.lora_a is not None:
@@ -80,7 +88,7 @@ def apply_lora(model: nnx.Module, cfg: LoraConfig = LoraConfig()) -> list[str]:
 
 
 def with_lora(policy, cfg: LoraConfig | None):
-    """`policy` (a `vlajax.model.Policy`) with adapters per `cfg`, or `policy` itself for None.
+    """`policy` (a `vlajax.model.oft.Policy`) with adapters per `cfg`, or `policy` itself for None.
 
     The one place a policy gets LoRA: a run's policy (`vlajax.session.build_policy`, which training
     and evaluation both use) comes through here, before a learner or a decoder sees it, so both work
@@ -121,7 +129,7 @@ def merge_lora(model: nnx.Module) -> int:
 
 
 def merged_policy(policy):
-    """A copy of `policy` (a `vlajax.model.Policy`) with LoRA merged: plain Params only, ready for
+    """A copy of `policy` (a `vlajax.model.oft.Policy`) with LoRA merged: plain Params only, ready for
     `Policy.save` / `export_hf`. The input policy is left as it is."""
     state = jax.tree.map(lambda x: x, policy.state)  # new Variables: merging must not touch the input
     model = nnx.merge(policy.graphdef, state)

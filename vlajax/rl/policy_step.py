@@ -23,8 +23,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vlajax.model.actions import token_logprobs
-from vlajax.model.preprocess import normalize_proprio, preprocess_images
+from vlajax.model.oft.actions import token_logprobs
+from vlajax.model.oft.preprocess import normalize_proprio, preprocess_images
 from vlajax.rl.compile_ahead import CompileAhead, abstract
 
 __all__ = ["DecodeInputs", "DecodeOutputs", "Decoder", "PolicyDecoder", "bucket_size", "decode_step",
@@ -148,7 +148,7 @@ def decode_step(params, key, images, input_ids, attention_mask, proprio, rows, c
 
 
 class PolicyDecoder(Decoder):
-    """`Decoder` backed by a `vlajax.model.Policy`.
+    """`Decoder` backed by a `vlajax.model.oft.Policy`.
 
     policy: gives the graph, tokenizer and action statistics (read once, at construction).
     params: the parameters decoded with (a pure dict of the policy's structure); default the

@@ -44,7 +44,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vlajax.model.actions import BIN_CENTERS, N_BINS
+from vlajax.model.oft.actions import BIN_CENTERS, N_BINS
 
 INIT_SCHEMES = ("normal", "scratch")
 _TABLES = ("embed_tokens", "pos_embed", "cls_token", "reg_token", "action_query")

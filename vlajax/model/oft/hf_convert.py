@@ -22,7 +22,7 @@ import numpy as np
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from vlajax.model.config import LlamaConfig, OFTConfig, ViTConfig
+from vlajax.model.oft.config import LlamaConfig, OFTConfig, ViTConfig
 
 SUPPORTED_DTYPES = {"BF16": ml_dtypes.bfloat16, "F32": np.float32, "F16": np.float16}
 DINO = "vision_backbone.featurizer."

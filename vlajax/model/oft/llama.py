@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vlajax.model.config import LlamaConfig
+from vlajax.model.oft.config import LlamaConfig
 from vlajax.model.layers import Linear, RMSNorm, attention, maybe_remat, param
 
 

@@ -1,41 +1,14 @@
 """Frozen configs of the OpenVLA-OFT policy and its presets.
 
 Sizes of a Hugging Face checkpoint are read from its `config.json` (LLM) and tensor shapes (vision
-towers) by `vlajax.model.hf_convert`; the presets here are for building a model from scratch.
+towers) by `vlajax.model.oft.hf_convert`; the presets here are for building a model from scratch.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-
-@dataclasses.dataclass(frozen=True)
-class ViTConfig:
-    """A timm-style ViT tower. Only blocks 0..depth-2 are kept: OpenVLA takes the output of block
-    depth-2 without final norm, so the last block is dead compute."""
-
-    width: int
-    depth: int  # blocks in the original model (the checkpoint has all of them)
-    mlp_dim: int
-    num_heads: int = 16
-    class_token: bool = False
-    num_registers: int = 0
-    layer_scale: bool = False
-    patch_size: int = 14
-    image_size: int = 224
-    ln_eps: float = 1e-6
-
-    @property
-    def num_patches(self) -> int:
-        return (self.image_size // self.patch_size) ** 2
-
-    @property
-    def num_used_blocks(self) -> int:
-        return self.depth - 1
-
-    @property
-    def num_prefix_tokens(self) -> int:
-        return int(self.class_token) + self.num_registers
+from vlajax.model.vit import ViTConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -66,7 +39,7 @@ class OFTConfig:
     num_images: int = 1
     proprio_dim: int | None = None
     # Learned embeddings at the 56 action rows in place of OFT's zeros: for policies trained from
-    # scratch (presets) only; HF checkpoints have none. See vlajax.model.init for why.
+    # scratch (presets) only; HF checkpoints have none. See vlajax.model.oft.init for why.
     action_queries: bool = False
     chunk: int = 8
     action_dim: int = 7

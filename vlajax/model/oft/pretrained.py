@@ -22,10 +22,10 @@ import orbax.checkpoint as ocp
 from flax import nnx
 from safetensors.numpy import load_file, save_file
 
-from vlajax.model import hf_convert
-from vlajax.model.actions import ActionStats, load_action_stats, tokens_to_actions
-from vlajax.model.config import LlamaConfig, OFTConfig, ViTConfig
-from vlajax.model.policy import OpenVLAOFT
+from vlajax.model.oft import hf_convert
+from vlajax.model.oft.actions import ActionStats, load_action_stats, tokens_to_actions
+from vlajax.model.oft.config import LlamaConfig, OFTConfig, ViTConfig
+from vlajax.model.oft.policy import OpenVLAOFT
 from vlajax.model.tokenizer import load_tokenizer
 
 MARKER = "vlajax_policy.json"

@@ -19,9 +19,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from vlajax.model.config import OFTConfig
+from vlajax.model.oft.config import OFTConfig
 from vlajax.model.layers import Linear, gelu, param
-from vlajax.model.llama import Llama
+from vlajax.model.oft.llama import Llama
 from vlajax.model.vit import ViT
 
 
@@ -51,6 +51,9 @@ class ProprioProjector(nnx.Module):
 
 
 class OpenVLAOFT(nnx.Module):
+    # LoRA's default targets (`vlajax.rl.lora`): every Linear of the LLM, as SimpleVLA-RL adapts
+    LORA_TARGETS = r"llm\.layers\.\d+\.(q|k|v|o|gate|up|down)_proj"
+
     def __init__(self, cfg: OFTConfig, rngs: nnx.Rngs):
         cfg.validate()
         self.cfg = cfg
