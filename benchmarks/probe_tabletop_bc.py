@@ -31,7 +31,7 @@ from vlajax.envs.tabletop import ANCHORS, PROPRIO_HIGH, PROPRIO_LOW, TabletopEnv
 from vlajax.model.oft import build_model, preset  # noqa: E402
 from vlajax.model.oft.actions import BIN_CENTERS  # noqa: E402
 from vlajax.model.oft.init import apply_init  # noqa: E402
-from vlajax.model.oft.preprocess import normalize_proprio, preprocess_images  # noqa: E402
+from vlajax.model.preprocess import normalize_proprio, preprocess_images  # noqa: E402
 from vlajax.model.tokenizer import load_tokenizer  # noqa: E402
 
 XY = (np.arange(56) % 7) < 2  # the dx, dy tokens of the 8 x 7 chunk

@@ -16,7 +16,7 @@ import numpy as np
 
 from vlajax.envs import SubprocVectorEnv
 from vlajax.envs.tabletop import TabletopEnv, directed_actions, make_tabletop_vector_env, target_xy
-from vlajax.model.oft.preprocess import preprocess_images
+from vlajax.model.preprocess import preprocess_images
 from vlajax.rl.policy_step import DecodeInputs, DecodeOutputs, Decoder
 
 K = 8  # actions per policy call

@@ -170,11 +170,11 @@ def test_tabletop_presets_carry_the_env_proprio_range():
     and the env's proprio range, which the decoder (and, through it, the learner) maps to [-1, 1]."""
     from vlajax.config import load_config
     from vlajax.envs.tabletop import PROPRIO_HIGH, PROPRIO_LOW, Z_START
-    from vlajax.envs.simulators import simulator
+    from vlajax.model.family import get_family
     from vlajax.rl.policy_step import PolicyDecoder
     from vlajax.session import build_policy
 
-    TABLETOP_STATS_KEY = simulator("tabletop").stats_key
+    TABLETOP_STATS_KEY = get_family("oft").adapter("tabletop").stats_key
     policy = build_policy(load_config("demo", ["actor_rollout_ref.model.image_size=28"]))
     assert policy.cfg.action_queries and policy.cfg.proprio_dim == 8
     stats = policy.dataset_statistics[TABLETOP_STATS_KEY]

@@ -12,7 +12,7 @@ from flax import nnx
 sys.path.insert(0, str(Path(__file__).parent))
 from _learner_worker import CFG, flat_params, init_params, make_batch, make_policy  # noqa: E402
 
-from vlajax.model.oft.preprocess import preprocess_images  # noqa: E402
+from vlajax.model.preprocess import preprocess_images  # noqa: E402
 from vlajax.model.oft.pretrained import build_model  # noqa: E402
 from vlajax.rl.learner import Learner, LearnerConfig  # noqa: E402
 from vlajax.rl.lora import (  # noqa: E402

@@ -3,7 +3,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from vlajax.rl.loss import kl_penalty, ppo_clip_loss as _eager_loss, token_logprobs_and_entropy
+from vlajax.model.oft.actions import token_logprobs as token_logprobs_and_entropy
+from vlajax.rl.loss import kl_penalty, ppo_clip_loss as _eager_loss
 
 # jitted: one compile per static configuration is much cheaper than eager op-by-op dispatch
 ppo_clip_loss = jax.jit(_eager_loss, static_argnames=(

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from vlajax.model.oft.preprocess import (DINO_MEAN, DINO_STD, center_crop_resize, crop_sample_coords, jpeg_roundtrip,
+from vlajax.model.preprocess import (DINO_MEAN, DINO_STD, center_crop_resize, crop_sample_coords, jpeg_roundtrip,
                                      normalize_proprio, preprocess_images, resize_lanczos)
 
 RNG = np.random.default_rng(0)

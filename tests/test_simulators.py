@@ -70,12 +70,17 @@ def test_tabletop_scratch_statistics_are_identity_actions_and_the_env_proprio_ra
     from vlajax.envs.tabletop import PROPRIO_HIGH, PROPRIO_LOW
     from vlajax.model.oft.actions import ActionStats
 
-    spec = simulator("tabletop")
-    stats = spec.dataset_statistics(7)
-    assert set(stats) == {spec.stats_key}
-    assert stats[spec.stats_key]["action"] == ActionStats.identity(7, spec.stats_key).to_json()[spec.stats_key]["action"]
-    assert stats[spec.stats_key]["proprio"] == {"q01": PROPRIO_LOW.tolist(), "q99": PROPRIO_HIGH.tolist()}
-    assert spec.unnorm_key("tabletop", stats) == "tabletop" and spec.unnorm_key("tabletop", {"x": {}}) is None
-    assert simulator("libero").unnorm_key("libero_10", {"x": {}}) == "libero_10"
-    assert simulator("libero").unnorm_key("libero_10", None) is None
-    assert simulator("isaac").unnorm_key("isaac_stack", stats) is None
+    from vlajax.model.family import get_family
+
+    spec, oft = simulator("tabletop"), get_family("oft")
+    key = oft.adapter("tabletop").stats_key
+    stats = spec.dataset_statistics(7, key)
+    assert set(stats) == {key}
+    assert stats[key]["action"] == ActionStats.identity(7, key).to_json()[key]["action"]
+    assert stats[key]["proprio"] == {"q01": PROPRIO_LOW.tolist(), "q99": PROPRIO_HIGH.tolist()}
+    assert spec.dataset_statistics(7, None) is None
+    assert oft.adapter("tabletop").unnorm_key("tabletop", stats) == "tabletop"
+    assert oft.adapter("tabletop").unnorm_key("tabletop", {"x": {}}) is None
+    assert oft.adapter("libero").unnorm_key("libero_10", {"x": {}}) == "libero_10"
+    assert oft.adapter("libero").unnorm_key("libero_10", None) is None
+    assert oft.adapter("isaac").unnorm_key("isaac_stack", stats) is None

@@ -238,7 +238,7 @@ def test_async_rollout_samples_with_the_weights_from_before_the_update(tmp_path)
 
     from vlajax.metrics import Timer
     from vlajax.model.oft.actions import token_logprobs
-    from vlajax.model.oft.preprocess import preprocess_images
+    from vlajax.model.preprocess import preprocess_images
     from vlajax.train import Trainer
 
     cfg = load_config("demo", TINY_RUN + ["actor_rollout_ref.rollout.mode=async", "ray.enable=false",

@@ -958,9 +958,32 @@ def _validate_model(cfg: RunConfig) -> None:
            f"{m.family!r} is not a policy family; the families are {', '.join(family_names())}")
     key = "actor_rollout_ref.model.path"
     _check(bool(m.path.strip()), key, "is empty")
-    is_preset = m.path.startswith(PRESET_PREFIX)
-    if not is_preset:
+    if not m.path.startswith(PRESET_PREFIX):
         _check(Path(m.path).exists(), key, f"checkpoint {m.path} does not exist")
+    if m.family == "oft":  # another family judges its presets and options when it builds the policy
+        _validate_oft_model(m)
+    _check(m.lora_rank >= 0, "actor_rollout_ref.model.lora_rank", f"must be >= 0 (0 = no LoRA), got {m.lora_rank}")
+    _check(m.lora_alpha > 0, "actor_rollout_ref.model.lora_alpha", f"must be > 0, got {m.lora_alpha}")
+    key = "actor_rollout_ref.model.target_modules"
+    tm = m.target_modules
+    if isinstance(tm, str):
+        _check(bool(tm), key, "is empty")
+        try:
+            re.compile(tm)
+        except re.error as e:
+            raise ConfigError(f"{tm!r} is neither 'all-linear' nor a valid regex: {e}", key) from None
+    else:
+        _check(isinstance(tm, list) and len(tm) > 0 and all(isinstance(x, str) and x for x in tm), key,
+               f"must be 'all-linear', a regex, or a non-empty list of module names, got {tm!r}")
+    for k in ("param_dtype", "compute_dtype"):
+        v = getattr(m, k)
+        _check(v in DTYPES, f"actor_rollout_ref.model.{k}", f"{v!r} is not one of {', '.join(DTYPES)}")
+
+
+def _validate_oft_model(m) -> None:
+    """The OFT family's presets and options (`vlajax.model.oft`), judged here without importing jax."""
+    key = "actor_rollout_ref.model.path"
+    is_preset = m.path.startswith(PRESET_PREFIX)
     if is_preset:
         name = m.path[len(PRESET_PREFIX):]
         _check(name in MODEL_PRESETS, key,
@@ -980,22 +1003,6 @@ def _validate_model(cfg: RunConfig) -> None:
         _check(m.path.startswith(PRESET_PREFIX) or not (Path(m.path) / "config.json").exists(),
                "actor_rollout_ref.model.action_queries",
                f"a Hugging Face OpenVLA-OFT checkpoint has no action queries, but actor_rollout_ref.model.path={m.path!r}")
-    _check(m.lora_rank >= 0, "actor_rollout_ref.model.lora_rank", f"must be >= 0 (0 = no LoRA), got {m.lora_rank}")
-    _check(m.lora_alpha > 0, "actor_rollout_ref.model.lora_alpha", f"must be > 0, got {m.lora_alpha}")
-    key = "actor_rollout_ref.model.target_modules"
-    tm = m.target_modules
-    if isinstance(tm, str):
-        _check(bool(tm), key, "is empty")
-        try:
-            re.compile(tm)
-        except re.error as e:
-            raise ConfigError(f"{tm!r} is neither 'all-linear' nor a valid regex: {e}", key) from None
-    else:
-        _check(isinstance(tm, list) and len(tm) > 0 and all(isinstance(x, str) and x for x in tm), key,
-               f"must be 'all-linear', a regex, or a non-empty list of module names, got {tm!r}")
-    for k in ("param_dtype", "compute_dtype"):
-        v = getattr(m, k)
-        _check(v in DTYPES, f"actor_rollout_ref.model.{k}", f"{v!r} is not one of {', '.join(DTYPES)}")
 
 
 def _validate_actor(cfg: RunConfig) -> None:

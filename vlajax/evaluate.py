@@ -6,7 +6,7 @@ CHECKPOINT is either
   * a training run directory (`trainer.default_local_dir`: `config.yaml` + `checkpoints/`): the run's
     config rebuilds the policy (LoRA adapters included) and the latest (or `step`) checkpoint's
     parameters are loaded into it; or
-  * a vlajax policy checkpoint or a Hugging Face OpenVLA-OFT directory (`load_pretrained`), evaluated
+  * a vlajax policy checkpoint or a Hugging Face OpenVLA-OFT directory (its family's `load_checkpoint`), evaluated
     with the simulator settings of the suite's simulator's `eval_config` (`vlajax.envs.simulators`:
     `libero_grpo.yaml` for LIBERO and Isaac, `demo.yaml` for tabletop).
 Episodes run through the same Ray simulators and pipelined rollout loop as training.
@@ -26,7 +26,7 @@ from vlajax.config import ConfigError, RunConfig, load_config
 from vlajax.envs.simulators import simulator_of_suite
 from vlajax.eval_report import write_eval_report
 from vlajax.metrics import Progress
-from vlajax.model.oft import load_pretrained
+from vlajax.model.family import get_family
 from vlajax.rl.checkpoint import CheckpointManager
 from vlajax.session import SimSession, build_policy, val_temperature
 from vlajax.states import eval_states_line, select_pairs, train_states_line, training_trials
@@ -78,8 +78,9 @@ def load_eval_policy(cfg: RunConfig, checkpoint: Path, step: int | None = None):
     config builds (LoRA adapters included: `build_policy`); a policy checkpoint is loaded as is."""
     m = cfg.actor_rollout_ref.model
     if not is_run_dir(checkpoint):
-        return load_pretrained(checkpoint, dtype=m.param_dtype, compute_dtype=m.compute_dtype,
-                               num_images=cfg.actor_rollout_ref.actor.num_images_in_input), None
+        family = get_family(m.family)
+        return family.load_checkpoint(checkpoint, param_dtype=m.param_dtype, compute_dtype=m.compute_dtype,
+                                      num_images=cfg.actor_rollout_ref.actor.num_images_in_input), None
     policy = build_policy(cfg)
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                           nnx.to_pure_dict(policy.state))

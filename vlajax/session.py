@@ -16,7 +16,7 @@ import jax
 import numpy as np
 
 from vlajax.config import ConfigError, RunConfig
-from vlajax.model.family import SpecError, get_family
+from vlajax.model.family import IOAdapter, SpecError, get_family
 from vlajax.rl.lora import with_lora
 from vlajax.rl.policy_step import PolicyDecoder
 
@@ -26,7 +26,23 @@ log = logging.getLogger(__name__)
 # `PolicySpec` fields (a `SpecError`'s field) -> the config key that sets them
 _SPEC_KEYS = {"path": "actor_rollout_ref.model.path", "proprio_dim": "actor_rollout_ref.actor.use_proprio",
               "num_images": "actor_rollout_ref.actor.num_images_in_input",
-              "chunk": "env.actor.model.num_action_chunks", "action_dim": "env.actor.model.action_dim"}
+              "chunk": "env.actor.model.num_action_chunks", "action_dim": "env.actor.model.action_dim",
+              "simulator": "env.train.simulator_type"}
+
+
+def _family_call(cfg: RunConfig, fn: Callable):
+    """`fn(family)` for the run's family, a `SpecError` turned into a ConfigError naming the run's key."""
+    try:
+        return fn(get_family(cfg.actor_rollout_ref.model.family))
+    except SpecError as e:
+        key = _SPEC_KEYS.get(e.field, f"actor_rollout_ref.model.{e.field}")
+        value = functools.reduce(getattr, key.split("."), cfg)
+        raise ConfigError(f"{key}={value} but {e}", key=key) from None
+
+
+def policy_adapter(cfg: RunConfig) -> IOAdapter:
+    """How the run's policy family meets the run's simulator (image flip, gripper, statistics key)."""
+    return _family_call(cfg, lambda family: family.adapter(cfg.simulator.name))
 
 
 def build_policy(cfg: RunConfig):
@@ -35,16 +51,12 @@ def build_policy(cfg: RunConfig):
     `actor_rollout_ref.model.lora_rank` > 0 it has its adapters (`with_lora`), so training, its
     rollouts and the evaluation of its checkpoints all see the same graph."""
     m, a, am = cfg.actor_rollout_ref.model, cfg.actor_rollout_ref.actor, cfg.env.actor.model
+    stats = cfg.simulator.dataset_statistics(am.action_dim, policy_adapter(cfg).stats_key)
     spec = m.policy_spec(num_images=a.num_images_in_input,
                          proprio_dim=cfg.simulator.proprio_dim if a.use_proprio else None,
                          chunk=am.num_action_chunks, action_dim=am.action_dim, seed=cfg.trainer.seed,
-                         dataset_statistics=cfg.simulator.dataset_statistics(am.action_dim))
-    try:
-        policy = get_family(m.family).load(spec)
-    except SpecError as e:
-        key = _SPEC_KEYS.get(e.field, f"actor_rollout_ref.model.{e.field}")
-        value = functools.reduce(getattr, key.split("."), cfg)
-        raise ConfigError(f"{key}={value} but {e}", key=key) from None
+                         dataset_statistics=stats)
+    policy = _family_call(cfg, lambda family: family.load(spec))
     return with_lora(policy, m.lora_config(cfg.trainer.seed))
 
 
@@ -112,9 +124,10 @@ class SimSession(Closing):
                 mujoco_gl=t.mujoco_gl if sim.mujoco_gl else None, ray_address=cfg.ray.address,
                 ray_num_cpus=cfg.ray.num_cpus, ray_temp_dir=cfg.ray.temp_dir)
             self._closers += closers
-            self.decoder = PolicyDecoder(policy, params=params, flip=sim.image_flip, center_crop=True,
-                                         unnorm_key=sim.unnorm_key(t.task_suite_name, policy.dataset_statistics),
-                                         gripper=sim.gripper, capacity=self.pool.capacity)
+            io = policy_adapter(cfg)
+            self.decoder = PolicyDecoder(policy, params=params, flip=io.image_flip, center_crop=True,
+                                         unnorm_key=io.unnorm_key(t.task_suite_name, policy.dataset_statistics),
+                                         gripper=io.gripper, capacity=self.pool.capacity)
             self._closers.append(self.decoder.close)
             if temperatures:  # the decodes compile while the simulators reset, not when the first is due
                 self.decoder.precompile((t.init_params.camera_heights, t.init_params.camera_widths), temperatures)

@@ -48,7 +48,7 @@ from vlajax.rl.learner import Learner
 from vlajax.rl.lora import merged_policy
 from vlajax.rl.policy_step import PolicyDecoder, bucket_size
 from vlajax.rl.samples import trim_prompts
-from vlajax.session import SimSession, build_policy, val_temperature
+from vlajax.session import SimSession, build_policy, policy_adapter, val_temperature
 from vlajax.states import select_pairs
 
 log = logging.getLogger(__name__)
@@ -190,20 +190,20 @@ class _Run:
 
     def __init__(self, cfg: RunConfig, train_eps: list[Episode], held_eps: list[Episode], stats: dict):
         self.cfg = cfg
-        sim, t = cfg.simulator, cfg.env.train
+        io, t = policy_adapter(cfg), cfg.env.train
         self.mesh = cfg.trainer.mesh.build(Job.join())
         policy = build_policy(cfg)
         policy.dataset_statistics = {**(policy.dataset_statistics or {}), **stats}
-        lcfg = cfg.actor_rollout_ref.learner_config(self.mesh.size, sim.image_flip, objective="nll")
+        lcfg = cfg.actor_rollout_ref.learner_config(self.mesh.size, io.image_flip, objective="nll")
         self.learner = Learner(policy, lcfg, self.mesh)
-        key = sim.unnorm_key(t.task_suite_name, stats)
+        key = io.unnorm_key(t.task_suite_name, stats)
         # the rollout's own prompt encoding and proprio normalisation (no simulators needed)
-        decoder = PolicyDecoder(self.learner.policy, flip=sim.image_flip, center_crop=True, unnorm_key=key,
-                                gripper=sim.gripper)
+        decoder = PolicyDecoder(self.learner.policy, flip=io.image_flip, center_crop=True, unnorm_key=key,
+                                gripper=io.gripper)
         cams = t.init_params.camera_names[:cfg.actor_rollout_ref.actor.num_images_in_input]
         astats = load_action_stats(stats, key)
-        self.train = FrameSet(train_eps, decoder, astats, cams, sim.gripper)
-        self.held = FrameSet(held_eps, decoder, astats, cams, sim.gripper)
+        self.train = FrameSet(train_eps, decoder, astats, cams, io.gripper)
+        self.held = FrameSet(held_eps, decoder, astats, cams, io.gripper)
         self.task_names = sorted({ep.task for ep in train_eps})
         b = cfg.data.train_batch_size
         if b % self.learner.batch_multiple:
@@ -291,7 +291,7 @@ class _Run:
 def run_statistics(cfg: RunConfig, train_eps: list[Episode]) -> dict:
     """The run's statistics: the run directory's (a resumed run keeps them) or the training episodes'."""
     t = cfg.env.train
-    stats = dataset_statistics(train_eps, t.task_suite_name, cfg.simulator.gripper)
+    stats = dataset_statistics(train_eps, t.task_suite_name, policy_adapter(cfg).gripper)
     path = cfg.run_dir / STATS_FILE
     if path.exists():
         kept = json.loads(path.read_text())

@@ -74,7 +74,7 @@ from vlajax.rl.learner import Learner
 from vlajax.rl.policy_step import bucket_size
 from vlajax.rl.samples import make_samples, pad_samples, token_mask, trim_prompts
 from vlajax.resume import restore_from, resume_source
-from vlajax.session import Closing, SimSession, build_policy, val_temperature
+from vlajax.session import Closing, SimSession, build_policy, policy_adapter, val_temperature
 from vlajax.states import eval_states_line, select_pairs, train_states_line, training_trials
 
 log = logging.getLogger(__name__)
@@ -173,7 +173,7 @@ class Trainer(Closing):
         self.mesh = cfg.trainer.mesh.build(job, decode_devices)
         self.decode_device = job.decode_device(decode_devices)  # None: decoding shares the learner's devices
         self.handoff = {"seconds": 0.0, "bytes": 0}  # weights copied to the decode device, this step
-        lcfg = cfg.actor_rollout_ref.learner_config(self.mesh.size, cfg.simulator.image_flip)
+        lcfg = cfg.actor_rollout_ref.learner_config(self.mesh.size, policy_adapter(cfg).image_flip)
         # The built policy's arrays go to the learner; nothing else keeps them (a LoRA run's fp32
         # base would otherwise stay next to the learner's bf16 copy).
         self.learner = Learner(build_policy(cfg), lcfg, self.mesh)

@@ -1,9 +1,9 @@
 """Every simulator vlajax drives, in one table: all that code outside `envs/` may know about one.
 
 A run names a simulator (`env.train.simulator_type`) and one of its suites; the rest is looked up here:
-how its vector env is built, which way its images face, how the policy's gripper action is
-post-processed, which dataset statistics un-normalise the policy's actions, the robot-state size,
-and whether its workers render through MuJoCo's GL.
+how its vector env is built, its robot-state size, the statistics a policy trained from scratch on it
+gets, and whether its workers render through MuJoCo's GL. How a policy's images, gripper and
+statistics meet it depends on the policy too: the family's adapter (`vlajax.model.family.IOAdapter`).
 
 Adding a simulator means one new module in `envs/` (its env, a `SUITES` collection of suite names and
 a `vector_env_fn` with the keyword signature of `SimulatorSpec.env_fn`) and one entry in `SIMULATORS`.
@@ -34,14 +34,9 @@ class SimulatorSpec:
     init_states_per_task: fixed initial states per task (LIBERO's 50), or None when states are drawn.
     sampled_init_states: can also start from fresh states its own placement sampler draws, seeded
         (`env.train.init_states=sampled`: training off the fixed evaluation states).
-    image_flip: frames come upside-down (OpenGL row order) and the OpenVLA preprocessing flips them.
-    gripper: gripper post-processing of decoded actions (`vlajax.model.oft.actions`), None = as decoded.
     proprio_dim: robot-state size (OpenVLA-OFT's proprio token).
-    stats_key: which `dataset_statistics.json` entry un-normalises actions: "suite" = the suite's own,
-        which a policy with statistics must have (LIBERO checkpoints: `libero_10` ->
-        `libero_10_no_noops`); another string = that entry where the policy has it; None = identity.
     scratch_statistics: name of a module function `(action_dim, key) -> dataset_statistics.json`
-        content for a policy trained from scratch here (stored under `stats_key`), or None.
+        content for a policy trained from scratch here (stored under the adapter's `stats_key`), or None.
     mujoco_gl: renders through MuJoCo's GL (EGL on a GPU, OSMesa / llvmpipe on CPUs).
     videos: can record episode videos.
     eval_config: the packaged config whose simulator settings `vlajax eval` uses for a bare checkpoint.
@@ -55,10 +50,7 @@ class SimulatorSpec:
     suites: tuple[str, ...]
     init_states_per_task: int | None
     sampled_init_states: bool
-    image_flip: bool
-    gripper: str | None
     proprio_dim: int
-    stats_key: str | None
     scratch_statistics: str | None
     mujoco_gl: bool
     videos: bool
@@ -78,19 +70,12 @@ class SimulatorSpec:
         return self.load().vector_env_fn(suite=suite, image_size=tuple(image_size), cameras=tuple(cameras),
                                          max_episode_steps=max_episode_steps, video_dir=video_dir)
 
-    def unnorm_key(self, suite: str, dataset_statistics: dict | None) -> str | None:
-        """The statistics key a policy's actions are un-normalised with here (None: identity)."""
-        if not dataset_statistics or self.stats_key is None:
+    def dataset_statistics(self, action_dim: int, key: str | None) -> dict | None:
+        """`dataset_statistics.json` content for a policy trained from scratch on this simulator,
+        under `key` (its adapter's `stats_key`; None: no statistics)."""
+        if self.scratch_statistics is None or key is None:
             return None
-        if self.stats_key == "suite":
-            return suite  # a missing entry is the policy's error, raised by its decoder
-        return self.stats_key if self.stats_key in dataset_statistics else None
-
-    def dataset_statistics(self, action_dim: int) -> dict | None:
-        """`dataset_statistics.json` content for a policy trained from scratch on this simulator."""
-        if self.scratch_statistics is None:
-            return None
-        return getattr(self.load(), self.scratch_statistics)(action_dim, self.stats_key)
+        return getattr(self.load(), self.scratch_statistics)(action_dim, key)
 
     def load(self) -> ModuleType:
         """The simulator's module (imports the simulator where the module does at import time)."""
@@ -102,18 +87,15 @@ SIMULATORS: dict[str, SimulatorSpec] = {
     for spec in (
         SimulatorSpec(name="libero", label="LIBERO", module="vlajax.envs.libero",
                       suites=("libero_spatial", "libero_object", "libero_goal", "libero_10", "libero_90"),
-                      init_states_per_task=50, sampled_init_states=True, image_flip=True, gripper="libero", proprio_dim=8,
-                      stats_key="suite", scratch_statistics=None, mujoco_gl=True, videos=True,
-                      eval_config="libero_grpo", has_expert=True),
+                      init_states_per_task=50, sampled_init_states=True, proprio_dim=8, scratch_statistics=None,
+                      mujoco_gl=True, videos=True, eval_config="libero_grpo", has_expert=True),
         SimulatorSpec(name="tabletop", label="tabletop", module="vlajax.envs.tabletop",
                       suites=("tabletop", "tabletop_anchored"),
-                      init_states_per_task=None, sampled_init_states=False, image_flip=False, gripper=None, proprio_dim=8,
-                      stats_key="tabletop", scratch_statistics="scratch_statistics", mujoco_gl=True, videos=True,
-                      eval_config="demo"),
+                      init_states_per_task=None, sampled_init_states=False, proprio_dim=8,
+                      scratch_statistics="scratch_statistics", mujoco_gl=True, videos=True, eval_config="demo"),
         SimulatorSpec(name="isaac", label="Isaac", module="vlajax.envs.isaac", suites=("isaac_stack", "isaac_reach"),
-                      init_states_per_task=None, sampled_init_states=False, image_flip=False, gripper=None, proprio_dim=8,
-                      stats_key=None, scratch_statistics=None, mujoco_gl=False, videos=False,
-                      eval_config="libero_grpo"),
+                      init_states_per_task=None, sampled_init_states=False, proprio_dim=8, scratch_statistics=None,
+                      mujoco_gl=False, videos=False, eval_config="libero_grpo"),
     )
 }
 

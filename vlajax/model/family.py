@@ -3,9 +3,16 @@
 A family is one package under `vlajax/model/` (`vlajax.model.oft`: SimpleVLA-OFT) that registers a
 `PolicyFamily` here; a run picks it by `actor_rollout_ref.model.family`. The family says how its
 policies are built or loaded (`PolicySpec`), what one update row holds (`batch_spec`), what a forward
-costs (`flops_per_row`), which layers LoRA adapts by default, and how its checkpoints convert. Why a
-registry of names: configs and checkpoints name a family as text, and `vlajax.config` must read them
-without importing jax or any model.
+costs (`flops_per_row`), which layers LoRA adapts by default, and how its checkpoints convert. Its
+model (an nnx module) samples actions and scores them (`ActionModel`): the decoder and the learner
+call only that. Why a registry of names: configs and checkpoints name a family as text, and
+`vlajax.config` must read them without importing jax or any model.
+
+What a policy samples per call is T = chunk x action_dim elements in the layout
+`[step0: dim0..dimA-1, step1: ...]`, each with its own log-prob (OFT: 256-bin tokens; a Gaussian
+family: one float per action dim). The rollout stores them as `tokens`, the loss weighs their
+log-probs, and the validity mask (`vlajax.rl.samples`) cuts them at the env step they belong to,
+whatever their dtype (`cfg.sample_dtype`).
 """
 
 from __future__ import annotations
@@ -14,11 +21,11 @@ import abc
 import dataclasses
 import importlib
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Mapping, Protocol
 
 import numpy as np
 
-__all__ = ["BatchField", "PolicyFamily", "PolicySpec", "SpecError", "family_names", "get_family",
+__all__ = ["ActionModel", "BatchField", "IOAdapter", "PolicyFamily", "PolicySpec", "SpecError", "family_names", "get_family",
            "register_family"]
 
 # family name -> the module that registers it on import (so `get_family` imports only the one asked for)
@@ -67,10 +74,68 @@ class BatchField:
     dtype: np.dtype
 
 
+@dataclasses.dataclass(frozen=True)
+class IOAdapter:
+    """How a family's policies meet one simulator's cameras and robot (openpi pairs a model with a
+    robot the same way in `policies/libero_policy.py`): what the policy was trained to see and to
+    emit there, which the simulator itself does not decide.
+
+    image_flip: rotate frames 180° before the policy sees them (OpenVLA's LIBERO data is upside-down).
+    gripper: how the decoded gripper action becomes the robot's command (`vlajax.model.oft.actions`:
+        "libero" = [0, 1] open..close -> LIBERO's +-1), None = as decoded.
+    stats_key: which `dataset_statistics.json` entry un-normalises actions: "suite" = the suite's own,
+        which a policy with statistics must have (LIBERO checkpoints: `libero_10` ->
+        `libero_10_no_noops`); another string = that entry where the policy has it (a policy trained
+        from scratch gets the simulator's statistics under it); None = identity.
+    """
+
+    image_flip: bool = False
+    gripper: str | None = None
+    stats_key: str | None = None
+
+    def unnorm_key(self, suite: str, dataset_statistics: dict | None) -> str | None:
+        """The statistics key a policy's actions are un-normalised with here (None: identity)."""
+        if not dataset_statistics or self.stats_key is None:
+            return None
+        if self.stats_key == "suite":
+            return suite  # a missing entry is the policy's error, raised by its decoder
+        return self.stats_key if self.stats_key in dataset_statistics else None
+
+
+class ActionModel(Protocol):
+    """What the decoder (`vlajax.rl.policy_step`) and the learner (`vlajax.rl.learner`) call on a
+    family's model, merged from its parameters inside their jitted functions.
+
+    Inputs, for B policy calls: pixel_values (B, ...) float32 as `vlajax.model.preprocess.preprocess_images`
+    makes them at `cfg.image_size`; input_ids / attention_mask (B, P) int32 prompt ids; proprio
+    (B, D) float32 normalised robot state, or None. Its `cfg` has chunk, action_dim,
+    num_action_tokens (T = chunk x action_dim), num_images, image_size, proprio_dim and sample_dtype.
+    """
+
+    def sample_actions(self, pixel_values, input_ids, attention_mask, proprio, keys, *, temperature: float,
+                       dtype) -> tuple[Any, Any]:
+        """(samples (B, T) of `cfg.sample_dtype`, their log-probs (B, T) float32) at `temperature`,
+        row b drawn with `keys[b]`; the distribution's mode when `temperature == 0` (log-probs then at
+        temperature 1)."""
+
+    def log_prob(self, pixel_values, input_ids, attention_mask, proprio, samples, *, temperature: float,
+                 dtype) -> tuple[Any, Any, Any]:
+        """(logp, entropy, mode), each (B, T): the log-probs of `samples` at `temperature` (exactly what
+        `sample_actions` gave for them), each element's entropy, and the distribution's mode."""
+
+
 class PolicyFamily(abc.ABC):
     """The interface a family implements (see the module docstring)."""
 
     name: str
+    adapters: Mapping[str, IOAdapter] = {}  # simulator name (`env.train.simulator_type`) -> its adapter
+
+    def adapter(self, simulator: str) -> IOAdapter:
+        """How this family's policies meet `simulator`; a `SpecError` if they have never met."""
+        if simulator not in self.adapters:
+            raise SpecError(f"the {self.name} policy family has no input/output adapter for the {simulator} simulator "
+                            f"(it has {', '.join(self.adapters) or 'none'})", "simulator")
+        return self.adapters[simulator]
 
     @abc.abstractmethod
     def load(self, spec: PolicySpec) -> Any:
@@ -78,8 +143,27 @@ class PolicyFamily(abc.ABC):
         `SpecError` naming the field that does not fit."""
 
     @abc.abstractmethod
+    def load_checkpoint(self, path: Path, *, param_dtype: str = "float32", compute_dtype: str = "bfloat16",
+                        num_images: int = 1) -> Any:
+        """The policy a checkpoint directory holds, as it is (an evaluation takes what it finds;
+        `load` checks it against a run's spec)."""
+
     def batch_spec(self, policy: Any, *, image_shape: tuple[int, int], prompt_width: int) -> dict[str, BatchField]:
-        """The arrays one row of an update batch holds (an update compiles for exactly these)."""
+        """The arrays one row of an update batch holds (an update compiles for exactly these): the
+        frames as the simulator gave them, the prompt, the T samples (`cfg.sample_dtype`) with their
+        behaviour log-probs, advantages and mask, and the robot state if the policy reads it."""
+        c = policy.cfg
+        t = (c.num_action_tokens,)
+        spec = {"images": BatchField((c.num_images, *image_shape, 3), np.dtype(np.uint8)),
+                "input_ids": BatchField((prompt_width,), np.dtype(np.int32)),
+                "attention_mask": BatchField((prompt_width,), np.dtype(np.int32)),
+                "tokens": BatchField(t, np.dtype(c.sample_dtype)),
+                "old_logp": BatchField(t, np.dtype(np.float32)),
+                "advantages": BatchField(t, np.dtype(np.float32)),
+                "mask": BatchField(t, np.dtype(np.float32))}
+        if c.proprio_dim:
+            spec["proprio"] = BatchField((c.proprio_dim,), np.dtype(np.float32))
+        return spec
 
     @abc.abstractmethod
     def flops_per_row(self, policy: Any, prompt_len: int) -> float:

@@ -6,8 +6,8 @@ policy call with its 56 action tokens, `vlajax.rl.samples`):
 * the mini-batch is cut into K = M / (micro_batch_size * devices) micro-batches inside the jit
   (a `lax.scan`; sample i goes to micro-batch i % K, so every micro-batch is spread evenly over
   the devices without moving data); gradients are summed in fp32;
-* loss (objective "ppo") = PPO-clip (`vlajax.rl.loss.ppo_clip_loss`) on the log-probs of the sampled tokens at the
-  rollout temperature over the 256 action bins, token-mean over the valid tokens of the whole
+* loss (objective "ppo") = PPO-clip (`vlajax.rl.loss.ppo_clip_loss`) on the log-probs of the samples at the
+  rollout temperature (OFT: tokens over the 256 action bins), token-mean over the valid tokens of the whole
   mini-batch (each micro-batch divides by the mini-batch's token count, so the sum of the
   micro-batch losses is the mini-batch mean); entropy bonus and KL are off by default;
   objective "nll" (SFT, `vlajax sft`): token-mean NLL of the target tokens at temperature 1, same
@@ -29,12 +29,13 @@ touches jax, and pass each process's slice of the batch, or the global arrays
 
 Batch (a dict; numpy or jax arrays, M = mini-batch size, a multiple of `batch_multiple`):
   images         uint8 (M, H, W, 3) or (M, n_img, H, W, 3): raw frames, preprocessed inside the
-                 step (`vlajax.model.oft.preprocess.preprocess_images`; 150 KB per frame to move
+                 step (`vlajax.model.preprocess.preprocess_images`; 150 KB per frame to move
                  instead of 1.2 MB of float pixels), or
   pixel_values   float32 (M, 6*n_img, S, S) already preprocessed;
   input_ids      int32 (M, P) right-padded prompts; attention_mask (M, P)
   proprio        float32 (M, D), only for policies with a proprio projector
-  tokens         int32 (M, 56) sampled action bins (0..255)
+  tokens         (M, 56) what the rollout sampled, in the family's `sample_dtype` (OFT: int32 action
+                 bins 0..255); scored by the family's `ActionModel.log_prob`
   old_logp       float32 (M, 56) their log-probs under the rollout policy, same temperature
   advantages     float32 (M,) or (M, 56)
   mask           float32 (M, 56) 1 = valid token. Padding samples (`samples.pad_samples`) have
@@ -92,11 +93,11 @@ from flax import nnx, traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from vlajax.distributed.sharding import BATCH_AXES, make_mesh, place, shard_batch, state_shardings
-from vlajax.model.oft.preprocess import preprocess_images
+from vlajax.model.preprocess import preprocess_images
 from vlajax.rl.checkpoint import CheckpointManager, Restored
 from vlajax.rl.compile_ahead import CompileAhead, abstract
 from vlajax.rl.lora import has_lora, trainable_filter
-from vlajax.rl.loss import masked_mean, ppo_clip_loss, token_logprobs_and_entropy
+from vlajax.rl.loss import masked_mean, ppo_clip_loss
 
 __all__ = ["LearnerConfig", "TrainState", "Learner", "make_optimizer", "set_remat", "BATCH_KEYS"]
 
@@ -260,11 +261,10 @@ def _micro_merge(x: jax.Array) -> jax.Array:
     return x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
 
 
-def _forward_logits(params, frozen, mb, *, graphdef, cfg: LearnerConfig):
-    """(B, 56, 256) f32 action logits of a micro-batch (frames preprocessed as the rollout did; with
-    `crop_offsets`, the training crop at those positions instead of the centre crop)."""
-    model = nnx.merge(graphdef, params, frozen)
-    mcfg = model.cfg
+def _observation(mb, *, mcfg, cfg: LearnerConfig) -> tuple:
+    """(pixel_values, input_ids, attention_mask, proprio) of a micro-batch, as the rollout fed the
+    policy (frames preprocessed as the rollout did; with `crop_offsets`, the training crop at those
+    positions instead of the centre crop)."""
     if "images" in mb:
         pv = preprocess_images(mb["images"], flip=cfg.image_flip, center_crop=cfg.image_center_crop,
                                resize_to=mcfg.image_size, crop_offsets=mb.get("crop_offsets"))
@@ -277,26 +277,32 @@ def _forward_logits(params, frozen, mb, *, graphdef, cfg: LearnerConfig):
     proprio = mb.get("proprio")
     if proprio is not None:
         proprio = jnp.where(row_valid[:, None], proprio, 0.0)
-    return model.action_logits(pv, mb["input_ids"], mb["attention_mask"], proprio,
-                               dtype=jnp.dtype(cfg.compute_dtype))
+    return pv, mb["input_ids"], mb["attention_mask"], proprio
+
+
+def _log_prob(params, frozen, mb, temperature: float, *, graphdef, cfg: LearnerConfig):
+    """(logp, entropy, mode), each (B, T), of `mb["tokens"]` (what the policy sampled) at
+    `temperature`: the family's `ActionModel.log_prob`."""
+    model = nnx.merge(graphdef, params, frozen)
+    return model.log_prob(*_observation(mb, mcfg=model.cfg, cfg=cfg), mb["tokens"], temperature=temperature,
+                          dtype=jnp.dtype(cfg.compute_dtype))
 
 
 def _forward_logp(params, frozen, mb, *, graphdef, cfg: LearnerConfig):
-    """(logp, entropy), each (B, 56) f32, of `mb["tokens"]` at the rollout temperature."""
-    logits = _forward_logits(params, frozen, mb, graphdef=graphdef, cfg=cfg)
-    return token_logprobs_and_entropy(logits, mb["tokens"], cfg.temperature)
+    """(logp, entropy), each (B, T) f32, of `mb["tokens"]` at the rollout temperature."""
+    logp, ent, _ = _log_prob(params, frozen, mb, cfg.temperature, graphdef=graphdef, cfg=cfg)
+    return logp, ent
 
 
 def _nll_loss(params, frozen, mb, num_tokens, *, graphdef, cfg: LearnerConfig):
     """Token-mean NLL of the target tokens at temperature 1 (divided by the mini-batch's token count
     `num_tokens`, so micro-batch losses sum to the mini-batch mean) and its metrics (`NLL_METRICS`:
-    nll, token_accuracy = argmax == target, entropy, as micro-batch token means)."""
-    logits = _forward_logits(params, frozen, mb, graphdef=graphdef, cfg=cfg)
-    logp, ent = token_logprobs_and_entropy(logits, mb["tokens"], 1.0)
+    nll, token_accuracy = the mode equals the target, entropy, as micro-batch token means)."""
+    logp, ent, mode = _log_prob(params, frozen, mb, 1.0, graphdef=graphdef, cfg=cfg)
     maskf = (mb["mask"] > 0).astype(jnp.float32)
     nll = jnp.where(maskf > 0, -logp, 0.0)
     loss = masked_mean(nll, maskf, num_tokens)
-    hit = (jnp.argmax(logits, axis=-1) == mb["tokens"]).astype(jnp.float32)
+    hit = (mode == mb["tokens"]).astype(jnp.float32)
     sg = jax.lax.stop_gradient
     return loss, {"loss": sg(loss), "nll": sg(masked_mean(nll, maskf)), "token_accuracy": masked_mean(hit, maskf),
                   "entropy": sg(masked_mean(jnp.where(maskf > 0, ent, 0.0), maskf)), "valid_tokens": jnp.sum(maskf)}
@@ -406,16 +412,18 @@ _DTYPES = {"input_ids": np.int32, "attention_mask": np.int32, "tokens": np.int32
            "pixel_values": np.float32, "crop_offsets": np.float32}
 
 
-def _cast(batch: Mapping[str, Any]) -> dict:
-    """The batch keys a step reads, in the dtypes it compiles for."""
+def _cast(batch: Mapping[str, Any], sample_dtype=np.int32) -> dict:
+    """The batch keys a step reads, in the dtypes it compiles for (`tokens`: the family's
+    `sample_dtype`)."""
+    dtypes = {**_DTYPES, "tokens": np.dtype(sample_dtype)}
     out = {}
     for k in BATCH_KEYS:
         if k in batch and batch[k] is not None:
             x = batch[k]
             if not isinstance(x, jax.Array):
                 x = np.asarray(x)
-            if k in _DTYPES and x.dtype != _DTYPES[k]:
-                x = x.astype(_DTYPES[k])
+            if k in dtypes and x.dtype != dtypes[k]:
+                x = x.astype(dtypes[k])
             out[k] = x
     return out
 
@@ -438,7 +446,7 @@ class Learner:
     """Owns the train state: the trained parameters, the frozen rest, the optimizer state.
 
     Args:
-      policy: a `vlajax.model.oft.Policy`, trained as it is: with LoRA when it has adapters (add them
+      policy: a family's `Policy` (e.g. `vlajax.model.oft.Policy`), trained as it is: with LoRA when it has adapters (add them
         with `vlajax.rl.lora.with_lora` first), full-parameter otherwise. The Policy object is not
         changed, but its parameter arrays are taken over where they already have the learner's
         sharding and dtype (no copy), and the first `update` donates them: use `decode_params()` or
@@ -453,6 +461,7 @@ class Learner:
     def __init__(self, policy, cfg: LearnerConfig = LearnerConfig(), mesh: Mesh | None = None):
         self.cfg = cfg
         self.mesh = mesh if mesh is not None else make_mesh()
+        self.sample_dtype = np.dtype(policy.cfg.sample_dtype)  # what `tokens` holds (the family's)
         model = policy.model  # a view: setting remat on it leaves `policy` as it is
         set_remat(model, cfg.remat)
         self.lora = has_lora(model)
@@ -544,7 +553,7 @@ class Learner:
             raise KeyError(f"batch is missing {missing}; it has {sorted(batch)}")
         if ("images" in batch) == ("pixel_values" in batch):
             raise KeyError("batch needs exactly one of 'images' (uint8) and 'pixel_values' (float32)")
-        out = _cast(batch)
+        out = _cast(batch, self.sample_dtype)
         m, t = np.shape(out["tokens"])
         local_m = m
         for k, x in out.items():
@@ -594,7 +603,7 @@ class Learner:
         that signature with it instead of compiling (waiting for it if it is still compiling), so a
         run compiles its update while it rolls out, not after. With JAX's persistent compilation cache
         on, the compile also lands there: a resumed or relaunched process loads it. Idempotent."""
-        one = _cast(sample)
+        one = _cast(sample, self.sample_dtype)
         if self.cfg.kl_coef and "ref_logp" not in one:
             one["ref_logp"] = np.zeros(np.shape(one["tokens"]), np.float32)
         if rows % self.batch_multiple:

@@ -1,4 +1,5 @@
-"""LoRA for the OpenVLA-OFT policy: adapt chosen Linear layers, train only the adapters, merge to export.
+"""LoRA for a policy's model: adapt chosen Linear layers (by default the model class's `LORA_TARGETS`:
+OpenVLA-OFT's LLM), train only the adapters, merge to export.
 
 A LoRA layer computes y = x W + (alpha / r) * (x A) B with A (in, r) random, B (r, out) zero, so an
 adapted policy starts with exactly the base policy's outputs (`vlajax.model.layers.Linear.enable_lora`).
@@ -88,7 +89,7 @@ def apply_lora(model: nnx.Module, cfg: LoraConfig = LoraConfig()) -> list[str]:
 
 
 def with_lora(policy, cfg: LoraConfig | None):
-    """`policy` (a `vlajax.model.oft.Policy`) with adapters per `cfg`, or `policy` itself for None.
+    """`policy` (a family's `Policy`, e.g. `vlajax.model.oft.Policy`) with adapters per `cfg`, or `policy` itself for None.
 
     The one place a policy gets LoRA: a run's policy (`vlajax.session.build_policy`, which training
     and evaluation both use) comes through here, before a learner or a decoder sees it, so both work
@@ -129,7 +130,7 @@ def merge_lora(model: nnx.Module) -> int:
 
 
 def merged_policy(policy):
-    """A copy of `policy` (a `vlajax.model.oft.Policy`) with LoRA merged: plain Params only, ready for
+    """A copy of `policy` (a family's `Policy`, e.g. `vlajax.model.oft.Policy`) with LoRA merged: plain Params only, ready for
     `Policy.save` / `export_hf`. The input policy is left as it is."""
     state = jax.tree.map(lambda x: x, policy.state)  # new Variables: merging must not touch the input
     model = nnx.merge(policy.graphdef, state)

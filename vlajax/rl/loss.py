@@ -1,6 +1,7 @@
-"""PPO clipped policy loss (verl semantics) and per-token log-prob/entropy, jit-friendly.
+"""PPO clipped policy loss (verl semantics), jit-friendly, on per-element log-probs of whatever a
+policy family samples (OFT: 56 action tokens per call; a Gaussian family: one per action dim).
 
-Shapes (one row = one policy call = one action chunk, T = 56 tokens for LIBERO):
+Shapes (one row = one policy call = one action chunk, T = 56 for LIBERO):
   logp, old_logp, mask, entropy, ref_logp: (B, T); advantages: (B,) or (B, T).
 All Python-level checks are on static shapes/hyper-parameters, so every function here can
 be called inside `jax.jit`.
@@ -11,7 +12,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-__all__ = ["ppo_clip_loss", "token_logprobs_and_entropy", "kl_penalty", "masked_mean"]
+__all__ = ["ppo_clip_loss", "kl_penalty", "masked_mean"]
 
 _KL_TYPES = ("k1", "kl", "abs", "k2", "mse", "k3", "low_var_kl")
 
@@ -176,33 +177,3 @@ def _kl_term(metrics, logp, ref_logp, kl_coef, kl_type, valid, mean):
     kl = mean(jnp.where(valid, kl_penalty(logp, safe_ref, kl_type), 0.0))
     metrics["kl_loss"] = jax.lax.stop_gradient(kl)
     return kl_coef * kl if kl_coef else None
-
-
-def token_logprobs_and_entropy(
-    action_logits: jax.Array, tokens: jax.Array, temperature: float = 1.0
-) -> tuple[jax.Array, jax.Array]:
-    """Log-prob of the sampled tokens and entropy of the 256-way action distribution.
-
-    Args:
-      action_logits: (B, T, V) logits already sliced to the action bins (V = 256; the
-        reference slices `logits[..., 31744:32000]` of the Llama vocab, i.e. `[-320:-64]`).
-      tokens: (B, T) int in [0, V) (vocab id - 31744). Out-of-range ids cannot be checked
-        under jit; jnp.take_along_axis clamps them.
-      temperature: the sampling temperature (1.6 in SimpleVLA-RL); the same one must be
-        used for rollout, old-log-prob and update.
-
-    Returns:
-      logp (B, T) float32 = log_softmax(logits / T)[token];
-      entropy (B, T) float32 = -sum p log p of softmax(logits / T).
-    """
-    if isinstance(temperature, (int, float)) and temperature <= 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if action_logits.shape[:-1] != tokens.shape:
-        raise ValueError(
-            f"action_logits {action_logits.shape} and tokens {tokens.shape} disagree on (B, T)"
-        )
-    z = action_logits.astype(jnp.float32) / temperature
-    logprobs = jax.nn.log_softmax(z, axis=-1)
-    logp = jnp.take_along_axis(logprobs, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    entropy = -jnp.sum(jnp.exp(logprobs) * logprobs, axis=-1)
-    return logp, entropy

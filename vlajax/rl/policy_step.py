@@ -1,6 +1,7 @@
-"""The rollout's policy call: uint8 frames + prompt ids -> sampled action tokens, their log-probs,
-and env actions. One jitted function does preprocess -> action_logits -> sample, so the host only
-moves compact uint8 images to the device and gets (B, 56) int32 / float32 back.
+"""The rollout's policy call: uint8 frames + prompt ids -> sampled actions, their log-probs, and env
+actions. One jitted function does preprocess -> the family's `sample_actions`
+(`vlajax.model.family.ActionModel`), so the host only moves compact uint8 images to the device and
+gets (B, T) samples / float32 log-probs back (OFT: 56 int32 bin tokens).
 
 Why the sampling keys are per row: the key of trajectory row r at policy call c is
 `fold_in(fold_in(key, r), c)`. A trajectory's samples therefore do not depend on which other rows
@@ -8,8 +9,8 @@ happened to share its decode batch (that depends on pipeline timing and on which
 finished), so the serial and the pipelined loop, and a rollout re-run after a simulator fault,
 draw the same tokens for the same observations.
 
-Un-normalising tokens into env actions (dataset statistics, LIBERO gripper convention) is cheap
-numpy on the host (`Policy.tokens_to_actions`).
+Un-normalising samples into env actions (dataset statistics, LIBERO gripper convention) is cheap
+numpy on the host (the family's `Policy.tokens_to_actions`).
 """
 
 from __future__ import annotations
@@ -23,8 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vlajax.model.oft.actions import token_logprobs
-from vlajax.model.oft.preprocess import normalize_proprio, preprocess_images
+from vlajax.model.preprocess import normalize_proprio, preprocess_images
 from vlajax.rl.compile_ahead import CompileAhead, abstract
 
 __all__ = ["DecodeInputs", "DecodeOutputs", "Decoder", "PolicyDecoder", "bucket_size", "decode_step",
@@ -54,8 +54,9 @@ class DecodeInputs:
 
 @dataclasses.dataclass
 class DecodeOutputs:
-    """tokens (B, T) int32 action-bin columns 0..255; logp (B, T) float32 log-probs of those tokens
-    at the rollout temperature (temperature 1 for greedy); actions (B, K, A) float32 env actions."""
+    """tokens (B, T) the samples (the family's `sample_dtype`; OFT: int32 bin columns 0..255); logp
+    (B, T) float32 their log-probs at the rollout temperature (temperature 1 for greedy); actions
+    (B, K, A) float32 env actions."""
 
     tokens: np.ndarray
     logp: np.ndarray
@@ -70,7 +71,8 @@ class Decoder(Protocol):
 
     chunk_len: int  # K actions per call
     action_dim: int  # A
-    num_tokens: int  # T tokens per call (K * A for OFT)
+    num_tokens: int  # T sampled elements per call (K * A)
+    sample_dtype: np.dtype  # what is sampled (OFT: int32 bin tokens)
     num_images: int  # cameras per call
 
     def encode_prompts(self, instructions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -129,28 +131,22 @@ def decode_step(params, key, images, input_ids, attention_mask, proprio, rows, c
     model's parameters (pure dict of `graphdef`'s structure); images (B, n_img, H, W, 3) uint8;
     input_ids / attention_mask (B, P); proprio (B, D) float32 or None; rows / calls (B,) int32;
     proprio_q01/q99 (D,) or None.
-    Returns tokens (B, T) int32 and their log-probs (B, T) float32 at `temperature` (greedy argmax
-    with log-probs at temperature 1 when `temperature == 0`)."""
+    Returns the samples (B, T) and their log-probs (B, T) float32 at `temperature` (the mode, with
+    log-probs at temperature 1, when `temperature == 0`)."""
     pixel_values = preprocess_images(images, flip=flip, center_crop=center_crop, resize_to=resize_to)
     if proprio is not None and proprio_q01 is not None:
         proprio = normalize_proprio(proprio, proprio_q01, proprio_q99)
     model = nnx.merge(graphdef, params)
-    logits = model.action_logits(pixel_values, input_ids, attention_mask, proprio, dtype=compute_dtype)
-    if temperature == 0:
-        tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        logp, _ = token_logprobs(logits, tokens, 1.0)
-        return tokens, logp
     keys = jax.vmap(lambda r, c: jax.random.fold_in(jax.random.fold_in(key, r), c))(rows, calls)
-    z = logits.astype(jnp.float32) / temperature
-    tokens = jax.vmap(lambda k, l: jax.random.categorical(k, l, axis=-1))(keys, z).astype(jnp.int32)
-    logp, _ = token_logprobs(logits, tokens, temperature)
-    return tokens, logp
+    return model.sample_actions(pixel_values, input_ids, attention_mask, proprio, keys, temperature=temperature,
+                                dtype=compute_dtype)
 
 
 class PolicyDecoder(Decoder):
-    """`Decoder` backed by a `vlajax.model.oft.Policy`.
+    """`Decoder` backed by a family's `Policy` (e.g. `vlajax.model.oft.Policy`).
 
-    policy: gives the graph, tokenizer and action statistics (read once, at construction).
+    policy: gives the graph (an `ActionModel`), tokenizer and action statistics (read once, at
+        construction), and turns samples into env actions (`tokens_to_actions`).
     params: the parameters decoded with (a pure dict of the policy's structure); default the
         policy's own. A training loop hands over the learner's after each update with `set_params`
         (the same arrays, no copy): the decoder never reads parameters from anywhere else.
@@ -180,6 +176,7 @@ class PolicyDecoder(Decoder):
         self.chunk_len = cfg.chunk
         self.action_dim = cfg.action_dim
         self.num_tokens = cfg.num_action_tokens
+        self.sample_dtype = np.dtype(cfg.sample_dtype)
         self.num_images = cfg.num_images
         self.prompt_len = int(prompt_len)
         self.flip, self.center_crop = bool(flip), bool(center_crop)
@@ -189,13 +186,11 @@ class PolicyDecoder(Decoder):
             buckets = default_buckets(capacity) if capacity else None
         self.buckets = tuple(sorted(int(b) for b in buckets)) if buckets else None
         # Fail now, not at the first policy call, if the statistics key is wrong.
-        policy.tokens_to_actions(np.zeros((1, self.num_tokens), np.int32), unnorm_key, gripper)
+        policy.tokens_to_actions(np.zeros((1, self.num_tokens), self.sample_dtype), unnorm_key, gripper)
         self._q01 = self._q99 = None
-        if cfg.proprio_dim and unnorm_key and policy.dataset_statistics:
-            stats = policy.dataset_statistics.get(policy.action_stats(unnorm_key).key, {}).get("proprio")
-            if stats:
-                self._q01 = np.asarray(stats["q01"], np.float32)
-                self._q99 = np.asarray(stats["q99"], np.float32)
+        bounds = policy.proprio_stats(unnorm_key) if cfg.proprio_dim and unnorm_key else None
+        if bounds is not None:
+            self._q01, self._q99 = (np.asarray(b, np.float32) for b in bounds)
         self._prompts: dict[str, tuple[np.ndarray, np.ndarray]] = {}
         self._fns: dict[float, Any] = {}
         self._ahead = CompileAhead("vlajax-decode-precompile")  # (temperature, bucket) -> compiled ahead

@@ -341,7 +341,8 @@ class _Run:
         self.req, self.temperature, self.key, self.on_step, self.t0 = req, temperature, key, on_step, t0
         self.units = engine._units
         dec = self.dec
-        self.buf = TrajectoryBuffer(engine.capacity, engine.max_chunks, dec.num_tokens, dec.chunk_len, dec.action_dim)
+        self.buf = TrajectoryBuffer(engine.capacity, engine.max_chunks, dec.num_tokens, dec.chunk_len, dec.action_dim,
+                                    getattr(dec, "sample_dtype", np.int32))
         self.stats = RolloutStats()
         self.restarts: collections.Counter = collections.Counter()
         self.ready: list[tuple[_Unit, np.ndarray]] = []  # units whose observations are in, their running rows

@@ -22,11 +22,13 @@ class RolloutError(RuntimeError):
 
 
 class TrajectoryBuffer:
-    """N trajectories of at most C policy calls of T tokens, K actions of A dims each."""
+    """N trajectories of at most C policy calls of T samples (of `sample_dtype`: the family's), K
+    actions of A dims each."""
 
-    def __init__(self, n: int, max_calls: int, num_tokens: int, chunk_len: int, action_dim: int):
+    def __init__(self, n: int, max_calls: int, num_tokens: int, chunk_len: int, action_dim: int,
+                 sample_dtype=np.int32):
         self.max_calls, self.chunk_len, self.action_dim = max_calls, chunk_len, action_dim
-        self.tokens = np.zeros((n, max_calls, num_tokens), np.int32)  # (N, C, T)
+        self.tokens = np.zeros((n, max_calls, num_tokens), sample_dtype)  # (N, C, T)
         self.logp = np.zeros((n, max_calls, num_tokens), np.float32)  # (N, C, T)
         self.valid = np.zeros((n, max_calls), bool)  # (N, C)
         self.actions = np.zeros((n, max_calls, chunk_len, action_dim), np.float32)  # (N, C, K, A)
@@ -89,7 +91,7 @@ class TrajectoryBuffer:
 
     def write_decode(self, rows: np.ndarray, calls: np.ndarray, tokens: np.ndarray, logp: np.ndarray,
                      actions: np.ndarray) -> None:
-        """Policy call `calls` (n,) of `rows` decoded: tokens / logp (n, T), env actions (n, K, A)."""
+        """Policy call `calls` (n,) of `rows` decoded: samples / logp (n, T), env actions (n, K, A)."""
         self.tokens[rows, calls] = tokens
         self.logp[rows, calls] = logp
         self.actions[rows, calls] = actions

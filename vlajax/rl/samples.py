@@ -45,8 +45,9 @@ __all__ = ["Trajectories", "Samples", "token_mask", "make_samples", "pad_samples
 class Trajectories:
     """A rollout batch, N episodes of up to C policy calls each (numpy, host memory).
 
-    actions_tokens: (N, C, T) int32   sampled action tokens (the policy's 256-way bin ids)
-    old_logp:       (N, C, T) float32 log-prob of those tokens under the sampling policy
+    actions_tokens: (N, C, T)         what the policy sampled (OFT: int32 256-way bin ids; a
+                                      continuous family: float32, one per action dim)
+    old_logp:       (N, C, T) float32 log-prob of each under the sampling policy
     chunk_valid:    (N, C)    bool    the policy call happened / its chunk was sent to the env
     success:        (N,)      bool
     finish_step:    (N,)      int32   env steps executed, success step included
@@ -110,7 +111,7 @@ class Trajectories:
 class Samples:
     """Flat training samples, one per policy call (M rows).
 
-    tokens:      (M, T) int32
+    tokens:      (M, T)           the samples (their dtype: the family's)
     old_logp:    (M, T) float32
     mask:        (M, T) float32   1 = valid token (see module docstring)
     advantages:  (M, T) float32   trajectory advantage on valid tokens, 0 elsewhere
@@ -186,7 +187,7 @@ def make_samples(
     m = mask[ti, ci].astype(np.float32)
     reward = np.asarray(traj.success, np.float32)
     return Samples(
-        tokens=np.asarray(traj.actions_tokens, np.int32)[ti, ci],
+        tokens=np.asarray(traj.actions_tokens)[ti, ci],
         old_logp=np.asarray(traj.old_logp, np.float32)[ti, ci],
         mask=m,
         advantages=adv[ti][:, None] * m,

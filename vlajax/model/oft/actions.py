@@ -29,7 +29,16 @@ BIN_CENTERS = ((np.linspace(-1, 1, N_BINS)[:-1] + np.linspace(-1, 1, N_BINS)[1:]
 
 def token_logprobs(logits: jax.Array, tokens: jax.Array, temperature: float) -> tuple[jax.Array, jax.Array]:
     """Log-probs of `tokens` (B, T) and entropies, both (B, T) fp32, of softmax(logits / temperature)
-    over the 256-way slice: exactly the distribution rollouts sample from."""
+    over the 256-way slice: exactly the distribution rollouts sample from.
+
+    logits: (B, T, 256) already sliced to the action bins (the reference slices
+    `logits[..., 31744:32000]` of the Llama vocab); tokens: (B, T) int in [0, 256) (vocab id - 31744;
+    out-of-range ids cannot be checked under jit: take_along_axis clamps them); temperature: the
+    sampling temperature (1.6 in SimpleVLA-RL), the same for rollout, old log-probs and update."""
+    if isinstance(temperature, (int, float)) and temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if logits.shape[:-1] != tokens.shape:
+        raise ValueError(f"action_logits {logits.shape} and tokens {tokens.shape} disagree on (B, T)")
     z = logits.astype(jnp.float32) / temperature
     logp_all = jax.nn.log_softmax(z, axis=-1)
     logp = jnp.take_along_axis(logp_all, tokens[..., None].astype(jnp.int32), axis=-1)[..., 0]

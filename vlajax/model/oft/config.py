@@ -56,6 +56,11 @@ class OFTConfig:
         return self.chunk * self.action_dim
 
     @property
+    def sample_dtype(self) -> str:
+        """What `sample_actions` draws: bin columns (`vlajax.model.family.ActionModel`)."""
+        return "int32"
+
+    @property
     def vision_dim(self) -> int:
         return self.dino.width + self.siglip.width
 

@@ -1,5 +1,5 @@
-"""SimpleVLA-OFT as a `vlajax.model.family.PolicyFamily`: presets or HF / vlajax checkpoints, update
-rows of 256-bin action tokens, its FLOP count, LoRA on the LLM, HF conversion."""
+"""SimpleVLA-OFT as a `vlajax.model.family.PolicyFamily`: presets or HF / vlajax checkpoints (update
+rows of 256-bin action tokens: `OFTConfig.sample_dtype`), its FLOP count, LoRA on the LLM, HF conversion."""
 
 from __future__ import annotations
 
@@ -7,9 +7,8 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from vlajax.model.family import BatchField, PolicyFamily, PolicySpec, SpecError
+from vlajax.model.family import IOAdapter, PolicyFamily, PolicySpec, SpecError
 
 __all__ = ["OFTFamily"]
 
@@ -18,6 +17,14 @@ OPTIONS = {"init_scheme": "normal", "action_queries": False}  # `actor_rollout_r
 
 class OFTFamily(PolicyFamily):
     name = "oft"
+    adapters = {
+        # OpenVLA-OFT's LIBERO checkpoints: frames rotated as in their data, gripper [0, 1] -> +-1,
+        # actions un-normalised with the suite's statistics (`libero_10` -> `libero_10_no_noops`)
+        "libero": IOAdapter(image_flip=True, gripper="libero", stats_key="suite"),
+        # trained from scratch here: upright frames, gripper as decoded, the simulator's own statistics
+        "tabletop": IOAdapter(image_flip=False, gripper=None, stats_key="tabletop"),
+        "isaac": IOAdapter(image_flip=False, gripper=None, stats_key=None),
+    }
 
     def load(self, spec: PolicySpec):
         opts = {**OPTIONS, **spec.options}
@@ -43,15 +50,19 @@ class OFTFamily(PolicyFamily):
         return Policy(model, tokenizer=load_tokenizer("tiny"), compute_dtype=jnp.dtype(spec.compute_dtype),
                       dataset_statistics=spec.dataset_statistics)
 
-    @staticmethod
-    def _load(spec: PolicySpec, opts: dict):
+    def load_checkpoint(self, path: Path, *, param_dtype: str = "float32", compute_dtype: str = "bfloat16",
+                        num_images: int = 1):
+        """An HF OpenVLA-OFT directory or a vlajax policy checkpoint."""
         from vlajax.model.oft.pretrained import load_pretrained
 
+        return load_pretrained(path, dtype=param_dtype, compute_dtype=compute_dtype, num_images=num_images)
+
+    def _load(self, spec: PolicySpec, opts: dict):
         path = Path(spec.path)
         if not path.exists():
             raise SpecError(f"checkpoint {path} does not exist", "path")
-        policy = load_pretrained(path, dtype=spec.param_dtype, compute_dtype=spec.compute_dtype,
-                                 num_images=spec.num_images)
+        policy = self.load_checkpoint(path, param_dtype=spec.param_dtype, compute_dtype=spec.compute_dtype,
+                                      num_images=spec.num_images)
         if policy.tokenizer is None:
             raise SpecError(f"{path} has no tokenizer.json / tokenizer.model", "path")
         has = policy.cfg.proprio_dim is not None
@@ -61,22 +72,6 @@ class OFTFamily(PolicyFamily):
             raise SpecError(f"the checkpoint {path} {'has' if policy.cfg.action_queries else 'has no'} action "
                             f"queries", "action_queries")
         return policy
-
-    def batch_spec(self, policy, *, image_shape: tuple[int, int], prompt_width: int) -> dict[str, BatchField]:
-        """Per row: the frames as the simulator gave them, the prompt, and the 56 action tokens with
-        their behaviour log-probs, advantages and mask."""
-        c = policy.cfg
-        tokens = (c.num_action_tokens,)
-        spec = {"images": BatchField((c.num_images, *image_shape, 3), np.dtype(np.uint8)),
-                "input_ids": BatchField((prompt_width,), np.dtype(np.int32)),
-                "attention_mask": BatchField((prompt_width,), np.dtype(np.int32)),
-                "tokens": BatchField(tokens, np.dtype(np.int32)),
-                "old_logp": BatchField(tokens, np.dtype(np.float32)),
-                "advantages": BatchField(tokens, np.dtype(np.float32)),
-                "mask": BatchField(tokens, np.dtype(np.float32))}
-        if c.proprio_dim:
-            spec["proprio"] = BatchField((c.proprio_dim,), np.dtype(np.float32))
-        return spec
 
     def flops_per_row(self, policy, prompt_len: int) -> float:
         from vlajax.model.oft.flops import forward_flops

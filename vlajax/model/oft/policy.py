@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from vlajax.model.oft.actions import token_logprobs
 from vlajax.model.oft.config import OFTConfig
 from vlajax.model.layers import Linear, gelu, param
 from vlajax.model.oft.llama import Llama
@@ -137,3 +138,25 @@ class OpenVLAOFT(nnx.Module):
         h = self.llm.hidden_states(x, lengths, remat=self.remat, rows=rows)  # (B, 56, D)
         begin = self.cfg.action_token_begin
         return self.llm.logits(h, slice(begin, begin + self.cfg.n_bins))
+
+    # -- the family's model interface (`vlajax.model.family.ActionModel`) --------------------------
+    def sample_actions(self, pixel_values, input_ids, attention_mask, proprio, keys, *, temperature: float,
+                       dtype=jnp.bfloat16):
+        """(tokens (B, 56) int32 bin columns, their log-probs (B, 56) f32): one 256-way categorical
+        per token at `temperature`, drawn with row b's key `keys[b]`; greedy (argmax, log-probs at
+        temperature 1) when `temperature == 0`."""
+        logits = self.action_logits(pixel_values, input_ids, attention_mask, proprio, dtype=dtype)
+        if temperature == 0:
+            tokens = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+            return tokens, token_logprobs(logits, tokens, 1.0)[0]
+        z = logits.astype(jnp.float32) / temperature
+        tokens = jax.vmap(lambda k, l: jax.random.categorical(k, l, axis=-1))(keys, z).astype(jnp.int32)
+        return tokens, token_logprobs(logits, tokens, temperature)[0]
+
+    def log_prob(self, pixel_values, input_ids, attention_mask, proprio, samples, *, temperature: float,
+                 dtype=jnp.bfloat16):
+        """(logp, entropy, mode), each (B, 56): the log-probs of `samples` (int bin columns) and the
+        entropy of each token's distribution at `temperature`, and its argmax."""
+        logits = self.action_logits(pixel_values, input_ids, attention_mask, proprio, dtype=dtype)
+        logp, entropy = token_logprobs(logits, samples, temperature)
+        return logp, entropy, jnp.argmax(logits, axis=-1).astype(jnp.int32)

@@ -128,6 +128,13 @@ class Policy:
             raise KeyError("this policy has no dataset_statistics.json; cannot un-normalise actions")
         return load_action_stats(self.dataset_statistics, key)
 
+    def proprio_stats(self, key: str) -> tuple[np.ndarray, np.ndarray] | None:
+        """(q01, q99) of the robot state under statistics `key`, None if they have none."""
+        if not self.dataset_statistics:
+            return None
+        stats = self.dataset_statistics.get(self.action_stats(key).key, {}).get("proprio")
+        return (np.asarray(stats["q01"], np.float32), np.asarray(stats["q99"], np.float32)) if stats else None
+
     def tokens_to_actions(self, tokens, unnorm_key: str | None, gripper: str | None = "libero") -> np.ndarray:
         stats = self.action_stats(unnorm_key) if unnorm_key else ActionStats.identity(self.cfg.action_dim)
         return tokens_to_actions(np.asarray(tokens), stats, self.cfg.chunk, self.cfg.action_dim, gripper)
