@@ -119,6 +119,24 @@ def make_episode(t: int = 5, seed: int = 0, state_id: int = 3, hw: int = 8):
 
 
 # -- processes --------------------------------------------------------------------------------------
+def sentencepiece_model(path, vocab_size: int = 36) -> Path:
+    """A tiny SentencePiece model trained here on robot instructions (a stand-in for PaliGemma's: the
+    tests need the format, not the vocabulary); written to `path`."""
+    import io
+
+    import sentencepiece
+
+    lines = [f"{verb} the {colour} {thing} {where}" for verb in ("pick up", "put", "move", "open", "close")
+             for colour in ("red", "green", "blue", "black", "white") for thing in ("bowl", "mug", "block", "drawer")
+             for where in ("on the plate", "in the basket", "to the left", "near the stove")]
+    buf = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(sentence_iterator=iter(lines), model_writer=buf, vocab_size=vocab_size,
+                                             model_type="unigram", bos_id=2, eos_id=1, pad_id=0, unk_id=3,
+                                             user_defined_symbols=["\n"], minloglevel=2)
+    Path(path).write_bytes(buf.getvalue())
+    return Path(path)
+
+
 def free_port() -> int:
     """A TCP port nobody listens on right now (for a coordinator or Ray head started next)."""
     with socket.socket() as s:

@@ -1,8 +1,11 @@
-"""The two timm ViT towers of the Prismatic "dinosiglip" backbone, as OpenVLA uses them.
+"""ViT towers: the two timm towers of the Prismatic "dinosiglip" backbone, as OpenVLA uses them,
+and big_vision's SigLIP as PaliGemma (π0) uses it.
 
 DINOv2 ViT-L/14 (class token + 4 registers, LayerScale) and SigLIP SO400M/14 (no prefix tokens):
-pre-LN blocks, fused qkv with bias, exact GELU, LayerNorm eps 1e-6. The feature is the output of
-block depth-2 with prefix tokens dropped and no final norm, so only depth-1 blocks are built.
+pre-LN blocks, fused qkv with bias, exact GELU, LayerNorm eps 1e-6. OpenVLA's feature is the output
+of block depth-2 with prefix tokens dropped and no final norm, so only depth-1 blocks are built.
+PaliGemma's (`final_norm=True`) is every block, then the final LayerNorm, with tanh-approximated GELU
+(flax's `nn.gelu` default).
 """
 
 from __future__ import annotations
@@ -31,6 +34,8 @@ class ViTConfig:
     patch_size: int = 14
     image_size: int = 224
     ln_eps: float = 1e-6
+    final_norm: bool = False  # every block and the final LayerNorm (big_vision) instead of block depth-2's output
+    gelu_approximate: bool = False  # tanh GELU (big_vision / flax) instead of the exact one (timm)
 
     @property
     def num_patches(self) -> int:
@@ -38,7 +43,7 @@ class ViTConfig:
 
     @property
     def num_used_blocks(self) -> int:
-        return self.depth - 1
+        return self.depth if self.final_norm else self.depth - 1
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -49,6 +54,7 @@ class ViTBlock(nnx.Module):
     def __init__(self, cfg: ViTConfig, rngs: nnx.Rngs):
         d = cfg.width
         self.num_heads = cfg.num_heads
+        self.gelu_approximate = cfg.gelu_approximate
         self.norm1 = LayerNorm(d, cfg.ln_eps, "vit_embed")
         self.qkv = Linear(d, 3 * d, bias=True, axes=("vit_embed", "vit_qkv"), rngs=rngs)
         self.proj = Linear(d, d, bias=True, axes=("vit_qkv", "vit_embed"), rngs=rngs)
@@ -71,10 +77,17 @@ class ViTBlock(nnx.Module):
         if self.ls1 is not None:
             a = a * self.ls1[...].astype(a.dtype)
         x = x + a
-        m = self.fc2(gelu(self.fc1(self.norm2(x))))
+        h = self.fc1(self.norm2(x))
+        h = _tanh_gelu(h) if self.gelu_approximate else gelu(h)
+        m = self.fc2(h)
         if self.ls2 is not None:
             m = m * self.ls2[...].astype(m.dtype)
         return x + m
+
+
+def _tanh_gelu(x: jax.Array) -> jax.Array:
+    """flax's default `nn.gelu` (tanh approximation), in fp32, result in x's dtype."""
+    return jax.nn.gelu(x.astype(jnp.float32), approximate=True).astype(x.dtype)
 
 
 class ViT(nnx.Module):
@@ -92,6 +105,7 @@ class ViT(nnx.Module):
             param(rngs, (1, cfg.num_registers, d), (None, None, "vit_embed")) if cfg.num_registers else None
         )
         self.blocks = nnx.List([ViTBlock(cfg, rngs) for _ in range(cfg.num_used_blocks)])
+        self.norm = LayerNorm(d, cfg.ln_eps, "vit_embed") if cfg.final_norm else None
         self.remat = False  # set by the learner (vlajax.rl.learner.set_remat): checkpoint each block
 
     def __call__(self, pixels: jax.Array, dtype=jnp.bfloat16) -> jax.Array:
@@ -122,4 +136,5 @@ class ViT(nnx.Module):
         run = maybe_remat(lambda blk, x: blk(x, kv_lengths), self.remat)
         for blk in self.blocks:
             x = run(blk, x)
-        return x[:, cfg.num_prefix_tokens:n]
+        x = x[:, cfg.num_prefix_tokens:n]
+        return x if self.norm is None else self.norm(x)

@@ -1,0 +1,133 @@
+"""π0 in Flax NNX (vlajax.model.pi0): openpi's parameters and checkpoint layout convert exactly, the
+prompt is tokenized in openpi's π0 format, and the model computes what openpi's own code computes on
+the same random weights (tests/data/pi0_openpi, made by tests/reference/openpi_pi0_fixture.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tests.conftest import sentencepiece_model
+from vlajax.model.pi0 import Pi0, preset
+from vlajax.model.pi0.checkpoint import read_norm_stats, read_params, write_checkpoint
+from vlajax.model.pi0.openpi_convert import config_from_params, from_openpi, to_openpi
+from vlajax.model.pi0.tokenizer import Pi0Tokenizer
+
+FIXTURE = Path(__file__).parent / "data" / "pi0_openpi"
+
+
+def _flat(tree: dict) -> dict:
+    return {jax.tree_util.keystr(k): v for k, v in jax.tree.leaves_with_path(tree)}
+
+
+def _same(a: dict, b: dict) -> bool:
+    fa, fb = _flat(a), _flat(b)
+    return fa.keys() == fb.keys() and all(
+        np.asarray(fa[k]).dtype == np.asarray(fb[k]).dtype and np.array_equal(fa[k], fb[k]) for k in fa)
+
+
+def test_openpi_parameters_convert_both_ways_bit_for_bit(tmp_path):
+    """vlajax's tree -> openpi's -> vlajax's is the identity, and openpi's layout on disk (orbax params,
+    norm stats json) reads back exactly, bfloat16 leaves included (openpi's released weights are bf16)."""
+    cfg = preset("tiny")
+    ours = nnx.to_pure_dict(nnx.state(Pi0(cfg, nnx.Rngs(0))))
+    theirs = to_openpi(ours, cfg)
+    assert config_from_params(theirs, action_horizon=cfg.action_horizon, max_token_len=cfg.max_token_len) == cfg
+    assert _same(from_openpi(theirs, cfg), ours)
+    theirs["PaliGemma"]["llm"]["embedder"]["input_embedding"] = np.asarray(
+        jnp.asarray(theirs["PaliGemma"]["llm"]["embedder"]["input_embedding"], jnp.bfloat16))
+    stats = {"tiny_robot": {"state": {"mean": np.arange(8.0), "std": np.ones(8)},
+                            "actions": {"mean": np.zeros(8), "std": np.full(8, 2.0)}}}
+    write_checkpoint(tmp_path / "ckpt", theirs, stats)
+    back = read_params(tmp_path / "ckpt")
+    assert _same(back, theirs)
+    assert back["PaliGemma"]["llm"]["embedder"]["input_embedding"].dtype == jnp.bfloat16
+    got = read_norm_stats(tmp_path / "ckpt")
+    np.testing.assert_array_equal(got["state"]["mean"], np.arange(8.0))
+    np.testing.assert_array_equal(got["actions"]["std"], np.full(8, 2.0))
+    with pytest.raises(FileNotFoundError, match="asset ids there: tiny_robot"):
+        read_norm_stats(tmp_path / "ckpt", "libero")
+
+
+def test_the_prompt_is_tokenized_in_openpis_pi0_format(tmp_path):
+    """BOS + the cleaned prompt + the separately encoded newline, padded with 0 (mask False), cut at max_len."""
+    tok = Pi0Tokenizer(sentencepiece_model(tmp_path / "sp.model"), max_len=48)
+    sp = tok.sp
+    ids, mask = tok.encode(["  pick_up the red bowl\n", "put the mug"])
+    want = [sp.bos_id()] + sp.encode("pick up the red bowl") + sp.encode("\n")
+    assert ids[0, :len(want)].tolist() == want and mask[0].sum() == len(want)
+    assert not ids[0, len(want):].any() and not mask[0, len(want):].any()
+    assert ids.dtype == np.int32 and ids.shape == (2, 48)
+    short = Pi0Tokenizer(tok.path, max_len=5).encode(["put the blue mug on the plate"])
+    assert short[0].shape == (1, 5) and short[1].all()
+    with pytest.raises(FileNotFoundError, match="π0 tokenizer .* does not exist"):
+        Pi0Tokenizer(tmp_path / "missing.model")
+
+
+def _fixture() -> tuple[dict, dict, dict]:
+    """(openpi params tree, inputs, outputs) of the tiny π0 fixture."""
+    z = np.load(FIXTURE / "tiny_fixture.npz")
+    params: dict = {}
+    for k in z.files:
+        if k.startswith("params/"):
+            node = params
+            *path, leaf = k.split("/")[1:]
+            for p in path:
+                node = node.setdefault(p, {})
+            node[leaf] = z[k]
+    get = lambda prefix: {k[len(prefix):]: z[k] for k in z.files if k.startswith(prefix)}  # noqa: E731
+    return params, get("inputs/"), get("outputs/")
+
+
+CAMERAS = ("base_0_rgb", "left_wrist_0_rgb", "right_wrist_0_rgb")  # openpi's IMAGE_KEYS, in its order
+
+
+def test_pi0_matches_openpi_on_the_same_random_weights():
+    """Prefix embeddings, the velocity field and 10-step sampled actions for a fixed noise agree with
+    openpi's own code (fp32) to 1e-4, a masked camera and padded prompt included."""
+    params, x, want = _fixture()
+    cfg = config_from_params(params, action_horizon=5, max_token_len=12)
+    assert cfg == preset("tiny")
+    model = Pi0(cfg, nnx.Rngs(0))
+    state = nnx.state(model)
+    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, from_openpi(params, cfg)))
+    nnx.update(model, state)
+    # [-1, 1] as openpi's Observation.from_dict makes it, in numpy (XLA's division rounds 1 ulp apart)
+    images = jnp.asarray(np.stack([x[f"image/{c}"] for c in CAMERAS], axis=1).astype(np.float32) / 127.5 - 1.0)
+    masks = jnp.stack([x[f"image_mask/{c}"] for c in CAMERAS], axis=1)
+    assert not masks.all()  # sample 1's right wrist camera is off
+    obs = (images, masks, jnp.asarray(x["tokenized_prompt"]), jnp.asarray(x["tokenized_prompt_mask"]))
+
+    prefix = jax.jit(model.embed_prefix)(*obs)
+    np.testing.assert_allclose(prefix[0], want["prefix_tokens"], atol=1e-4, rtol=1e-4)
+    np.testing.assert_array_equal(prefix[1], want["prefix_mask"])
+    np.testing.assert_array_equal(prefix[2], want["prefix_ar_mask"])
+    suffix = model.embed_suffix(jnp.asarray(x["state"]), jnp.asarray(x["x_t"]), jnp.asarray(x["time"]))
+    np.testing.assert_allclose(suffix[0], want["suffix_tokens"], atol=1e-4, rtol=1e-4)
+    np.testing.assert_array_equal(suffix[2], want["suffix_ar_mask"])
+    v_t = jax.jit(model.velocity)(prefix, jnp.asarray(x["state"]), jnp.asarray(x["x_t"]), jnp.asarray(x["time"]))
+    np.testing.assert_allclose(v_t, want["v_t"], atol=1e-4, rtol=1e-4)
+    actions = jax.jit(lambda *a: model.sample_actions(*a, num_steps=10))(*obs, jnp.asarray(x["state"]),
+                                                                        jnp.asarray(x["noise"]))
+    np.testing.assert_allclose(actions, want["actions"], atol=1e-4, rtol=1e-4)
+
+
+def test_a_checkpoint_openpi_wrote_reads_exactly_and_writes_back_the_same(tmp_path):
+    """tests/data/pi0_openpi/tiny_checkpoint was written by openpi's code (orbax params item, norm stats
+    through openpi.shared.normalize): vlajax reads the same arrays, converts them to its model and
+    back, and writes a checkpoint that reads back bit for bit."""
+    params, _, _ = _fixture()
+    got = read_params(FIXTURE / "tiny_checkpoint")
+    assert _same(got, params)
+    stats = read_norm_stats(FIXTURE / "tiny_checkpoint")
+    assert set(stats) == {"state", "actions"} and stats["state"]["q99"].shape == (8,)
+    cfg = config_from_params(got, action_horizon=5, max_token_len=12)
+    again = to_openpi(from_openpi(got, cfg), cfg)
+    write_checkpoint(tmp_path / "out", again, {"tiny_robot": stats})
+    assert _same(read_params(tmp_path / "out"), params)
+    assert _same(read_norm_stats(tmp_path / "out", "tiny_robot"), stats)
