@@ -22,6 +22,7 @@ import numpy as np
 from flax import nnx
 
 from vlajax.model.family import IOAdapter, PolicyFamily, PolicySpec, SpecError, register_family
+from vlajax.model.preprocess import preprocess_images
 from vlajax.model.tokenizer import load_tokenizer
 
 NAME = "linear-gaussian"
@@ -67,6 +68,10 @@ class LinearGaussian(nnx.Module):
         x = pooled if proprio is None else jnp.concatenate([pooled, proprio.astype(jnp.float32)], axis=-1)
         bag = jnp.einsum("bp,bpt->bt", attention_mask.astype(jnp.float32), self.words[input_ids % self.cfg.buckets])
         return x @ self.w + bag + self.b, jnp.exp(self.log_std)[None, :]
+
+    def preprocess_images(self, images, *, flip, center_crop, crop_offsets=None):
+        return preprocess_images(images, flip=flip, center_crop=center_crop, resize_to=self.cfg.image_size,
+                                 crop_offsets=crop_offsets)
 
     def sample_actions(self, pixel_values, input_ids, attention_mask, proprio, keys, *, temperature, dtype=None):
         mean, std = self._mean_std(pixel_values, input_ids, attention_mask, proprio)

@@ -29,7 +29,7 @@ __all__ = ["ActionModel", "BatchField", "IOAdapter", "PolicyFamily", "PolicySpec
            "register_family"]
 
 # family name -> the module that registers it on import (so `get_family` imports only the one asked for)
-_MODULES = {"oft": "vlajax.model.oft"}
+_MODULES = {"oft": "vlajax.model.oft", "pi0": "vlajax.model.pi0"}
 _FAMILIES: dict[str, "PolicyFamily"] = {}
 
 
@@ -106,11 +106,16 @@ class ActionModel(Protocol):
     """What the decoder (`vlajax.rl.policy_step`) and the learner (`vlajax.rl.learner`) call on a
     family's model, merged from its parameters inside their jitted functions.
 
-    Inputs, for B policy calls: pixel_values (B, ...) float32 as `vlajax.model.preprocess.preprocess_images`
-    makes them at `cfg.image_size`; input_ids / attention_mask (B, P) int32 prompt ids; proprio
+    Inputs, for B policy calls: pixel_values (B, ...) float32 as its `preprocess_images` makes them; input_ids / attention_mask (B, P) int32 prompt ids; proprio
     (B, D) float32 normalised robot state, or None. Its `cfg` has chunk, action_dim,
-    num_action_tokens (T = chunk x action_dim), num_images, image_size, proprio_dim and sample_dtype.
+    num_action_tokens (T = chunk x action_dim), num_images, image_size, proprio_dim and sample_dtype, and
+    may have sample_shape: what one call samples (default (T,); a flow policy keeps its denoising
+    chain, so the learner can score every step), of which `log_prob` scores T elements.
     """
+
+    def preprocess_images(self, images, *, flip: bool, center_crop: bool, crop_offsets=None):
+        """uint8 camera frames (B, n_img, H, W, 3) -> the `pixel_values` this model reads (flip: rotate
+        180° first; center_crop / crop_offsets: OFT's evaluation crop or its training crops)."""
 
     def sample_actions(self, pixel_values, input_ids, attention_mask, proprio, keys, *, temperature: float,
                        dtype) -> tuple[Any, Any]:
@@ -157,7 +162,7 @@ class PolicyFamily(abc.ABC):
         spec = {"images": BatchField((c.num_images, *image_shape, 3), np.dtype(np.uint8)),
                 "input_ids": BatchField((prompt_width,), np.dtype(np.int32)),
                 "attention_mask": BatchField((prompt_width,), np.dtype(np.int32)),
-                "tokens": BatchField(t, np.dtype(c.sample_dtype)),
+                "tokens": BatchField(tuple(getattr(c, "sample_shape", t)), np.dtype(c.sample_dtype)),
                 "old_logp": BatchField(t, np.dtype(np.float32)),
                 "advantages": BatchField(t, np.dtype(np.float32)),
                 "mask": BatchField(t, np.dtype(np.float32))}

@@ -29,7 +29,7 @@ touches jax, and pass each process's slice of the batch, or the global arrays
 
 Batch (a dict; numpy or jax arrays, M = mini-batch size, a multiple of `batch_multiple`):
   images         uint8 (M, H, W, 3) or (M, n_img, H, W, 3): raw frames, preprocessed inside the
-                 step (`vlajax.model.preprocess.preprocess_images`; 150 KB per frame to move
+                 step (the model's `preprocess_images`; 150 KB per frame to move
                  instead of 1.2 MB of float pixels), or
   pixel_values   float32 (M, 6*n_img, S, S) already preprocessed;
   input_ids      int32 (M, P) right-padded prompts; attention_mask (M, P)
@@ -93,7 +93,6 @@ from flax import nnx, traverse_util
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from vlajax.distributed.sharding import BATCH_AXES, make_mesh, place, shard_batch, state_shardings
-from vlajax.model.preprocess import preprocess_images
 from vlajax.rl.checkpoint import CheckpointManager, Restored
 from vlajax.rl.compile_ahead import CompileAhead, abstract
 from vlajax.rl.lora import has_lora, trainable_filter
@@ -261,13 +260,13 @@ def _micro_merge(x: jax.Array) -> jax.Array:
     return x.reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
 
 
-def _observation(mb, *, mcfg, cfg: LearnerConfig) -> tuple:
+def _observation(mb, *, model, cfg: LearnerConfig) -> tuple:
     """(pixel_values, input_ids, attention_mask, proprio) of a micro-batch, as the rollout fed the
     policy (frames preprocessed as the rollout did; with `crop_offsets`, the training crop at those
     positions instead of the centre crop)."""
     if "images" in mb:
-        pv = preprocess_images(mb["images"], flip=cfg.image_flip, center_crop=cfg.image_center_crop,
-                               resize_to=mcfg.image_size, crop_offsets=mb.get("crop_offsets"))
+        pv = model.preprocess_images(mb["images"], flip=cfg.image_flip, center_crop=cfg.image_center_crop,
+                                     crop_offsets=mb.get("crop_offsets"))
     else:
         pv = mb["pixel_values"].astype(jnp.float32)
     # Samples without a valid token (padding) get zero pixels: NaN/inf there would reach the
@@ -284,7 +283,7 @@ def _log_prob(params, frozen, mb, temperature: float, *, graphdef, cfg: LearnerC
     """(logp, entropy, mode), each (B, T), of `mb["tokens"]` (what the policy sampled) at
     `temperature`: the family's `ActionModel.log_prob`."""
     model = nnx.merge(graphdef, params, frozen)
-    return model.log_prob(*_observation(mb, mcfg=model.cfg, cfg=cfg), mb["tokens"], temperature=temperature,
+    return model.log_prob(*_observation(mb, model=model, cfg=cfg), mb["tokens"], temperature=temperature,
                           dtype=jnp.dtype(cfg.compute_dtype))
 
 
@@ -554,11 +553,14 @@ class Learner:
         if ("images" in batch) == ("pixel_values" in batch):
             raise KeyError("batch needs exactly one of 'images' (uint8) and 'pixel_values' (float32)")
         out = _cast(batch, self.sample_dtype)
-        m, t = np.shape(out["tokens"])
+        m, t = np.shape(out["tokens"])[0], np.shape(out["mask"])[-1]  # tokens: (M, T) or (M, ...): the family's
         local_m = m
         for k, x in out.items():
             if np.shape(x)[0] != m:
                 raise ValueError(f"batch[{k!r}] has {np.shape(x)[0]} rows, batch['tokens'] has {m}")
+        if np.ndim(out["tokens"]) == 2 and np.shape(out["tokens"]) != (m, t):
+            raise ValueError(f"batch['mask'] has shape {np.shape(out['mask'])}, expected {np.shape(out['tokens'])} "
+                             f"like 'tokens'")
         for k in ("old_logp", "mask", "ref_logp"):
             if k in out and np.shape(out[k]) != (m, t):
                 raise ValueError(f"batch[{k!r}] has shape {np.shape(out[k])}, expected {(m, t)} like 'tokens'")
@@ -605,7 +607,7 @@ class Learner:
         on, the compile also lands there: a resumed or relaunched process loads it. Idempotent."""
         one = _cast(sample, self.sample_dtype)
         if self.cfg.kl_coef and "ref_logp" not in one:
-            one["ref_logp"] = np.zeros(np.shape(one["tokens"]), np.float32)
+            one["ref_logp"] = np.zeros(np.shape(one["mask"]), np.float32)
         if rows % self.batch_multiple:
             raise ValueError(f"precompile: {rows} rows is not a multiple of micro_batch_size x devices = "
                              f"{self.batch_multiple}")

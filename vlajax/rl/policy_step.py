@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vlajax.model.preprocess import normalize_proprio, preprocess_images
+from vlajax.model.preprocess import normalize_proprio
 from vlajax.rl.compile_ahead import CompileAhead, abstract
 
 __all__ = ["DecodeInputs", "DecodeOutputs", "Decoder", "PolicyDecoder", "bucket_size", "decode_step",
@@ -73,6 +73,7 @@ class Decoder(Protocol):
     action_dim: int  # A
     num_tokens: int  # T sampled elements per call (K * A)
     sample_dtype: np.dtype  # what is sampled (OFT: int32 bin tokens)
+    sample_shape: tuple[int, ...]  # its shape per call (OFT: (56,)); logp is (T,) per call
     num_images: int  # cameras per call
 
     def encode_prompts(self, instructions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -126,17 +127,17 @@ def default_buckets(capacity: int) -> tuple[int, ...]:
 
 
 def decode_step(params, key, images, input_ids, attention_mask, proprio, rows, calls, proprio_q01, proprio_q99, *,
-                graphdef, temperature: float, resize_to: int, flip: bool, center_crop: bool, compute_dtype):
+                graphdef, temperature: float, flip: bool, center_crop: bool, compute_dtype):
     """The policy call (`PolicyDecoder` jits it with the keyword arguments bound). params: the
     model's parameters (pure dict of `graphdef`'s structure); images (B, n_img, H, W, 3) uint8;
     input_ids / attention_mask (B, P); proprio (B, D) float32 or None; rows / calls (B,) int32;
     proprio_q01/q99 (D,) or None.
     Returns the samples (B, T) and their log-probs (B, T) float32 at `temperature` (the mode, with
     log-probs at temperature 1, when `temperature == 0`)."""
-    pixel_values = preprocess_images(images, flip=flip, center_crop=center_crop, resize_to=resize_to)
+    model = nnx.merge(graphdef, params)
+    pixel_values = model.preprocess_images(images, flip=flip, center_crop=center_crop)
     if proprio is not None and proprio_q01 is not None:
         proprio = normalize_proprio(proprio, proprio_q01, proprio_q99)
-    model = nnx.merge(graphdef, params)
     keys = jax.vmap(lambda r, c: jax.random.fold_in(jax.random.fold_in(key, r), c))(rows, calls)
     return model.sample_actions(pixel_values, input_ids, attention_mask, proprio, keys, temperature=temperature,
                                 dtype=compute_dtype)
@@ -177,6 +178,7 @@ class PolicyDecoder(Decoder):
         self.action_dim = cfg.action_dim
         self.num_tokens = cfg.num_action_tokens
         self.sample_dtype = np.dtype(cfg.sample_dtype)
+        self.sample_shape = tuple(getattr(cfg, "sample_shape", (self.num_tokens,)))
         self.num_images = cfg.num_images
         self.prompt_len = int(prompt_len)
         self.flip, self.center_crop = bool(flip), bool(center_crop)
@@ -186,7 +188,7 @@ class PolicyDecoder(Decoder):
             buckets = default_buckets(capacity) if capacity else None
         self.buckets = tuple(sorted(int(b) for b in buckets)) if buckets else None
         # Fail now, not at the first policy call, if the statistics key is wrong.
-        policy.tokens_to_actions(np.zeros((1, self.num_tokens), self.sample_dtype), unnorm_key, gripper)
+        policy.tokens_to_actions(np.zeros((1, *self.sample_shape), self.sample_dtype), unnorm_key, gripper)
         self._q01 = self._q99 = None
         bounds = policy.proprio_stats(unnorm_key) if cfg.proprio_dim and unnorm_key else None
         if bounds is not None:
@@ -222,7 +224,7 @@ class PolicyDecoder(Decoder):
         static argument: hashing a GraphDef costs ~1 ms per call for the small model, more for 7B."""
         if temperature not in self._fns:
             self._fns[temperature] = jax.jit(partial(
-                decode_step, graphdef=self._graphdef, temperature=temperature, resize_to=self.resize_to,
+                decode_step, graphdef=self._graphdef, temperature=temperature,
                 flip=self.flip, center_crop=self.center_crop, compute_dtype=jnp.dtype(self.policy.compute_dtype)))
         return self._fns[temperature]
 

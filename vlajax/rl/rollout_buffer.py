@@ -26,9 +26,10 @@ class TrajectoryBuffer:
     actions of A dims each."""
 
     def __init__(self, n: int, max_calls: int, num_tokens: int, chunk_len: int, action_dim: int,
-                 sample_dtype=np.int32):
+                 sample_dtype=np.int32, sample_shape: tuple[int, ...] | None = None):
         self.max_calls, self.chunk_len, self.action_dim = max_calls, chunk_len, action_dim
-        self.tokens = np.zeros((n, max_calls, num_tokens), sample_dtype)  # (N, C, T)
+        shape = tuple(sample_shape) if sample_shape else (num_tokens,)  # per call: the family's
+        self.tokens = np.zeros((n, max_calls, *shape), sample_dtype)  # (N, C, T) or (N, C, ...)
         self.logp = np.zeros((n, max_calls, num_tokens), np.float32)  # (N, C, T)
         self.valid = np.zeros((n, max_calls), bool)  # (N, C)
         self.actions = np.zeros((n, max_calls, chunk_len, action_dim), np.float32)  # (N, C, K, A)

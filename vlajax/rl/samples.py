@@ -45,8 +45,9 @@ __all__ = ["Trajectories", "Samples", "token_mask", "make_samples", "pad_samples
 class Trajectories:
     """A rollout batch, N episodes of up to C policy calls each (numpy, host memory).
 
-    actions_tokens: (N, C, T)         what the policy sampled (OFT: int32 256-way bin ids; a
-                                      continuous family: float32, one per action dim)
+    actions_tokens: (N, C, T) or (N, C, ...)  what the policy sampled (OFT: int32 256-way bin ids;
+                                      a continuous family: float32, one per action dim; a flow
+                                      policy: its denoising chain)
     old_logp:       (N, C, T) float32 log-prob of each under the sampling policy
     chunk_valid:    (N, C)    bool    the policy call happened / its chunk was sent to the env
     success:        (N,)      bool
@@ -69,9 +70,12 @@ class Trajectories:
     def validate(self, *, action_dim: int = 7, chunk_len: int = 8) -> None:
         """Raise ValueError naming the offending field if shapes/values are inconsistent."""
         tok = np.asarray(self.actions_tokens)
-        if tok.ndim != 3:
+        if tok.ndim < 3:
             raise ValueError(f"actions_tokens must be (N, C, T), got shape {tok.shape}")
-        n, c, t = tok.shape
+        n, c = tok.shape[:2]
+        # T: the log-prob elements per call; a family may sample more per call than it scores (a flow
+        # policy keeps its whole denoising chain), then old_logp says how many
+        t = tok.shape[2] if tok.ndim == 3 else np.shape(self.old_logp)[-1]
         if t != action_dim * chunk_len:
             raise ValueError(
                 f"actions_tokens has T={t} tokens per chunk, expected "
@@ -148,7 +152,7 @@ jax.tree_util.register_dataclass(Samples)
 def token_mask(traj: Trajectories, *, action_dim: int = 7, chunk_len: int = 8) -> np.ndarray:
     """(N, C, T) bool validity mask (module docstring gives the convention)."""
     traj.validate(action_dim=action_dim, chunk_len=chunk_len)
-    _, c, t = np.shape(traj.actions_tokens)
+    c, t = np.shape(traj.old_logp)[1:]
     step = chunk_len * np.arange(c)[:, None] + np.arange(t)[None, :] // action_dim  # (C, T)
     fs = np.asarray(traj.finish_step)[:, None, None]
     return (step[None] < fs) & np.asarray(traj.chunk_valid, bool)[:, :, None]

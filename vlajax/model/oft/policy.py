@@ -20,6 +20,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from vlajax.model.oft.actions import token_logprobs
+from vlajax.model.preprocess import preprocess_images as prismatic_pixels
 from vlajax.model.oft.config import OFTConfig
 from vlajax.model.layers import Linear, gelu, param
 from vlajax.model.oft.llama import Llama
@@ -140,6 +141,11 @@ class OpenVLAOFT(nnx.Module):
         return self.llm.logits(h, slice(begin, begin + self.cfg.n_bins))
 
     # -- the family's model interface (`vlajax.model.family.ActionModel`) --------------------------
+    def preprocess_images(self, images, *, flip: bool, center_crop: bool, crop_offsets=None):
+        """uint8 (B, n_img, H, W, 3) frames -> the Prismatic pixel_values (B, 6 n_img, S, S) both towers read."""
+        return prismatic_pixels(images, flip=flip, center_crop=center_crop, resize_to=self.cfg.image_size,
+                                crop_offsets=crop_offsets)
+
     def sample_actions(self, pixel_values, input_ids, attention_mask, proprio, keys, *, temperature: float,
                        dtype=jnp.bfloat16):
         """(tokens (B, 56) int32 bin columns, their log-probs (B, 56) f32): one 256-way categorical
