@@ -19,16 +19,13 @@ from flax import nnx  # noqa: E402
 
 from tests.test_pi0 import CAMERAS, _fixture  # noqa: E402
 from vlajax.model.pi0 import Pi0  # noqa: E402
-from vlajax.model.pi0.openpi_convert import config_from_params, from_openpi  # noqa: E402
+from vlajax.model.pi0.openpi_convert import config_from_params, load_into  # noqa: E402
 
 
 def main() -> None:
     params, x, want = _fixture()
     cfg = config_from_params(params, action_horizon=5, max_token_len=12)
-    model = Pi0(cfg, nnx.Rngs(0))
-    state = nnx.state(model)
-    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, from_openpi(params, cfg)))
-    nnx.update(model, state)
+    model = load_into(Pi0(cfg, nnx.Rngs(0)), params)
     images = jnp.asarray(np.stack([x[f"image/{c}"] for c in CAMERAS], axis=1).astype(np.float32) / 127.5 - 1.0)
     masks = jnp.stack([x[f"image_mask/{c}"] for c in CAMERAS], axis=1)
     obs = (images, masks, jnp.asarray(x["tokenized_prompt"]), jnp.asarray(x["tokenized_prompt_mask"]))

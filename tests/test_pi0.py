@@ -15,7 +15,7 @@ from flax import nnx
 from tests.conftest import sentencepiece_model
 from vlajax.model.pi0 import Pi0, preset
 from vlajax.model.pi0.checkpoint import read_norm_stats, read_params, write_checkpoint
-from vlajax.model.pi0.openpi_convert import config_from_params, from_openpi, to_openpi
+from vlajax.model.pi0.openpi_convert import config_from_params, from_openpi, load_into, to_openpi
 from vlajax.model.pi0.tokenizer import Pi0Tokenizer
 
 FIXTURE = Path(__file__).parent / "data" / "pi0_openpi"
@@ -93,10 +93,7 @@ def test_pi0_matches_openpi_on_the_same_random_weights():
     params, x, want = _fixture()
     cfg = config_from_params(params, action_horizon=5, max_token_len=12)
     assert cfg == preset("tiny")
-    model = Pi0(cfg, nnx.Rngs(0))
-    state = nnx.state(model)
-    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, from_openpi(params, cfg)))
-    nnx.update(model, state)
+    model = load_into(Pi0(cfg, nnx.Rngs(0)), params)
     # [-1, 1] as openpi's Observation.from_dict makes it, in numpy (XLA's division rounds 1 ulp apart)
     images = jnp.asarray(np.stack([x[f"image/{c}"] for c in CAMERAS], axis=1).astype(np.float32) / 127.5 - 1.0)
     masks = jnp.stack([x[f"image_mask/{c}"] for c in CAMERAS], axis=1)
@@ -141,9 +138,7 @@ def _actor(temperature_noise: float = 0.5):
     cfg = config_from_params(params, action_horizon=5, max_token_len=12)
     actor = Pi0Actor(Pi0ActorConfig(model=cfg, chunk=4, action_dim=7, proprio_dim=8, num_steps=4,
                                     noise_level=temperature_noise), nnx.Rngs(0))
-    state = nnx.state(actor.pi0)
-    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, from_openpi(params, cfg)))
-    nnx.update(actor.pi0, state)
+    load_into(actor.pi0, params)
     return actor, x
 
 

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vlajax.model.family import IOAdapter, PolicyFamily, PolicySpec, SpecError, register_family
+from vlajax.model.family import HostPolicy, IOAdapter, PolicyFamily, PolicySpec, SpecError, register_family
 from vlajax.model.preprocess import preprocess_images
 from vlajax.model.tokenizer import load_tokenizer
 
@@ -92,25 +92,14 @@ def _normal_logp(z, scale):
     return -0.5 * jnp.square(z) - jnp.log(scale) - 0.5 * math.log(2 * math.pi)
 
 
-class LinearGaussianPolicy:
+class LinearGaussianPolicy(HostPolicy):
     """The host-side policy the decoder and the learner hold (what `vlajax.model.oft.Policy` is to OFT)."""
 
     def __init__(self, model: LinearGaussian, *, dataset_statistics: dict | None, compute_dtype=jnp.float32):
-        self.graphdef, self.state = nnx.split(model)
-        self.cfg = model.cfg
+        super().__init__(model)
         self.tokenizer = load_tokenizer("tiny")
         self.dataset_statistics = dataset_statistics or {}
         self.compute_dtype = compute_dtype
-
-    @property
-    def model(self) -> LinearGaussian:
-        return nnx.merge(self.graphdef, self.state)
-
-    def set_model(self, model: LinearGaussian) -> None:
-        self.graphdef, self.state = nnx.split(model)
-
-    def params(self) -> dict:
-        return nnx.to_pure_dict(nnx.filter_state(self.state, nnx.Param))
 
     def action_stats(self, key: str):
         return self.dataset_statistics[key]

@@ -25,7 +25,7 @@ from typing import Any, Mapping, Protocol
 
 import numpy as np
 
-__all__ = ["ActionModel", "BatchField", "IOAdapter", "PolicyFamily", "PolicySpec", "SpecError", "family_names", "get_family",
+__all__ = ["ActionModel", "BatchField", "HostPolicy", "IOAdapter", "PolicyFamily", "PolicySpec", "SpecError", "family_names", "get_family",
            "register_family"]
 
 # family name -> the module that registers it on import (so `get_family` imports only the one asked for)
@@ -127,6 +127,33 @@ class ActionModel(Protocol):
                  dtype) -> tuple[Any, Any, Any]:
         """(logp, entropy, mode), each (B, T): the log-probs of `samples` at `temperature` (exactly what
         `sample_actions` gave for them), each element's entropy, and the distribution's mode."""
+
+
+class HostPolicy:
+    """What a family's host-side policy shares: its model kept split as (graphdef, state), the source of
+    truth the decoder and the learner read (merging per access is cheap, collecting state is not)."""
+
+    # flax imported in the methods: `vlajax.config` imports this module without jax
+    def __init__(self, model: Any):
+        self.set_model(model)
+
+    @property
+    def model(self) -> Any:
+        """A module view of the current state (shares its arrays); hand a changed one back with `set_model`."""
+        from flax import nnx
+
+        return nnx.merge(self.graphdef, self.state)
+
+    def set_model(self, model: Any) -> None:
+        from flax import nnx
+
+        self.graphdef, self.state = nnx.split(model)
+        self.cfg = model.cfg
+
+    def params(self) -> dict:
+        from flax import nnx
+
+        return nnx.to_pure_dict(nnx.filter_state(self.state, nnx.Param))
 
 
 class PolicyFamily(abc.ABC):

@@ -67,13 +67,14 @@ class Decoder(Protocol):
     """What the rollout loop needs from a policy. `dispatch` must not block on the result (JAX
     async dispatch); `fetch` blocks until it is ready.
 
-    A decoder that subclasses this gets the defaults below: no padding, no preprocessing record."""
+    A decoder that subclasses this gets the defaults below: int32 samples, T per call, no padding,
+    no preprocessing record."""
 
     chunk_len: int  # K actions per call
     action_dim: int  # A
     num_tokens: int  # T sampled elements per call (K * A)
-    sample_dtype: np.dtype  # what is sampled (OFT: int32 bin tokens)
-    sample_shape: tuple[int, ...]  # its shape per call (OFT: (56,)); logp is (T,) per call
+    sample_dtype: np.dtype = np.dtype(np.int32)  # what is sampled (OFT: int32 bin tokens)
+    sample_shape: tuple[int, ...] | None = None  # its shape per call, None = (T,); logp is (T,) per call
     num_images: int  # cameras per call
 
     def encode_prompts(self, instructions: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:

@@ -342,7 +342,7 @@ class _Run:
         self.units = engine._units
         dec = self.dec
         self.buf = TrajectoryBuffer(engine.capacity, engine.max_chunks, dec.num_tokens, dec.chunk_len, dec.action_dim,
-                                    getattr(dec, "sample_dtype", np.int32), getattr(dec, "sample_shape", None))
+                                    dec.sample_dtype, dec.sample_shape)
         self.stats = RolloutStats()
         self.restarts: collections.Counter = collections.Counter()
         self.ready: list[tuple[_Unit, np.ndarray]] = []  # units whose observations are in, their running rows

@@ -12,33 +12,24 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vlajax.model.family import IOAdapter, PolicyFamily, PolicySpec, SpecError
+from vlajax.model.family import HostPolicy, IOAdapter, PolicyFamily, PolicySpec, SpecError
 from vlajax.model.pi0.actor import Pi0Actor, Pi0ActorConfig
 from vlajax.model.pi0.config import PRESETS
 
 __all__ = ["Pi0Family", "Pi0Policy"]
 
 
-class Pi0Policy:
+class Pi0Policy(HostPolicy):
     """The host side of a π0 policy (what `vlajax.model.oft.Policy` is to OFT): the actor's graph and
     parameters, the prompt tokenizer, action statistics, chains -> env actions."""
 
+    cfg: Pi0ActorConfig
+
     def __init__(self, actor: Pi0Actor, *, tokenizer, dataset_statistics: dict | None, compute_dtype=jnp.float32):
-        self.graphdef, self.state = nnx.split(actor)
-        self.cfg: Pi0ActorConfig = actor.cfg
+        super().__init__(actor)
         self.tokenizer = tokenizer
         self.dataset_statistics = dataset_statistics or {}
         self.compute_dtype = compute_dtype
-
-    @property
-    def model(self) -> Pi0Actor:
-        return nnx.merge(self.graphdef, self.state)
-
-    def set_model(self, model: Pi0Actor) -> None:
-        self.graphdef, self.state = nnx.split(model)
-
-    def params(self) -> dict:
-        return nnx.to_pure_dict(nnx.filter_state(self.state, nnx.Param))
 
     def _stats(self, key: str) -> dict:
         if key not in self.dataset_statistics:

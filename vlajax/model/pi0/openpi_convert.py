@@ -13,10 +13,15 @@ from typing import Any
 
 import numpy as np
 
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
 from vlajax.model.pi0.config import GemmaConfig, Pi0Config
+from vlajax.model.pi0.model import Pi0
 from vlajax.model.vit import ViTConfig
 
-__all__ = ["config_from_params", "from_openpi", "to_openpi"]
+__all__ = ["config_from_params", "from_openpi", "load_into", "to_openpi"]
 
 _LLM, _IMG = ("PaliGemma", "llm"), ("PaliGemma", "img")
 _ENC = _IMG + ("Transformer", "encoderblock")
@@ -167,3 +172,11 @@ def to_openpi(state: dict, cfg: Pi0Config) -> dict:
     for name in _HEADS:
         out[name] = {k: np.asarray(x) for k, x in state[name].items()}
     return out
+
+
+def load_into(model: Pi0, params: dict) -> Pi0:
+    """Install openpi's `params` tree into `model` (a `Pi0` of the sizes they have); returns it."""
+    state = nnx.state(model)
+    nnx.replace_by_pure_dict(state, jax.tree.map(jnp.asarray, from_openpi(params, model.cfg)))
+    nnx.update(model, state)
+    return model
