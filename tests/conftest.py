@@ -137,6 +137,23 @@ def sentencepiece_model(path, vocab_size: int = 36) -> Path:
     return Path(path)
 
 
+PI0_FIXTURE = REPO / "tests" / "data" / "pi0_openpi"
+
+
+def openpi_checkpoint(path, asset_id: str, *, state_dim: int = 8, action_dim: int = 7, seed: int = 0) -> Path:
+    """The tiny π0 that openpi's code wrote (tests/data/pi0_openpi/tiny_checkpoint: params only),
+    with made-up z-score norm stats under `asset_id`, at `path` in openpi's layout."""
+    import numpy as np
+
+    from vlajax.model.pi0.checkpoint import read_params, write_checkpoint
+
+    rng = np.random.default_rng(seed)
+    stats = {"state": {"mean": rng.normal(0, 0.3, state_dim), "std": rng.uniform(0.2, 1.0, state_dim)},
+             "actions": {"mean": rng.normal(0, 0.1, action_dim), "std": rng.uniform(0.2, 0.5, action_dim)}}
+    write_checkpoint(path, read_params(PI0_FIXTURE / "tiny_checkpoint"), {asset_id: stats})
+    return Path(path)
+
+
 def free_port() -> int:
     """A TCP port nobody listens on right now (for a coordinator or Ray head started next)."""
     with socket.socket() as s:

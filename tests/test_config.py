@@ -17,7 +17,7 @@ from vlajax import config as C
 from vlajax.config import ConfigError, load_config
 
 REPO = Path(__file__).resolve().parents[1]
-SHIPPED = ("demo", "libero_grpo", "libero_grpo_disagg")
+SHIPPED = ("demo", "libero_grpo", "libero_grpo_disagg", "pi0_tabletop", "pi0_libero_grpo")
 SHIPPED_SFT = ("sft_libero",)  # `vlajax sft` configs (loaded with purpose="sft")
 # A directory that exists, standing in for a user's SFT checkpoint where only the config is checked
 # (validation checks that actor_rollout_ref.model.path exists; building the policy reads it).

@@ -130,14 +130,14 @@ def test_a_checkpoint_openpi_wrote_reads_exactly_and_writes_back_the_same(tmp_pa
     assert _same(read_norm_stats(tmp_path / "out", "tiny_robot"), stats)
 
 
-def _actor(temperature_noise: float = 0.5):
-    """The tiny π0 with the fixture's weights as an RL actor (all 5 actions of 8 dims executed)."""
+def _actor(temperature_noise: float = 0.5, **kw):
+    """The tiny π0 with the fixture's weights as an RL actor (4 of its 5 actions, 7 of 8 dims executed)."""
     from vlajax.model.pi0.actor import Pi0Actor, Pi0ActorConfig
 
     params, x, _ = _fixture()
     cfg = config_from_params(params, action_horizon=5, max_token_len=12)
     actor = Pi0Actor(Pi0ActorConfig(model=cfg, chunk=4, action_dim=7, proprio_dim=8, num_steps=4,
-                                    noise_level=temperature_noise), nnx.Rngs(0))
+                                    noise_level=temperature_noise, **kw), nnx.Rngs(0))
     load_into(actor.pi0, params)
     return actor, x
 
@@ -165,6 +165,28 @@ def test_the_flow_sde_actor_scores_its_own_samples_and_its_greedy_chain_is_openp
     np.testing.assert_allclose(np.asarray(greedy)[:, -1].reshape(2, 5, 8), ode, atol=1e-5)
 
 
+def test_the_greedy_mean_chain_is_deterministic_and_the_most_likely_chain_of_the_flow_sde_policy():
+    """greedy_chain="mean" from 0 (what a policy RL trained from scratch is validated with): every key
+    gives the same chain, and under the policy at temperature 1 each of its steps sits at its Gaussian's
+    mode (log-prob -log(scale) - log(2 pi) / 2 per step and element, the most any chain can score)."""
+    import math
+
+    actor, x = _actor(greedy_chain="mean", greedy_from_noise=False)
+    images = jnp.asarray(np.stack([x[f"image/{c}"] for c in CAMERAS[:3]], axis=1))
+    pv = actor.preprocess_images(images, flip=False)
+    ids, mask = jnp.asarray(x["tokenized_prompt"]), jnp.asarray(x["tokenized_prompt_mask"]).astype(jnp.int32)
+    state = jnp.asarray(x["state"])
+    a, _ = actor.sample_actions(pv, ids, mask, state, jax.random.split(jax.random.key(0), 2), temperature=0.0)
+    b, _ = actor.sample_actions(pv, ids, mask, state, jax.random.split(jax.random.key(1), 2), temperature=0.0)
+    np.testing.assert_array_equal(a, b)
+    assert not np.asarray(a)[:, 0].any()  # from the prior's mode
+    logp, _, _ = actor.log_prob(pv, ids, mask, state, a, temperature=1.0)
+    scale = 0.5 * math.sqrt(1 / 4)
+    np.testing.assert_allclose(logp, 4 * (-math.log(scale) - 0.5 * math.log(2 * math.pi)), rtol=1e-5)
+    ode, _ = _actor()[0].sample_actions(pv, ids, mask, state, jax.random.split(jax.random.key(0), 2), temperature=0.0)
+    assert not np.allclose(np.asarray(ode)[:, -1], np.asarray(a)[:, -1], atol=1e-3)  # the ODE is another chain
+
+
 def test_the_tiny_pi0_trains_through_vlajax_train_on_the_tabletop_task(tmp_path):
     """The `pi0` family end to end through the unchanged `vlajax train`: Flow-SDE chains from the decoder,
     stored whole by the rollout, scored by the learner (PPO ratio 1 on the first epoch's batches),
@@ -175,7 +197,7 @@ def test_the_tiny_pi0_trains_through_vlajax_train_on_the_tabletop_task(tmp_path)
     from vlajax.cli import main
 
     run = tmp_path / "run"
-    assert main(["train", "demo", *TINY_RUN, "actor_rollout_ref.model.family=pi0", "actor_rollout_ref.model.path=preset:tiny",
+    assert main(["train", "pi0_tabletop", *TINY_RUN,
                  "trainer.total_training_steps=2", "trainer.save_freq=-1", f"trainer.default_local_dir={run}"]) == 0
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     steps = [r for r in rows if "actor/ratio_mean" in r]
@@ -194,3 +216,110 @@ def test_vlajax_convert_carries_an_openpi_checkpoint_through_vlajax_exactly(tmp_
     assert _same(read_norm_stats(tmp_path / "out"), read_norm_stats(FIXTURE / "tiny_checkpoint"))
     assert main(["convert", "--family", "pi0", "--to", "hf", str(FIXTURE / "tiny_checkpoint"), str(tmp_path / "o2")]) != 0
     assert "--to hf does not apply to --family pi0" in capsys.readouterr().err
+
+
+def _pi0_spec(path, **kw):
+    from vlajax.model.family import PolicySpec
+
+    opts = {"num_steps": 3, "noise_level": 0.5, "action_horizon": 5, **kw.pop("options", {})}
+    return PolicySpec(path=str(path), num_images=2, proprio_dim=8, chunk=5, action_dim=7, compute_dtype="float32",
+                      options=opts, **kw)
+
+
+def test_an_openpi_checkpoint_loads_with_its_weights_norm_stats_and_tokenizer(tmp_path):
+    """`actor_rollout_ref.model.path` = an openpi checkpoint: openpi's weights (cast to the run's
+    dtype), z-score statistics per asset id (state in, actions out, over the robot's dims), PaliGemma's
+    prompt format from the tokenizer file the run names."""
+    from tests.conftest import openpi_checkpoint, sentencepiece_model
+    from vlajax.model.family import get_family
+
+    ckpt = openpi_checkpoint(tmp_path / "ckpt", "physical-intelligence/libero")
+    sp = sentencepiece_model(tmp_path / "sp.model")
+    family = get_family("pi0")
+    assert family.recognizes(ckpt) and not family.recognizes(tmp_path)
+    policy = family.load(_pi0_spec(ckpt, options={"tokenizer_path": str(sp)}))
+    assert policy.cfg.model.action_horizon == 5 and policy.cfg.model.num_images == 2
+    want = from_openpi(read_params(ckpt), policy.cfg.model)
+    got = policy.params()["pi0"]
+    assert all(np.array_equal(a, np.asarray(b)) for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)))
+    stats = read_norm_stats(ckpt, "physical-intelligence/libero")
+    mean, std = policy.proprio_stats("physical-intelligence/libero")
+    np.testing.assert_array_equal(mean, stats["state"]["mean"])
+    chain = np.random.default_rng(0).normal(size=(2, 4, 5 * 8)).astype(np.float32)  # K + 1 = 4 states
+    actions = policy.tokens_to_actions(chain, "physical-intelligence/libero")
+    x0 = chain[:, -1].reshape(2, 5, 8)[:, :, :7]
+    np.testing.assert_allclose(actions, x0 * (stats["actions"]["std"] + 1e-6) + stats["actions"]["mean"], rtol=1e-6)
+    ids, mask = policy.tokenizer.encode(["put the red mug on the plate"], pad_to=24)
+    assert ids.shape == (1, 24) and mask.dtype == np.int32 and ids[0, 0] == policy.tokenizer.sp.bos_id()
+
+
+def test_pi0_normalises_the_robot_state_with_z_scores_in_the_decoder(tmp_path):
+    """π0 policies say how their robot state is normalised (`proprio_norm`): the decoder and the
+    learner's batches apply openpi's (x - mean) / (std + 1e-6), unclipped; a preset trained from scratch
+    gets the simulator's q01 / q99 as mean / std, so q01..q99 still maps onto [-1, 1]."""
+    from tests.conftest import openpi_checkpoint, sentencepiece_model
+    from vlajax.envs.tabletop import scratch_statistics
+    from vlajax.model.family import get_family
+    from vlajax.model.pi0.family import openpi_statistics
+    from vlajax.rl.policy_step import PolicyDecoder
+
+    ckpt = openpi_checkpoint(tmp_path / "ckpt", "tabletop")
+    policy = get_family("pi0").load(_pi0_spec(ckpt, options={"tokenizer_path": str(sentencepiece_model(tmp_path / "s"))}))
+    dec = PolicyDecoder(policy, prompt_len=16, flip=False, unnorm_key="tabletop", gripper=None)
+    state = np.random.default_rng(1).normal(0, 3, (4, 8)).astype(np.float32)
+    st = read_norm_stats(ckpt, "tabletop")["state"]
+    np.testing.assert_allclose(dec.model_proprio(state), (state - st["mean"]) / (st["std"] + 1e-6), rtol=1e-5)
+    assert np.abs(dec.model_proprio(state)).max() > 1  # not clipped as OFT's bounds are
+
+    scratch = scratch_statistics(7, "tabletop")["tabletop"]
+    z = openpi_statistics({"t": scratch_statistics(7, "t")["t"]})["t"]
+    lo, hi = np.asarray(scratch["proprio"]["q01"]), np.asarray(scratch["proprio"]["q99"])
+    np.testing.assert_allclose((lo - z["state"]["mean"]) / z["state"]["std"], -1, atol=1e-6)
+    np.testing.assert_allclose((hi - z["state"]["mean"]) / z["state"]["std"], 1, atol=1e-6)
+    assert z["actions"]["mean"].tolist() == [0.0] * 7 and z["actions"]["std"].tolist() == [1.0] * 7
+
+
+def test_what_a_pi0_run_cannot_load_is_a_config_error_naming_the_key(tmp_path):
+    from tests.conftest import TINY_RUN, openpi_checkpoint, sentencepiece_model
+    from vlajax.config import ConfigError, load_config
+    from vlajax.session import build_policy
+
+    ckpt = openpi_checkpoint(tmp_path / "ckpt", "tabletop")
+    base = ["actor_rollout_ref.model.family=pi0", f"actor_rollout_ref.model.path={ckpt}",
+            "actor_rollout_ref.model.image_size=null", *TINY_RUN[1:]]
+    with pytest.raises(ConfigError, match=r"actor_rollout_ref.model.tokenizer_path=.*missing.model.*does not exist"):
+        build_policy(load_config("pi0_tabletop", base + [f"actor_rollout_ref.model.tokenizer_path={tmp_path}/missing.model"]))
+    sp = sentencepiece_model(tmp_path / "sp.model")
+    with pytest.raises(ConfigError, match=r"actor_rollout_ref.model.image_size=56 .* sees 224 px images"):
+        build_policy(load_config("pi0_tabletop", base + [f"actor_rollout_ref.model.tokenizer_path={sp}",
+                                                         "actor_rollout_ref.model.image_size=56"]))
+    with pytest.raises(ConfigError, match=r"actor_rollout_ref.model.path=.* is not an openpi checkpoint"):
+        build_policy(load_config("pi0_tabletop", base[:1] + [f"actor_rollout_ref.model.path={tmp_path}"] + base[2:]
+                                 + [f"actor_rollout_ref.model.tokenizer_path={sp}"]))
+    with pytest.raises(ConfigError, match=r"actor_rollout_ref.model.num_steps=0 .* must be >= 1"):
+        build_policy(load_config("pi0_tabletop", ["actor_rollout_ref.model.num_steps=0"]))
+    # a key of another family is an error where it is set, not ignored
+    with pytest.raises(ConfigError, match=r"actor_rollout_ref.model.action_queries=True does not apply to the pi0 policy"):
+        build_policy(load_config("pi0_tabletop", ["actor_rollout_ref.model.action_queries=true"]))
+    with pytest.raises(ConfigError, match=r"actor_rollout_ref.model.num_steps=4 does not apply to the oft policy family"):
+        build_policy(load_config("demo", ["actor_rollout_ref.model.num_steps=4"]))
+
+
+def test_vlajax_eval_recognises_an_openpi_checkpoint_and_runs_it_as_pi0(tmp_path, capsys):
+    """`vlajax eval <openpi checkpoint> --suite ...`: the pi0 family claims the layout, its config for
+    the simulator gives the settings (configs/pi0_tabletop.yaml here), the checkpoint's statistics
+    un-normalise the actions."""
+    from tests.conftest import openpi_checkpoint, sentencepiece_model
+    from vlajax.cli import main
+    from vlajax.evaluate import eval_config
+
+    ckpt = openpi_checkpoint(tmp_path / "ckpt", "tabletop")
+    sp = sentencepiece_model(tmp_path / "sp.model")
+    cfg = eval_config(ckpt, "tabletop_anchored", [f"actor_rollout_ref.model.tokenizer_path={sp}"])
+    assert cfg.actor_rollout_ref.model.family == "pi0" and cfg.trainer.experiment_name == "pi0_tabletop"
+    assert main(["eval", str(ckpt), "--suite", "tabletop_anchored", "--trials", "2", "--out", str(tmp_path / "ev"),
+                 f"actor_rollout_ref.model.tokenizer_path={sp}", "actor_rollout_ref.model.num_steps=2",
+                 "actor_rollout_ref.model.action_horizon=8", "env.train.num_envs=2", "env.train.max_episode_steps=16",
+                 "env.train.init_params.camera_heights=32", "env.train.init_params.camera_widths=32"]) == 0
+    assert "greedy success on tabletop_anchored" in capsys.readouterr().out
+    assert (tmp_path / "ev" / "tabletop_anchored.md").exists() or any((tmp_path / "ev").iterdir())

@@ -132,7 +132,7 @@ class LinearGaussianFamily(PolicyFamily):
         return LinearGaussianPolicy(LinearGaussian(cfg, nnx.Rngs(spec.seed)), dataset_statistics=spec.dataset_statistics,
                                     compute_dtype=jnp.dtype(spec.compute_dtype))
 
-    def load_checkpoint(self, path: Path, *, param_dtype="float32", compute_dtype="bfloat16", num_images=1):
+    def load_checkpoint(self, path: Path, *, param_dtype="float32", compute_dtype="bfloat16", num_images=1, spec=None):
         raise SpecError(f"{path}: the linear Gaussian family has no checkpoint format", "path")
 
     def flops_per_row(self, policy, prompt_len: int) -> float:

@@ -210,9 +210,24 @@ class ModelConfig(_Section):
     # trained from scratch (vlajax.model.oft.init says why); HF checkpoints have none, and a vlajax
     # checkpoint brings its own (this key must then match it).
     action_queries: bool = False
+    # vlajax, family pi0 (names as openpi's and RLinf's): Euler steps of the flow per action chunk, the
+    # Flow-SDE noise level (vlajax.model.pi0.actor; the sampling temperature scales it), the actions
+    # the model makes per call (None: openpi's 50; the run executes the first num_action_chunks),
+    # PaliGemma's SentencePiece file (None: openpi's cache, $OPENPI_DATA_HOME or
+    # ~/.cache/openpi, big_vision/paligemma_tokenizer.model; a preset uses vlajax's own tokenizer),
+    # greedy decoding's chain ("ode": the flow's ODE, openpi's sampler; "mean": each Flow-SDE step's
+    # mean, the greedy chain of a policy RL trained from scratch) and where it starts: true = a
+    # N(0, I) draw, as openpi; false = 0 (deterministic).
+    num_steps: int = 10
+    noise_level: float = 0.5
+    action_horizon: Optional[int] = None
+    tokenizer_path: Optional[str] = None
+    greedy_chain: str = "ode"
+    greedy_from_noise: bool = True
 
     # keys of this section a family reads as its own options (`PolicySpec.options`)
-    FAMILY_OPTIONS = ("init_scheme", "action_queries")
+    FAMILY_OPTIONS = ("init_scheme", "action_queries", "num_steps", "noise_level", "action_horizon", "tokenizer_path",
+                      "greedy_chain", "greedy_from_noise")
 
     def policy_spec(self, *, num_images: int, proprio_dim: int | None, chunk: int, action_dim: int, seed: int,
                     dataset_statistics: dict | None):

@@ -6,8 +6,10 @@ CHECKPOINT is either
   * a training run directory (`trainer.default_local_dir`: `config.yaml` + `checkpoints/`): the run's
     config rebuilds the policy (LoRA adapters included) and the latest (or `step`) checkpoint's
     parameters are loaded into it; or
-  * a vlajax policy checkpoint or a Hugging Face OpenVLA-OFT directory (its family's `load_checkpoint`), evaluated
-    with the simulator settings of the suite's simulator's `eval_config` (`vlajax.envs.simulators`:
+  * a policy checkpoint: a vlajax one, a Hugging Face OpenVLA-OFT directory or an openpi π0 checkpoint
+    (the family that recognises it loads it: `load_checkpoint`), evaluated with the settings of the
+    family's config for the suite's simulator (`PolicyFamily.eval_configs`: `pi0_libero_grpo.yaml`
+    for π0 on LIBERO), else the simulator's `eval_config` (`vlajax.envs.simulators`:
     `libero_grpo.yaml` for LIBERO and Isaac, `demo.yaml` for tabletop).
 Episodes run through the same Ray simulators and pipelined rollout loop as training.
 """
@@ -26,9 +28,9 @@ from vlajax.config import ConfigError, RunConfig, load_config
 from vlajax.envs.simulators import simulator_of_suite
 from vlajax.eval_report import write_eval_report
 from vlajax.metrics import Progress
-from vlajax.model.family import get_family
+from vlajax.model.family import family_names, get_family
 from vlajax.rl.checkpoint import CheckpointManager
-from vlajax.session import SimSession, build_policy, val_temperature
+from vlajax.session import SimSession, build_policy, family_call, policy_spec, val_temperature
 from vlajax.states import eval_states_line, select_pairs, train_states_line, training_trials
 
 log = logging.getLogger(__name__)
@@ -63,14 +65,28 @@ def eval_config(checkpoint: Path, suite: str | None, overrides: Sequence[str] = 
         return load_config(checkpoint / "config.yaml", extra)
     if not checkpoint.exists():
         raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
-    hf = (checkpoint / "config.json").exists()
+    family = checkpoint_family(checkpoint)
     if suite is not None:
-        base = simulator_of_suite(suite).eval_config
+        sim = simulator_of_suite(suite)
+        base = family.eval_configs.get(sim.name, sim.eval_config) if family else sim.eval_config
+    elif family is not None and family.eval_configs:
+        base = next(iter(family.eval_configs.values()))
     else:
-        base = "libero_grpo" if hf else "demo"
+        base = "demo"
     ckpt = [f"actor_rollout_ref.model.path={checkpoint}", "actor_rollout_ref.model.image_size=null",
             "actor_rollout_ref.model.init_scheme=normal", "actor_rollout_ref.model.action_queries=false"]
+    if family is not None:
+        ckpt.append(f"actor_rollout_ref.model.family={family.name}")
     return load_config(base, ckpt + extra)
+
+
+def checkpoint_family(checkpoint: Path):
+    """The policy family whose checkpoint format `checkpoint` is in (`PolicyFamily.recognizes`), or
+    None when none claims it (the config's family then reads it)."""
+    claims = [f for f in map(get_family, family_names()) if f.recognizes(checkpoint)]
+    if len(claims) > 1:
+        raise ValueError(f"{checkpoint} looks like a checkpoint of {' and of '.join(f.name for f in claims)}")
+    return claims[0] if claims else None
 
 
 def load_eval_policy(cfg: RunConfig, checkpoint: Path, step: int | None = None):
@@ -78,9 +94,10 @@ def load_eval_policy(cfg: RunConfig, checkpoint: Path, step: int | None = None):
     config builds (LoRA adapters included: `build_policy`); a policy checkpoint is loaded as is."""
     m = cfg.actor_rollout_ref.model
     if not is_run_dir(checkpoint):
-        family = get_family(m.family)
-        return family.load_checkpoint(checkpoint, param_dtype=m.param_dtype, compute_dtype=m.compute_dtype,
-                                      num_images=cfg.actor_rollout_ref.actor.num_images_in_input), None
+        spec = policy_spec(cfg)
+        return family_call(cfg, lambda family: family.load_checkpoint(
+            checkpoint, param_dtype=m.param_dtype, compute_dtype=m.compute_dtype,
+            num_images=cfg.actor_rollout_ref.actor.num_images_in_input, spec=spec)), None
     policy = build_policy(cfg)
     target = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=x.sharding),
                           nnx.to_pure_dict(policy.state))

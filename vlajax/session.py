@@ -30,7 +30,7 @@ _SPEC_KEYS = {"path": "actor_rollout_ref.model.path", "proprio_dim": "actor_roll
               "simulator": "env.train.simulator_type"}
 
 
-def _family_call(cfg: RunConfig, fn: Callable):
+def family_call(cfg: RunConfig, fn: Callable):
     """`fn(family)` for the run's family, a `SpecError` turned into a ConfigError naming the run's key."""
     try:
         return fn(get_family(cfg.actor_rollout_ref.model.family))
@@ -42,7 +42,25 @@ def _family_call(cfg: RunConfig, fn: Callable):
 
 def policy_adapter(cfg: RunConfig) -> IOAdapter:
     """How the run's policy family meets the run's simulator (image flip, gripper, statistics key)."""
-    return _family_call(cfg, lambda family: family.adapter(cfg.simulator.name))
+    return family_call(cfg, lambda family: family.adapter(cfg.simulator.name))
+
+
+def policy_spec(cfg: RunConfig):
+    """What the run asks of its policy (`vlajax.model.family.PolicySpec`): `actor_rollout_ref.model`
+    for the simulator's cameras, robot state and action chunks."""
+    m, a, am = cfg.actor_rollout_ref.model, cfg.actor_rollout_ref.actor, cfg.env.actor.model
+    reads = family_call(cfg, lambda family: family.options)
+    if reads is not None:  # an option the family does not read is an error where it was set, not ignored
+        default = type(m)()
+        for k in m.FAMILY_OPTIONS:
+            if k not in reads and getattr(m, k) != getattr(default, k):
+                raise ConfigError(f"actor_rollout_ref.model.{k}={getattr(m, k)} does not apply to the {m.family} policy "
+                                  f"family (its options: {', '.join(reads)})", key=f"actor_rollout_ref.model.{k}")
+    stats = cfg.simulator.dataset_statistics(am.action_dim, policy_adapter(cfg).stats_key)
+    return m.policy_spec(num_images=a.num_images_in_input,
+                         proprio_dim=cfg.simulator.proprio_dim if a.use_proprio else None,
+                         chunk=am.num_action_chunks, action_dim=am.action_dim, seed=cfg.trainer.seed,
+                         dataset_statistics=stats)
 
 
 def build_policy(cfg: RunConfig):
@@ -50,13 +68,9 @@ def build_policy(cfg: RunConfig):
     for the simulator's cameras, robot state and action chunks. With
     `actor_rollout_ref.model.lora_rank` > 0 it has its adapters (`with_lora`), so training, its
     rollouts and the evaluation of its checkpoints all see the same graph."""
-    m, a, am = cfg.actor_rollout_ref.model, cfg.actor_rollout_ref.actor, cfg.env.actor.model
-    stats = cfg.simulator.dataset_statistics(am.action_dim, policy_adapter(cfg).stats_key)
-    spec = m.policy_spec(num_images=a.num_images_in_input,
-                         proprio_dim=cfg.simulator.proprio_dim if a.use_proprio else None,
-                         chunk=am.num_action_chunks, action_dim=am.action_dim, seed=cfg.trainer.seed,
-                         dataset_statistics=stats)
-    policy = _family_call(cfg, lambda family: family.load(spec))
+    m = cfg.actor_rollout_ref.model
+    spec = policy_spec(cfg)
+    policy = family_call(cfg, lambda family: family.load(spec))
     return with_lora(policy, m.lora_config(cfg.trainer.seed))
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import importlib
+import logging
 from pathlib import Path
 from typing import Any, Mapping, Protocol
 
@@ -99,7 +100,12 @@ class IOAdapter:
             return None
         if self.stats_key == "suite":
             return suite  # a missing entry is the policy's error, raised by its decoder
-        return self.stats_key if self.stats_key in dataset_statistics else None
+        if self.stats_key not in dataset_statistics:
+            logging.getLogger(__name__).warning(
+                "the policy has no statistics %r (it has %s): its actions and robot state are not normalised",
+                self.stats_key, ", ".join(map(str, dataset_statistics)))
+            return None
+        return self.stats_key
 
 
 class ActionModel(Protocol):
@@ -131,7 +137,11 @@ class ActionModel(Protocol):
 
 class HostPolicy:
     """What a family's host-side policy shares: its model kept split as (graphdef, state), the source of
-    truth the decoder and the learner read (merging per access is cheap, collecting state is not)."""
+    truth the decoder and the learner read (merging per access is cheap, collecting state is not).
+    `proprio_norm` names how the robot state is normalised with the two arrays `proprio_stats(key)`
+    gives (`vlajax.model.preprocess.PROPRIO_NORMS`)."""
+
+    proprio_norm = "bounds"
 
     # flax imported in the methods: `vlajax.config` imports this module without jax
     def __init__(self, model: Any):
@@ -161,6 +171,17 @@ class PolicyFamily(abc.ABC):
 
     name: str
     adapters: Mapping[str, IOAdapter] = {}  # simulator name (`env.train.simulator_type`) -> its adapter
+    # the `actor_rollout_ref.model` keys this family reads (`PolicySpec.options`); another one set away
+    # from its default is a config error. None: the family does not say (it is given them all)
+    options: tuple[str, ...] | None = None
+    # simulator name -> the config (`configs/<name>.yaml`) `vlajax eval` runs this family's checkpoints
+    # with there; a simulator not named: its own `eval_config`
+    eval_configs: Mapping[str, str] = {}
+
+    def recognizes(self, path: Path) -> bool:
+        """Whether `path` is a checkpoint in this family's own format (so `vlajax eval` picks the
+        family without being told)."""
+        return False
 
     def adapter(self, simulator: str) -> IOAdapter:
         """How this family's policies meet `simulator`; a `SpecError` if they have never met."""
@@ -176,9 +197,10 @@ class PolicyFamily(abc.ABC):
 
     @abc.abstractmethod
     def load_checkpoint(self, path: Path, *, param_dtype: str = "float32", compute_dtype: str = "bfloat16",
-                        num_images: int = 1) -> Any:
+                        num_images: int = 1, spec: PolicySpec | None = None) -> Any:
         """The policy a checkpoint directory holds, as it is (an evaluation takes what it finds;
-        `load` checks it against a run's spec)."""
+        `load` checks it against a run's spec). `spec`: the evaluation run's, for what a checkpoint
+        does not say (π0's executed chunk and action dims)."""
 
     def batch_spec(self, policy: Any, *, image_shape: tuple[int, int], prompt_width: int) -> dict[str, BatchField]:
         """The arrays one row of an update batch holds (an update compiles for exactly these): the

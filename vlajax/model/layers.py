@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 Array = jax.Array
@@ -169,3 +170,23 @@ def attention_even(q: Array, k: Array, v: Array, kv_lengths: Array | None, imple
     out = jax.nn.dot_product_attention(pad(q), pad(k), pad(v), key_value_seq_lengths=kv_lengths,
                                        implementation=implementation)
     return out[:, :t]
+
+
+def init_fan_in(model: nnx.Module, seed: int = 0, tables: dict[str, float] | None = None) -> None:
+    """Re-draw a freshly built model's weights for training from scratch, in place: every kernel
+    N(0, 1/fan_in) (Flax's lecun-normal scale), each parameter named in `tables` (embedding tables)
+    N(0, std^2); norms and biases unchanged. Why: with N(0, 0.02) everywhere a narrow model carries
+    signals of RMS 0.002-0.02 and its first RL steps move the wrong things (`vlajax.model.oft.init`)."""
+    tables = tables or {}
+    key = jax.random.key(seed)
+    for i, (path, p) in enumerate(nnx.iter_graph(model)):
+        if not isinstance(p, nnx.Param) or not path:
+            continue
+        name, x = str(path[-1]), p[...]
+        if name.endswith("kernel"):
+            std = 1.0 / np.sqrt(np.prod(x.shape[:-1]))  # (in, out) or (kh, kw, c, out)
+        elif name in tables:
+            std = tables[name]
+        else:
+            continue
+        p[...] = (std * jax.random.normal(jax.random.fold_in(key, i), x.shape, jnp.float32)).astype(x.dtype)

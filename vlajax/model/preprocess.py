@@ -272,6 +272,22 @@ def normalize_proprio(proprio, q01, q99, mask=None):
     return jnp.clip(normed, -1.0, 1.0)
 
 
+def standardize_proprio(proprio, mean, std):
+    """openpi's z-score normalisation (`Normalize` without quantiles): `(p - mean) / (std + 1e-6)`,
+    unclipped. proprio: (..., D); mean, std: (D,) from the checkpoint's `norm_stats.json`."""
+    proprio = jnp.asarray(proprio, jnp.float32)
+    mean, std = jnp.asarray(mean, jnp.float32), jnp.asarray(std, jnp.float32)
+    if mean.shape != std.shape or proprio.shape[-1:] != mean.shape:
+        raise ValueError(f"standardize_proprio: proprio {proprio.shape} vs mean {mean.shape} / std {std.shape} "
+                         "do not match in the last dim")
+    return (proprio - mean) / (std + 1e-6)
+
+
+# how a family's policies normalise the robot state (`HostPolicy.proprio_norm`), each taking the pair
+# of arrays `proprio_stats` gives
+PROPRIO_NORMS = {"bounds": normalize_proprio, "zscore": standardize_proprio}
+
+
 __all__ = [
     "preprocess_images", "resize_lanczos", "center_crop_resize", "random_crop_resize", "crop_sample_coords",
     "jpeg_roundtrip", "normalize_proprio", "DINO_MEAN", "DINO_STD", "SIGLIP_MEAN", "SIGLIP_STD",

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from vlajax.model.preprocess import normalize_proprio
+from vlajax.model.preprocess import PROPRIO_NORMS
 from vlajax.rl.compile_ahead import CompileAhead, abstract
 
 __all__ = ["DecodeInputs", "DecodeOutputs", "Decoder", "PolicyDecoder", "bucket_size", "decode_step",
@@ -128,17 +128,17 @@ def default_buckets(capacity: int) -> tuple[int, ...]:
 
 
 def decode_step(params, key, images, input_ids, attention_mask, proprio, rows, calls, proprio_q01, proprio_q99, *,
-                graphdef, temperature: float, flip: bool, center_crop: bool, compute_dtype):
+                graphdef, temperature: float, flip: bool, center_crop: bool, compute_dtype, proprio_norm: str = "bounds"):
     """The policy call (`PolicyDecoder` jits it with the keyword arguments bound). params: the
     model's parameters (pure dict of `graphdef`'s structure); images (B, n_img, H, W, 3) uint8;
     input_ids / attention_mask (B, P); proprio (B, D) float32 or None; rows / calls (B,) int32;
-    proprio_q01/q99 (D,) or None.
+    proprio_q01/q99 (D,) or None: the pair of statistics `PROPRIO_NORMS[proprio_norm]` takes.
     Returns the samples (B, T) and their log-probs (B, T) float32 at `temperature` (the mode, with
     log-probs at temperature 1, when `temperature == 0`)."""
     model = nnx.merge(graphdef, params)
     pixel_values = model.preprocess_images(images, flip=flip, center_crop=center_crop)
     if proprio is not None and proprio_q01 is not None:
-        proprio = normalize_proprio(proprio, proprio_q01, proprio_q99)
+        proprio = PROPRIO_NORMS[proprio_norm](proprio, proprio_q01, proprio_q99)
     keys = jax.vmap(lambda r, c: jax.random.fold_in(jax.random.fold_in(key, r), c))(rows, calls)
     return model.sample_actions(pixel_values, input_ids, attention_mask, proprio, keys, temperature=temperature,
                                 dtype=compute_dtype)
@@ -190,7 +190,8 @@ class PolicyDecoder(Decoder):
         self.buckets = tuple(sorted(int(b) for b in buckets)) if buckets else None
         # Fail now, not at the first policy call, if the statistics key is wrong.
         policy.tokens_to_actions(np.zeros((1, *self.sample_shape), self.sample_dtype), unnorm_key, gripper)
-        self._q01 = self._q99 = None
+        self._q01 = self._q99 = None  # the two arrays of the policy's `proprio_norm` (OFT: q01, q99)
+        self.proprio_norm = policy.proprio_norm
         bounds = policy.proprio_stats(unnorm_key) if cfg.proprio_dim and unnorm_key else None
         if bounds is not None:
             self._q01, self._q99 = (np.asarray(b, np.float32) for b in bounds)
@@ -214,11 +215,11 @@ class PolicyDecoder(Decoder):
         return self._params
 
     def model_proprio(self, proprio: np.ndarray) -> np.ndarray:
-        """(..., D) raw robot state -> what the model sees (q01/q99-normalised when the policy's
-        statistics have proprio bounds): the learner must feed the same as the decode did."""
+        """(..., D) raw robot state -> what the model sees (normalised the policy's way when its
+        statistics have the robot state's): the learner must feed the same as the decode did."""
         if self._q01 is None:
             return np.asarray(proprio, np.float32)
-        return np.asarray(normalize_proprio(proprio, self._q01, self._q99), np.float32)
+        return np.asarray(PROPRIO_NORMS[self.proprio_norm](proprio, self._q01, self._q99), np.float32)
 
     def _fn(self, temperature: float):
         """The jitted decode for the policy's graph. Bound in a closure rather than passed as a
@@ -226,7 +227,8 @@ class PolicyDecoder(Decoder):
         if temperature not in self._fns:
             self._fns[temperature] = jax.jit(partial(
                 decode_step, graphdef=self._graphdef, temperature=temperature,
-                flip=self.flip, center_crop=self.center_crop, compute_dtype=jnp.dtype(self.policy.compute_dtype)))
+                flip=self.flip, center_crop=self.center_crop, compute_dtype=jnp.dtype(self.policy.compute_dtype),
+                proprio_norm=self.proprio_norm))
         return self._fns[temperature]
 
     @property

@@ -50,8 +50,15 @@ class OFTFamily(PolicyFamily):
         return Policy(model, tokenizer=load_tokenizer("tiny"), compute_dtype=jnp.dtype(spec.compute_dtype),
                       dataset_statistics=spec.dataset_statistics)
 
+    options = ("init_scheme", "action_queries")
+
+    def recognizes(self, path: Path) -> bool:
+        from vlajax.model.oft.pretrained import MARKER
+
+        return (Path(path) / "config.json").is_file() or (Path(path) / MARKER).is_file()
+
     def load_checkpoint(self, path: Path, *, param_dtype: str = "float32", compute_dtype: str = "bfloat16",
-                        num_images: int = 1):
+                        num_images: int = 1, spec: PolicySpec | None = None):
         """An HF OpenVLA-OFT directory or a vlajax policy checkpoint."""
         from vlajax.model.oft.pretrained import load_pretrained
 

@@ -39,11 +39,11 @@ change), the demo's GRPO run reached 0.90 greedy success at step 200, where the 
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from vlajax.model.layers import init_fan_in
 from vlajax.model.oft.actions import BIN_CENTERS, N_BINS
 
 INIT_SCHEMES = ("normal", "scratch")
@@ -68,26 +68,10 @@ def init_ordinal_action_head(model: nnx.Module, seed: int = 0, scale: float = 1.
     w[...] = w[...].at[:, begin:begin + N_BINS].add(extra)
 
 
-def init_fan_in(model: nnx.Module, seed: int = 0) -> None:
-    """Kernels N(0, 1/fan_in), embedding tables N(0, 1); the LM head, norms and biases unchanged."""
-    key = jax.random.key(seed)
-    for i, (path, p) in enumerate(nnx.iter_graph(model)):
-        if not isinstance(p, nnx.Param) or not path:
-            continue
-        name, x = str(path[-1]), p[...]
-        if name.endswith("kernel"):
-            std = 1.0 / np.sqrt(np.prod(x.shape[:-1]))  # (in, out) or (kh, kw, c, out)
-        elif name in _TABLES:
-            std = 1.0
-        else:
-            continue
-        p[...] = (std * jax.random.normal(jax.random.fold_in(key, i), x.shape, jnp.float32)).astype(x.dtype)
-
-
 def apply_init(model: nnx.Module, scheme: str = "normal", seed: int = 0) -> None:
     """Apply an `INIT_SCHEMES` scheme to a freshly built model (in place; "normal" keeps it)."""
     if scheme not in INIT_SCHEMES:
         raise ValueError(f"unknown init scheme {scheme!r}; choose one of {INIT_SCHEMES}")
     if scheme == "scratch":
-        init_fan_in(model, seed)
+        init_fan_in(model, seed, tables={name: 1.0 for name in _TABLES})
         init_ordinal_action_head(model, seed)

@@ -70,6 +70,8 @@ class Policy:
     """The policy a user or the training loop holds. `model` is the nnx module (mutable: the learner
     updates its params in place); `action_logits` is jitted for the compute dtype."""
 
+    proprio_norm = "bounds"  # OFT's BOUNDS_Q99 robot-state normalisation (`vlajax.model.preprocess.PROPRIO_NORMS`)
+
     def __init__(self, model: OpenVLAOFT, *, tokenizer=None, dataset_statistics: dict | None = None,
                  hf_config: dict | None = None, hf_dtypes: dict | None = None, hf_weight_map: dict | None = None,
                  unused: dict | None = None, compute_dtype=jnp.bfloat16, asset_dir: str | None = None):

@@ -34,7 +34,13 @@ __all__ = ["Pi0Actor", "Pi0ActorConfig"]
 @dataclasses.dataclass(frozen=True)
 class Pi0ActorConfig:
     """The π0 model and how a run uses it: `chunk` actions of `action_dim` dims executed per call (the
-    model's horizon and width may be larger: openpi pads to 32 dims), `num_steps` denoising steps."""
+    model's horizon and width may be larger: openpi pads to 32 dims), `num_steps` denoising steps.
+    Greedy decoding (temperature 0): `greedy_chain` "ode" runs the flow's ODE (openpi's sampler,
+    right for a flow-matching checkpoint), "mean" takes each Flow-SDE step's mean at `noise_level`
+    without its noise (the most likely next state at every step: the greedy chain of the stochastic
+    policy RL trains, which from scratch is no longer a flow whose ODE means anything);
+    `greedy_from_noise` starts it from a fresh N(0, I) draw, as openpi does, or (False) from 0, the
+    prior's mode, so that greedy is deterministic."""
 
     model: Pi0Config
     chunk: int
@@ -42,12 +48,20 @@ class Pi0ActorConfig:
     proprio_dim: int | None = None
     num_steps: int = 10
     noise_level: float = 0.5
+    greedy_from_noise: bool = True
+    greedy_chain: str = "ode"
 
     def __post_init__(self):
         m = self.model
         if self.chunk > m.action_horizon or self.action_dim > m.action_dim:
             raise ValueError(f"π0 makes {m.action_horizon} actions of {m.action_dim} dims per call; the run executes "
                              f"{self.chunk} of {self.action_dim}")
+        if self.greedy_chain not in ("ode", "mean"):
+            raise ValueError(f"greedy_chain must be 'ode' or 'mean', got {self.greedy_chain!r}")
+        if self.num_steps < 1:
+            raise ValueError(f"num_steps must be >= 1 Euler steps, got {self.num_steps}")
+        if not self.noise_level > 0:
+            raise ValueError(f"noise_level must be > 0 (Flow-SDE needs noise to score a chain), got {self.noise_level}")
         if self.proprio_dim and self.proprio_dim > m.action_dim:
             raise ValueError(f"the robot state has {self.proprio_dim} dims, more than π0's {m.action_dim}")
 
@@ -132,24 +146,34 @@ class Pi0Actor(nnx.Module):
     def sample_actions(self, pixel_values, input_ids, attention_mask, proprio, keys, *, temperature: float,
                        dtype=jnp.float32):
         """(chain (B, K + 1, H x A) float32, log-probs (B, chunk x action_dim)); greedy (temperature 0)
-        runs the ODE and gives log-probs 0 (no density to score)."""
+        runs `greedy_chain` (class docstring) and gives log-probs 0 (no density to score)."""
         c, m = self.cfg, self.cfg.model
         obs, state = self._observation(pixel_values, input_ids, attention_mask, proprio)
         p_valid, cache = self._prefix_cache(obs, dtype)
         b, shape = pixel_values.shape[0], (m.action_horizon, m.action_dim)
         draws = jax.vmap(lambda k: jax.random.normal(k, (c.num_steps + 1, *shape)))(keys)  # (B, K + 1, H, A)
-        sigma, dt = c.noise_level * temperature, -1.0 / c.num_steps
+        if temperature:
+            sigma = c.noise_level * temperature
+        else:  # greedy: the ODE, or the steps' means at the trained noise level
+            sigma = c.noise_level if c.greedy_chain == "mean" else 0.0
+        dt = -1.0 / c.num_steps
         scale = sigma * math.sqrt(-dt)
-        x, t = draws[:, 0], jnp.float32(1.0)
-        chain, logp = [x], jnp.zeros((b, c.num_action_tokens), jnp.float32)
-        for k in range(c.num_steps):
+        x = draws[:, 0] if temperature or c.greedy_from_noise else jnp.zeros_like(draws[:, 0])
+
+        def step(carry, xs):  # one denoising step, scanned: compiled once, not num_steps times
+            x, logp = carry
+            eps, t = xs
             mean = self._step_mean(x, self._velocity(p_valid, cache, state, x, t, dtype), t, sigma, dt)
-            x = mean + scale * draws[:, k + 1] if temperature else mean
+            x = mean + scale * eps if temperature else mean
             if temperature:
                 logp = logp + self._logp(x, mean, scale)
-            chain.append(x)
-            t = t + dt
-        return jnp.stack(chain, axis=1).reshape(b, c.num_steps + 1, -1), logp
+            return (x, logp), x
+
+        ts = 1.0 + dt * jnp.arange(c.num_steps, dtype=jnp.float32)
+        (_, logp), xs = jax.lax.scan(step, (x, jnp.zeros((b, c.num_action_tokens), jnp.float32)),
+                                     (jnp.moveaxis(draws[:, 1:], 1, 0), ts))
+        chain = jnp.concatenate([x[:, None], jnp.moveaxis(xs, 0, 1)], axis=1)
+        return chain.reshape(b, c.num_steps + 1, -1), logp
 
     def log_prob(self, pixel_values, input_ids, attention_mask, proprio, samples, *, temperature: float,
                  dtype=jnp.float32):
@@ -162,11 +186,14 @@ class Pi0Actor(nnx.Module):
         p_valid, cache = self._prefix_cache(obs, dtype)
         sigma, dt = c.noise_level * temperature, -1.0 / c.num_steps
         scale = sigma * math.sqrt(-dt)
-        logp, t = jnp.zeros((b, c.num_action_tokens), jnp.float32), jnp.float32(1.0)
-        for k in range(c.num_steps):
-            x = chain[:, k]
+
+        def step(logp, xs):  # one denoising step, scanned: compiled once, not num_steps times
+            x, x_next, t = xs
             mean = self._step_mean(x, self._velocity(p_valid, cache, state, x, t, dtype), t, sigma, dt)
-            logp = logp + self._logp(chain[:, k + 1], mean, scale)
-            t = t + dt
+            return logp + self._logp(x_next, mean, scale), None
+
+        ts = 1.0 + dt * jnp.arange(c.num_steps, dtype=jnp.float32)
+        steps = (jnp.moveaxis(chain[:, :-1], 1, 0), jnp.moveaxis(chain[:, 1:], 1, 0), ts)
+        logp, _ = jax.lax.scan(step, jnp.zeros((b, c.num_action_tokens), jnp.float32), steps)
         entropy = jnp.full_like(logp, c.num_steps * (0.5 + 0.5 * math.log(2 * math.pi) + math.log(scale)))
         return logp, entropy, self._executed(chain[:, -1])

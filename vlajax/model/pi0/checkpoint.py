@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import orbax.checkpoint as ocp
 
-__all__ = ["read_norm_stats", "read_params", "write_checkpoint"]
+__all__ = ["asset_ids", "read_norm_stats", "read_params", "write_checkpoint"]
 
 
 def _flatten(tree: dict, prefix: tuple = ()) -> dict[tuple, object]:
@@ -62,11 +62,18 @@ def read_params(path: str | Path) -> dict:
     return _unflatten({k: np.asarray(v) for k, v in flat.items()})
 
 
+def asset_ids(path: str | Path) -> list[str]:
+    """The asset ids with norm stats under `<path>/assets` (openpi's ids may hold a "/":
+    `physical-intelligence/libero`)."""
+    assets = Path(path) / "assets"
+    return sorted(str(f.parent.relative_to(assets)) for f in assets.rglob("norm_stats.json")) if assets.is_dir() else []
+
+
 def read_norm_stats(path: str | Path, asset_id: str | None = None) -> dict[str, dict[str, np.ndarray]]:
     """{"state": {"mean", "std", "q01", "q99"}, "actions": {...}} of `<path>/assets/<asset_id>/norm_stats.json`
     (`asset_id` None: the only one there)."""
     assets = Path(path) / "assets"
-    ids = sorted(p.name for p in assets.iterdir() if (p / "norm_stats.json").is_file()) if assets.is_dir() else []
+    ids = asset_ids(path)
     if asset_id is None:
         if len(ids) != 1:
             raise FileNotFoundError(f"{assets}: name the asset id of the norm stats to use (found {', '.join(ids) or 'none'})")

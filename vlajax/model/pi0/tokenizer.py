@@ -44,7 +44,17 @@ class Pi0Tokenizer:
         return (np.asarray(ids + [0] * (self.max_len - n), np.int32),
                 np.asarray([True] * n + [False] * (self.max_len - n)))
 
-    def encode(self, prompts: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
-        """(B, max_len) int32 ids and bool mask."""
+    def encode(self, prompts: Sequence[str], pad_to: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(B, W) int32 ids and int32 mask (1 on tokens): W = `pad_to` (a decoder's fixed prompt width;
+        a prompt longer than it raises), else max_len."""
         pairs = [self.encode_one(p) for p in prompts]
-        return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+        ids, mask = np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs]).astype(np.int32)
+        if pad_to is not None:
+            longest = int(mask.sum(axis=1).max()) if len(prompts) else 0
+            if longest > pad_to:
+                name = prompts[int(mask.sum(axis=1).argmax())]
+                raise ValueError(f"prompt for {name!r} is {longest} tokens, longer than pad_to={pad_to}")
+            extra = pad_to - ids.shape[1]
+            ids, mask = (np.pad(ids, ((0, 0), (0, extra))), np.pad(mask, ((0, 0), (0, extra)))) if extra >= 0 else (
+                ids[:, :pad_to], mask[:, :pad_to])
+        return ids, mask
