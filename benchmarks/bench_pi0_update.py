@@ -33,9 +33,9 @@ steps): full = 16 B/param = 51.8 GB of state (+6.5 GB if XLA hoists a bf16 copy)
 one H100 (skipped where the device gives JAX less than plan / 0.92); LoRA (rank 32 on both experts'
 projections) = 2 B/param frozen bf16 base (6.5 GB) + adapters. The default micro-batches (LoRA 8,
 full 4 per device, x2 micro-batches) are conservative guesses, not measured on a GPU: raise them
-with --lora-mbs / --full-mbs. The first step (compile) is slow: `log_prob` unrolls the denoising
-steps in Python, so the update graph holds the expert's 18 blocks num_steps times (plus their
-backward), and `Learner.logprobs` (old_logp) compiles a second, forward-only program.
+with --lora-mbs / --full-mbs. The first step includes the compile (480 s on the H200: `log_prob`
+unrolls its 10 denoising steps, so the expert's blocks appear 10 times, plus their backward), and
+`Learner.logprobs` (old_logp) compiles a second, forward-only program.
 
     PYTHONPATH=. python benchmarks/bench_pi0_update.py --out $OUT/pi0_update.json      # H100 / H200
     PYTHONPATH=. python benchmarks/bench_pi0_update.py --preset tiny --steps 2          # CPU smoke run
@@ -71,8 +71,8 @@ from flax import nnx  # noqa: E402
 from vlajax.model.family import PolicySpec, get_family  # noqa: E402
 from vlajax.rl.learner import Learner, LearnerConfig  # noqa: E402
 from vlajax.rl.lora import LoraConfig, with_lora  # noqa: E402
+from bench_update import GB, matmul_peak, memory, plan_gb  # noqa: E402  (the OFT bench's, shared)
 
-GB = 1e9
 # the LIBERO setup a π0 run trains with: agent view + wrist camera, 8-dim robot state, 7-dim actions
 NUM_IMAGES, PROPRIO_DIM, ACTION_DIM = 2, 8, 7
 
@@ -113,22 +113,6 @@ def make_batch(family, policy, m: int, prompt_len: int, frame: int, seed: int = 
             raise KeyError(f"batch_spec names {k!r}, which this benchmark does not know how to fill")
         out[k] = np.ascontiguousarray(x).astype(f.dtype)
     return out
-
-
-def memory() -> dict:
-    stats = jax.local_devices()[0].memory_stats() or {}
-    return {k: stats[k] / GB for k in ("bytes_in_use", "peak_bytes_in_use", "bytes_limit") if k in stats}
-
-
-def plan_gb(n_trainable: int, n_frozen: int, frozen_bytes: int) -> float:
-    """Learner memory plan for the state: 16 B per trained param (fp32 weight, grad, Adam mu, nu)."""
-    return (16 * n_trainable + frozen_bytes * n_frozen) / GB
-
-
-def matmul_peak(n: int) -> float:
-    from peak import jax_matmul_tflops
-
-    return jax_matmul_tflops(n)
 
 
 def build_policy(family, spec: PolicySpec):

@@ -159,21 +159,15 @@ class Pi0Actor(nnx.Module):
         dt = -1.0 / c.num_steps
         scale = sigma * math.sqrt(-dt)
         x = draws[:, 0] if temperature or c.greedy_from_noise else jnp.zeros_like(draws[:, 0])
-
-        def step(carry, xs):  # one denoising step, scanned: compiled once, not num_steps times
-            x, logp = carry
-            eps, t = xs
+        chain, logp, t = [x], jnp.zeros((b, c.num_action_tokens), jnp.float32), jnp.float32(1.0)
+        for k in range(c.num_steps):  # unrolled, as in `log_prob`
             mean = self._step_mean(x, self._velocity(p_valid, cache, state, x, t, dtype), t, sigma, dt)
-            x = mean + scale * eps if temperature else mean
+            x = mean + scale * draws[:, k + 1] if temperature else mean
             if temperature:
                 logp = logp + self._logp(x, mean, scale)
-            return (x, logp), x
-
-        ts = 1.0 + dt * jnp.arange(c.num_steps, dtype=jnp.float32)
-        (_, logp), xs = jax.lax.scan(step, (x, jnp.zeros((b, c.num_action_tokens), jnp.float32)),
-                                     (jnp.moveaxis(draws[:, 1:], 1, 0), ts))
-        chain = jnp.concatenate([x[:, None], jnp.moveaxis(xs, 0, 1)], axis=1)
-        return chain.reshape(b, c.num_steps + 1, -1), logp
+            chain.append(x)
+            t = t + dt
+        return jnp.stack(chain, axis=1).reshape(b, c.num_steps + 1, -1), logp
 
     def log_prob(self, pixel_values, input_ids, attention_mask, proprio, samples, *, temperature: float,
                  dtype=jnp.float32):
@@ -187,13 +181,13 @@ class Pi0Actor(nnx.Module):
         sigma, dt = c.noise_level * temperature, -1.0 / c.num_steps
         scale = sigma * math.sqrt(-dt)
 
-        def step(logp, xs):  # one denoising step, scanned: compiled once, not num_steps times
-            x, x_next, t = xs
+        # a Python loop, not `lax.scan`: the learner's remat (nnx) cannot run on a module closed over by a
+        # raw jax transform; the cost is compile time (the expert's blocks appear num_steps times)
+        logp, t = jnp.zeros((b, c.num_action_tokens), jnp.float32), jnp.float32(1.0)
+        for k in range(c.num_steps):
+            x = chain[:, k]
             mean = self._step_mean(x, self._velocity(p_valid, cache, state, x, t, dtype), t, sigma, dt)
-            return logp + self._logp(x_next, mean, scale), None
-
-        ts = 1.0 + dt * jnp.arange(c.num_steps, dtype=jnp.float32)
-        steps = (jnp.moveaxis(chain[:, :-1], 1, 0), jnp.moveaxis(chain[:, 1:], 1, 0), ts)
-        logp, _ = jax.lax.scan(step, jnp.zeros((b, c.num_action_tokens), jnp.float32), steps)
+            logp = logp + self._logp(chain[:, k + 1], mean, scale)
+            t = t + dt
         entropy = jnp.full_like(logp, c.num_steps * (0.5 + 0.5 * math.log(2 * math.pi) + math.log(scale)))
         return logp, entropy, self._executed(chain[:, -1])
