@@ -31,11 +31,10 @@ it in --out.
 Memory plan (π0: 3.24e9 parameters, 3.05 TFLOP forward per row at 2 images, 48 prompt tokens, 10
 steps): full = 16 B/param = 51.8 GB of state (+6.5 GB if XLA hoists a bf16 copy) + activations: fits
 one H100 (skipped where the device gives JAX less than plan / 0.92); LoRA (rank 32 on both experts'
-projections) = 2 B/param frozen bf16 base (6.5 GB) + adapters. The default micro-batches (LoRA 8,
-full 4 per device, x2 micro-batches) are conservative guesses, not measured on a GPU: raise them
-with --lora-mbs / --full-mbs. The first step includes the compile (480 s on the H200: `log_prob`
-unrolls its 10 denoising steps, so the expert's blocks appear 10 times, plus their backward), and
-`Learner.logprobs` (old_logp) compiles a second, forward-only program.
+projections) = 2 B/param frozen bf16 base (6.5 GB) + adapters. The default micro-batches (LoRA 16, full 8
+per device, x2 micro-batches) are measured to fit an H100 (39.6 / 65.8 GB peak; RESULTS.md).
+The first step includes the compile (67-92 s on the H100: `log_prob` scans its denoising steps; unrolled
+it took 480 s on the H200), and `Learner.logprobs` (old_logp) compiles a second, forward-only program.
 
     PYTHONPATH=. python benchmarks/bench_pi0_update.py --out $OUT/pi0_update.json      # H100 / H200
     PYTHONPATH=. python benchmarks/bench_pi0_update.py --preset tiny --steps 2          # CPU smoke run
@@ -240,9 +239,9 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="timed steps after the compile step")
     ap.add_argument("--micro-batches", type=int, default=2, help="micro-batches per mini-batch (grad accumulation)")
     ap.add_argument("--lora-mbs", type=int, default=None,
-                    help="LoRA micro-batch per device (π0: 8, a conservative guess; tiny: 2)")
+                    help="LoRA micro-batch per device (π0: 16, 39.6 GB on an H100; tiny: 2)")
     ap.add_argument("--full-mbs", type=int, default=None,
-                    help="full-parameter micro-batch per device (π0: 4, a conservative guess; tiny: 2)")
+                    help="full-parameter micro-batch per device (π0: 8, 65.8 GB on an H100; tiny: 2)")
     ap.add_argument("--lora-remat", default="dots", help="true | false | full | dots")
     ap.add_argument("--full-remat", default="full", help="true | false | full | dots")
     ap.add_argument("--lora-rank", type=int, default=32)
@@ -257,8 +256,8 @@ def main() -> None:
     args = ap.parse_args()
     gpu = jax.default_backend() == "gpu"
     tiny = args.preset == "tiny"
-    args.lora_mbs = args.lora_mbs or (2 if tiny else 8)
-    args.full_mbs = args.full_mbs or (2 if tiny else 4)
+    args.lora_mbs = args.lora_mbs or (2 if tiny else 16)
+    args.full_mbs = args.full_mbs or (2 if tiny else 8)
     args.action_horizon = args.action_horizon or (10 if tiny else 50)
     args.num_steps = args.num_steps or (3 if tiny else 10)
     if tiny:

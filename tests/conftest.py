@@ -100,6 +100,12 @@ def csv_rows(path) -> list[dict[str, str]]:
 DEMO_TASK, DEMO_INSTRUCTION = "pick_up_the_bowl", "pick up the bowl"
 
 
+def two_proportion_z(k1: int, n1: int, k2: int, n2: int) -> float:
+    """z statistic of p2 > p1 (pooled two-proportion test): "success rose" in the learning tests."""
+    p = (k1 + k2) / (n1 + n2)
+    return (k2 / n2 - k1 / n1) / max((p * (1 - p) * (1 / n1 + 1 / n2)) ** 0.5, 1e-9)
+
+
 def make_episode(t: int = 5, seed: int = 0, state_id: int = 3, hw: int = 8):
     """A random LIBERO-layout demonstration `vlajax.data.Episode` of DEMO_TASK: t steps, both cameras
     at hw x hw (demo files to write and read without a simulator)."""

@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from tests.conftest import TINY_RUN, final_params, same_params
+from tests.conftest import TINY_RUN, final_params, same_params, two_proportion_z
 from vlajax.cli import main as cli_main
 from vlajax.config import ConfigError, load_config
 from vlajax.rl.checkpoint import CheckpointManager
@@ -76,12 +76,6 @@ def test_resume_from_another_runs_checkpoint(tmp_path, capsys):
                                             "trainer.resume=disable"]))
 
 
-def _two_proportion_z(k1: int, n1: int, k2: int, n2: int) -> float:
-    """z statistic of p2 > p1 (pooled two-proportion test)."""
-    p = (k1 + k2) / (n1 + n2)
-    return (k2 / n2 - k1 / n1) / max(np.sqrt(p * (1 - p) * (1 / n1 + 1 / n2)), 1e-9)
-
-
 # The embedded default, shortened: sampled validation (4 episodes per state) so that the start is
 # measured at the random-policy level on the same 48 states as the end.
 LEARN = ["trainer.total_training_steps=80", "trainer.save_freq=40", "trainer.test_freq=-1", "trainer.logger=[jsonl]",
@@ -103,13 +97,13 @@ def test_grpo_learns_the_tabletop_task_then_resumes(tmp_path):
     n_val = len(res.final_eval["episodes"])
     assert n_val == 3 * 16 * 4
     after = res.final_eval["success_rate"]
-    z_val = _two_proportion_z(round(before * n_val), n_val, round(after * n_val), n_val)
+    z_val = two_proportion_z(round(before * n_val), n_val, round(after * n_val), n_val)
 
     def window(hist):
         return int(sum(m["train/successes"] for m in hist)), int(sum(m["train/episodes"] for m in hist))
 
     (k0, n0), (k1, n1) = window(res.history[:10]), window(res.history[-10:])
-    z_train = _two_proportion_z(k0, n0, k1, n1)
+    z_train = two_proportion_z(k0, n0, k1, n1)
     summary = (f"validation {before:.3f} -> {after:.3f} (z {z_val:.1f}); rollouts {k0 / n0:.3f} (steps 1-10) -> "
                f"{k1 / n1:.3f} (steps 71-80) (z {z_train:.1f})")
     print(summary)
@@ -118,7 +112,7 @@ def test_grpo_learns_the_tabletop_task_then_resumes(tmp_path):
     res2 = train(load_config(None, LEARN + [f"trainer.default_local_dir={run}", "trainer.total_training_steps=84"]))
     assert res2.steps == 84 and [m["train/success_rate"] for m in res2.history] and len(res2.history) == 4
     k2, n2 = window(res2.history)
-    assert _two_proportion_z(k0, n0, k2, n2) > 2.0, (k0 / n0, k2 / n2)  # it resumed the learned policy
+    assert two_proportion_z(k0, n0, k2, n2) > 2.0, (k0 / n0, k2 / n2)  # it resumed the learned policy
     steps = [x["step"] for x in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
              if "train/success_rate" in x]
     assert steps == list(range(1, 85))  # the step-80 record is kept, none is doubled

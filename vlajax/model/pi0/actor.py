@@ -122,15 +122,15 @@ class Pi0Actor(nnx.Module):
         _, cache = self.pi0.llm([p_tok, None], positions, make_attn_mask(p_valid, p_ar), dtype=dtype)
         return p_valid, cache
 
-    def _velocity(self, p_valid, cache, state, x_t, t, dtype):
+    def _velocity(self, pi0, p_valid, cache, state, x_t, t, dtype):
         """(B, H, A) velocity of the suffix at (x_t, t), the prefix given by its keys and values."""
         b = x_t.shape[0]
-        s_tok, s_valid, s_ar = self.pi0.embed_suffix(state, x_t, jnp.broadcast_to(t, (b,)), dtype)
+        s_tok, s_valid, s_ar = pi0.embed_suffix(state, x_t, jnp.broadcast_to(t, (b,)), dtype)
         to_prefix = jnp.broadcast_to(p_valid[:, None, :], (b, s_tok.shape[1], p_valid.shape[1]))
         mask = jnp.concatenate([to_prefix, make_attn_mask(s_valid, s_ar)], axis=-1)
         pos = jnp.sum(p_valid, axis=-1)[:, None] + jnp.cumsum(s_valid, axis=-1) - 1
-        (_, out), _ = self.pi0.llm([None, s_tok], pos, mask, kv_cache=cache, dtype=dtype)
-        return self.pi0.action_out_proj(out[:, -self.cfg.model.action_horizon:], dtype).astype(jnp.float32)
+        (_, out), _ = pi0.llm([None, s_tok], pos, mask, kv_cache=cache, dtype=dtype)
+        return pi0.action_out_proj(out[:, -self.cfg.model.action_horizon:], dtype).astype(jnp.float32)
 
     def _step_mean(self, x, v, t, sigma, dt):
         return x + dt * (v + (sigma ** 2 / (2 * t)) * (x + (1 - t) * v))
@@ -142,6 +142,14 @@ class Pi0Actor(nnx.Module):
     def _logp(self, x_next, mean, scale):
         z = (x_next - mean) / scale
         return self._executed(-0.5 * jnp.square(z) - math.log(scale) - 0.5 * math.log(2 * math.pi))
+
+    def _scan_steps(self, step, carry, xs):
+        """`lax.scan` of `step(pi0, carry, x) -> (carry, y)` over the denoising steps: the expert's blocks
+        compile once, not num_steps times (the unrolled 3B update compiled for 8 min). The model is
+        split outside and merged, as copies, inside the body: an nnx Variable may only be updated in the
+        trace it was made in (the learner's per-block `nnx.remat` updates them: TraceContextError)."""
+        graphdef, state = nnx.split(self.pi0)
+        return jax.lax.scan(lambda cy, x: step(nnx.merge(graphdef, state, copy=True), cy, x), carry, xs)
 
     def sample_actions(self, pixel_values, input_ids, attention_mask, proprio, keys, *, temperature: float,
                        dtype=jnp.float32):
@@ -159,15 +167,21 @@ class Pi0Actor(nnx.Module):
         dt = -1.0 / c.num_steps
         scale = sigma * math.sqrt(-dt)
         x = draws[:, 0] if temperature or c.greedy_from_noise else jnp.zeros_like(draws[:, 0])
-        chain, logp, t = [x], jnp.zeros((b, c.num_action_tokens), jnp.float32), jnp.float32(1.0)
-        for k in range(c.num_steps):  # unrolled, as in `log_prob`
-            mean = self._step_mean(x, self._velocity(p_valid, cache, state, x, t, dtype), t, sigma, dt)
-            x = mean + scale * draws[:, k + 1] if temperature else mean
-            if temperature:
-                logp = logp + self._logp(x, mean, scale)
-            chain.append(x)
-            t = t + dt
-        return jnp.stack(chain, axis=1).reshape(b, c.num_steps + 1, -1), logp
+
+        def step(pi0, carry, xs):
+            x, logp = carry
+            t, eps = xs
+            mean = self._step_mean(x, self._velocity(pi0, p_valid, cache, state, x, t, dtype), t, sigma, dt)
+            if not temperature:
+                return (mean, logp), mean
+            x = mean + scale * eps
+            return (x, logp + self._logp(x, mean, scale)), x
+
+        ts = 1.0 + dt * jnp.arange(c.num_steps, dtype=jnp.float32)
+        (_, logp), xs = self._scan_steps(step, (x, jnp.zeros((b, c.num_action_tokens), jnp.float32)),
+                                         (ts, jnp.moveaxis(draws[:, 1:], 1, 0)))
+        chain = jnp.concatenate([x[:, None], jnp.moveaxis(xs, 0, 1)], axis=1)
+        return chain.reshape(b, c.num_steps + 1, -1), logp
 
     def log_prob(self, pixel_values, input_ids, attention_mask, proprio, samples, *, temperature: float,
                  dtype=jnp.float32):
@@ -181,13 +195,14 @@ class Pi0Actor(nnx.Module):
         sigma, dt = c.noise_level * temperature, -1.0 / c.num_steps
         scale = sigma * math.sqrt(-dt)
 
-        # a Python loop, not `lax.scan`: the learner's remat (nnx) cannot run on a module closed over by a
-        # raw jax transform; the cost is compile time (the expert's blocks appear num_steps times)
-        logp, t = jnp.zeros((b, c.num_action_tokens), jnp.float32), jnp.float32(1.0)
-        for k in range(c.num_steps):
-            x = chain[:, k]
-            mean = self._step_mean(x, self._velocity(p_valid, cache, state, x, t, dtype), t, sigma, dt)
-            logp = logp + self._logp(chain[:, k + 1], mean, scale)
-            t = t + dt
+        def step(pi0, logp, xs):
+            t, x, x_next = xs
+            mean = self._step_mean(x, self._velocity(pi0, p_valid, cache, state, x, t, dtype), t, sigma, dt)
+            return logp + self._logp(x_next, mean, scale), None
+
+        ts = 1.0 + dt * jnp.arange(c.num_steps, dtype=jnp.float32)
+        steps = jnp.moveaxis(chain, 1, 0)
+        logp, _ = self._scan_steps(step, jnp.zeros((b, c.num_action_tokens), jnp.float32),
+                                   (ts, steps[:-1], steps[1:]))
         entropy = jnp.full_like(logp, c.num_steps * (0.5 + 0.5 * math.log(2 * math.pi) + math.log(scale)))
         return logp, entropy, self._executed(chain[:, -1])
