@@ -5,12 +5,14 @@ import this module too, so heavy imports stay inside the helpers."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Callable, Iterable
 
 import pytest
@@ -104,6 +106,24 @@ def two_proportion_z(k1: int, n1: int, k2: int, n2: int) -> float:
     """z statistic of p2 > p1 (pooled two-proportion test): "success rose" in the learning tests."""
     p = (k1 + k2) / (n1 + n2)
     return (k2 / n2 - k1 / n1) / max((p * (1 - p) * (1 / n1 + 1 / n2)) ** 0.5, 1e-9)
+
+
+def successes(history) -> tuple[int, int]:
+    """(successes, episodes) of the sampled rollouts over a `TrainResult.history` slice."""
+    return int(sum(m["train/successes"] for m in history)), int(sum(m["train/episodes"] for m in history))
+
+
+def success_rise(run_dir, res, window: int = 10) -> SimpleNamespace:
+    """What the learning tests judge in a finished `train` run: validation success at step 0
+    (metrics.jsonl) and at the end (`final_eval`, the same n_val states) with the z of the rise, and
+    the sampled rollouts' (successes, episodes) in the first and last `window` steps with theirs."""
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    before = next(r["val/success_rate"] for r in rows if r["step"] == 0 and "val/success_rate" in r)
+    n_val, after = len(res.final_eval["episodes"]), res.final_eval["success_rate"]
+    first, last = successes(res.history[:window]), successes(res.history[-window:])
+    return SimpleNamespace(before=before, after=after, n_val=n_val,
+                           z_val=two_proportion_z(round(before * n_val), n_val, round(after * n_val), n_val),
+                           first=first, last=last, z_train=two_proportion_z(*first, *last))
 
 
 def make_episode(t: int = 5, seed: int = 0, state_id: int = 3, hw: int = 8):

@@ -214,9 +214,7 @@ def test_grpo_teaches_the_tiny_pi0_the_tabletop_task_from_scratch(tmp_path):
     step's mean from a N(0, I) draw, on 192 fixed states: the draw makes it noisy, 0.30 and 0.38 at step
     100 under two keys) and the sampled rollouts' success rise significantly above their start (here:
     greedy 0.17 -> 0.41, z 5.2; sampled 0.21 -> 0.35, z 4.9). ~4.5 min on 2 cores."""
-    import json
-
-    from tests.conftest import two_proportion_z
+    from tests.conftest import success_rise
     from vlajax.config import load_config
     from vlajax.train import train
 
@@ -225,20 +223,11 @@ def test_grpo_teaches_the_tiny_pi0_the_tabletop_task_from_scratch(tmp_path):
         "trainer.total_training_steps=120", "trainer.test_freq=-1", "trainer.save_freq=-1", "trainer.logger=[jsonl]",
         "data.val_num_trials_per_task=64", f"trainer.default_local_dir={run}"]))
     assert res.steps == 120
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    before = next(r["val/success_rate"] for r in rows if r["step"] == 0 and "val/success_rate" in r)
-    n_val = len(res.final_eval["episodes"])
-    assert n_val == 3 * 64
-    after = res.final_eval["success_rate"]
-    z_val = two_proportion_z(round(before * n_val), n_val, round(after * n_val), n_val)
-
-    def window(h):
-        return int(sum(m["train/successes"] for m in h)), int(sum(m["train/episodes"] for m in h))
-
-    (k0, n0), (k1, n1) = window(res.history[:10]), window(res.history[-10:])
-    z_train = two_proportion_z(k0, n0, k1, n1)
-    summary = (f"greedy {before:.3f} -> {after:.3f} (z {z_val:.1f}); sampled {k0 / n0:.3f} (steps 1-10) -> "
-               f"{k1 / n1:.3f} (steps 111-120) (z {z_train:.1f})")
+    r = success_rise(run, res)
+    assert r.n_val == 3 * 64
+    before, z_val, z_train = r.before, r.z_val, r.z_train
+    summary = (f"greedy {before:.3f} -> {r.after:.3f} (z {z_val:.1f}); sampled {r.first[0] / r.first[1]:.3f} "
+               f"(steps 1-10) -> {r.last[0] / r.last[1]:.3f} (steps 111-120) (z {z_train:.1f})")
     print(summary)
     assert before < 0.3 and z_val > 2.5 and z_train > 3.0, summary
 

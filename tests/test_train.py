@@ -10,7 +10,7 @@ import jax
 import numpy as np
 import pytest
 
-from tests.conftest import TINY_RUN, final_params, same_params, two_proportion_z
+from tests.conftest import TINY_RUN, final_params, same_params, success_rise, successes, two_proportion_z
 from vlajax.cli import main as cli_main
 from vlajax.config import ConfigError, load_config
 from vlajax.rl.checkpoint import CheckpointManager
@@ -92,26 +92,17 @@ def test_grpo_learns_the_tabletop_task_then_resumes(tmp_path):
     run = tmp_path / "learn"
     res = train(load_config(None, LEARN + [f"trainer.default_local_dir={run}"]))
     assert res.steps == 80
-    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
-    before = next(x["val/success_rate"] for x in lines if x["step"] == 0 and "val/success_rate" in x)
-    n_val = len(res.final_eval["episodes"])
-    assert n_val == 3 * 16 * 4
-    after = res.final_eval["success_rate"]
-    z_val = two_proportion_z(round(before * n_val), n_val, round(after * n_val), n_val)
-
-    def window(hist):
-        return int(sum(m["train/successes"] for m in hist)), int(sum(m["train/episodes"] for m in hist))
-
-    (k0, n0), (k1, n1) = window(res.history[:10]), window(res.history[-10:])
-    z_train = two_proportion_z(k0, n0, k1, n1)
-    summary = (f"validation {before:.3f} -> {after:.3f} (z {z_val:.1f}); rollouts {k0 / n0:.3f} (steps 1-10) -> "
-               f"{k1 / n1:.3f} (steps 71-80) (z {z_train:.1f})")
+    r = success_rise(run, res)
+    assert r.n_val == 3 * 16 * 4
+    before, z_val, z_train, (k0, n0) = r.before, r.z_val, r.z_train, r.first
+    summary = (f"validation {before:.3f} -> {r.after:.3f} (z {z_val:.1f}); rollouts {k0 / n0:.3f} (steps 1-10) -> "
+               f"{r.last[0] / r.last[1]:.3f} (steps 71-80) (z {z_train:.1f})")
     print(summary)
     assert before < 0.4 and z_val > 2.0 and z_train > 3.0, summary
 
     res2 = train(load_config(None, LEARN + [f"trainer.default_local_dir={run}", "trainer.total_training_steps=84"]))
     assert res2.steps == 84 and [m["train/success_rate"] for m in res2.history] and len(res2.history) == 4
-    k2, n2 = window(res2.history)
+    k2, n2 = successes(res2.history)
     assert two_proportion_z(k0, n0, k2, n2) > 2.0, (k0 / n0, k2 / n2)  # it resumed the learned policy
     steps = [x["step"] for x in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())
              if "train/success_rate" in x]
