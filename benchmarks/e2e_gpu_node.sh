@@ -10,10 +10,14 @@
 # VLAJAX_LIBERO_ASSETS: LIBERO's assets. STEPS selects parts: install,ckpt,train,resume,node,rollout
 # (default), and modes (sync vs async rollout, MODE_STEPS steps each; MODE_EXTRA more overrides, e.g.
 # actor_rollout_ref.rollout.decode_devices=1 on a two-GPU node).
+# FAMILY=pi0 runs the same loop with the full-size π0 (issue #26: `preset:pi0`, random weights built on
+# the device, Flow-SDE, 5 of 50 actions per chunk; the ckpt and rollout parts are OFT's and are skipped),
+# and its eval part evaluates the resumed run's latest checkpoint with `vlajax eval`.
 # Everything is logged under E2E_OUT; a failing part does not stop the later ones.
 set -u
 OUT=${E2E_OUT:-/tmp/e2e}
-STEPS=${STEPS:-install,ckpt,train,resume,node,rollout}
+FAMILY=${FAMILY:-oft}
+if [ "$FAMILY" = pi0 ]; then STEPS=${STEPS:-install,train,resume,eval}; else STEPS=${STEPS:-install,ckpt,train,resume,node,rollout}; fi
 CKPT=${CKPT:-/tmp/oft7b}
 PY=${PYTHON:-python3}
 mkdir -p "$OUT"
@@ -65,6 +69,15 @@ RUN=(libero_grpo "actor_rollout_ref.model.path=$CKPT" actor_rollout_ref.model.pa
      trainer.save_freq=2 trainer.test_freq=-1 trainer.val_before_train=false data.val_num_trials_per_task=1
      env.train.video_cfg.save_video=false trainer.default_local_dir=runs/e2e "trainer.logger=[console,jsonl]"
      ${EXTRA:-})
+# π0: the same sizes; LoRA r32 on both experts with bf16 frozen weights (as the OFT run), 8-row micro-batches.
+[ "$FAMILY" = pi0 ] && RUN=(pi0_libero_grpo actor_rollout_ref.model.path=preset:pi0 actor_rollout_ref.model.param_dtype=bfloat16
+     actor_rollout_ref.model.lora_rank=32 actor_rollout_ref.model.lora_alpha=32
+     data.train_batch_size=2 data.filter_accuracy=false env.train.num_envs=8 env.rollout.pipeline_stage_num=2
+     "env.train.max_episode_steps=${MAX_STEPS:-256}" trainer.n_env_gpus_per_node=0 trainer.n_rollout_gpus_per_node=1
+     actor_rollout_ref.actor.ppo_mini_batch_size=16 actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=8
+     trainer.save_freq=2 trainer.test_freq=-1 trainer.val_before_train=false data.val_num_trials_per_task=1
+     env.train.video_cfg.save_video=false trainer.default_local_dir=runs/e2e "trainer.logger=[console,jsonl]"
+     ${EXTRA:-})
 if has train; then
   log "vlajax train (2 steps)"
   $TIMEV $PY -m vlajax.cli train "${RUN[@]}" trainer.total_training_steps=2 > "$OUT/train.log" 2>&1 \
@@ -75,6 +88,12 @@ if has resume; then
   $TIMEV $PY -m vlajax.cli train "${RUN[@]}" trainer.total_training_steps=3 > "$OUT/resume.log" 2>&1 \
     || log "resume failed (resume.log)"
   cp runs/e2e/metrics.jsonl runs/e2e/eval/final.md "$OUT/" 2>/dev/null
+fi
+if has eval; then
+  log "vlajax eval of the resumed run's latest checkpoint (1 state per task)"
+  $TIMEV $PY -m vlajax.cli eval runs/e2e --trials 1 --out runs/e2e/eval_cli > "$OUT/eval.log" 2>&1 \
+    || log "eval failed (eval.log)"
+  cp runs/e2e/eval_cli/*.md "$OUT/" 2>/dev/null
 fi
 if has modes; then  # issue #24: steady-state s/step, sync vs async (not in the default STEPS)
   for mode in sync async; do
