@@ -79,7 +79,7 @@ def test_resume_from_another_runs_checkpoint(tmp_path, capsys):
 # The embedded default, shortened: sampled validation (4 episodes per state) so that the start is
 # measured at the random-policy level on the same 48 states as the end.
 LEARN = ["trainer.total_training_steps=80", "trainer.save_freq=40", "trainer.test_freq=-1", "trainer.logger=[jsonl]",
-         "actor_rollout_ref.rollout.val_kwargs.do_sample=true", "actor_rollout_ref.rollout.val_kwargs.temperature=1.6",
+         "actor_rollout_ref.rollout.val_kwargs.do_sample=true", "actor_rollout_ref.rollout.val_kwargs.temperature=1.2",
          "actor_rollout_ref.rollout.val_kwargs.n=4"]
 
 
