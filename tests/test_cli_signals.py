@@ -61,8 +61,12 @@ def test_signals_print_where_to_resume_and_keep_committed_records(tmp_path):
     assert "Traceback" not in err, err[-3000:]
     assert err.strip().splitlines()[-1] == _stopped_line("SIGTERM", run)
     records = _records(run)
-    for step in CheckpointManager(run / "checkpoints", read_only=True).all_steps():  # each committed step's record
+    committed = CheckpointManager(run / "checkpoints", read_only=True).all_steps()
+    for step in committed:  # each committed step's record
         assert records[step]["val/success_rate"] is not None, records.keys()
+    # a step past the last commit (the stop can land after step 2 is logged) is run again on resume: its
+    # record is dropped then, by design; the committed steps' records must stay as they were
+    records = {step: r for step, r in records.items() if step <= max(committed)}
 
     # the same command resumes (and keeps the records); Ctrl-C then is the same one line
     resumed = lambda: "resumed from checkpoint" in (tmp_path / "again.out").read_text()  # noqa: E731
@@ -70,4 +74,5 @@ def test_signals_print_where_to_resume_and_keep_committed_records(tmp_path):
     assert rc == 128 + signal.SIGINT, err[-3000:]
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err[-3000:]
     assert err.strip().splitlines()[-1] == _stopped_line("SIGINT (Ctrl-C)", run)
-    assert records.items() <= _records(run).items()
+    after = _records(run)
+    assert records.items() <= after.items(), (sorted(records), sorted(after))
