@@ -61,23 +61,16 @@ fi
 # The recipe, shrunk to 2 states x 8 rollouts per step (one rollout round: 2 stages x 8 envs = 16 LIBERO
 # processes in one Ray simulator actor), LoRA rank 32; a random policy never succeeds, so dynamic
 # sampling is off.
-RUN=(libero_grpo "actor_rollout_ref.model.path=$CKPT" actor_rollout_ref.model.param_dtype=bfloat16
-     actor_rollout_ref.model.lora_rank=32 actor_rollout_ref.model.lora_alpha=32
-     data.train_batch_size=2 data.filter_accuracy=false env.train.num_envs=8 env.rollout.pipeline_stage_num=2
+SIZES=(data.train_batch_size=2 data.filter_accuracy=false env.train.num_envs=8 env.rollout.pipeline_stage_num=2
      "env.train.max_episode_steps=${MAX_STEPS:-256}" trainer.n_env_gpus_per_node=0 trainer.n_rollout_gpus_per_node=1
      actor_rollout_ref.actor.ppo_mini_batch_size=16 actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=8
      trainer.save_freq=2 trainer.test_freq=-1 trainer.val_before_train=false data.val_num_trials_per_task=1
-     env.train.video_cfg.save_video=false trainer.default_local_dir=runs/e2e "trainer.logger=[console,jsonl]"
-     ${EXTRA:-})
-# π0: the same sizes; LoRA r32 on both experts with bf16 frozen weights (as the OFT run), 8-row micro-batches.
-[ "$FAMILY" = pi0 ] && RUN=(pi0_libero_grpo actor_rollout_ref.model.path=preset:pi0 actor_rollout_ref.model.param_dtype=bfloat16
-     actor_rollout_ref.model.lora_rank=32 actor_rollout_ref.model.lora_alpha=32
-     data.train_batch_size=2 data.filter_accuracy=false env.train.num_envs=8 env.rollout.pipeline_stage_num=2
-     "env.train.max_episode_steps=${MAX_STEPS:-256}" trainer.n_env_gpus_per_node=0 trainer.n_rollout_gpus_per_node=1
-     actor_rollout_ref.actor.ppo_mini_batch_size=16 actor_rollout_ref.actor.ppo_micro_batch_size_per_gpu=8
-     trainer.save_freq=2 trainer.test_freq=-1 trainer.val_before_train=false data.val_num_trials_per_task=1
-     env.train.video_cfg.save_video=false trainer.default_local_dir=runs/e2e "trainer.logger=[console,jsonl]"
-     ${EXTRA:-})
+     env.train.video_cfg.save_video=false trainer.default_local_dir=runs/e2e "trainer.logger=[console,jsonl]")
+LORA=(actor_rollout_ref.model.param_dtype=bfloat16 actor_rollout_ref.model.lora_rank=32 actor_rollout_ref.model.lora_alpha=32)
+# π0: the same sizes and LoRA (r32 on both experts, bf16 frozen weights), from the preset's random weights.
+if [ "$FAMILY" = pi0 ]; then MODEL=(pi0_libero_grpo actor_rollout_ref.model.path=preset:pi0)
+else MODEL=(libero_grpo "actor_rollout_ref.model.path=$CKPT"); fi
+RUN=("${MODEL[@]}" "${LORA[@]}" "${SIZES[@]}" ${EXTRA:-})
 if has train; then
   log "vlajax train (2 steps)"
   $TIMEV $PY -m vlajax.cli train "${RUN[@]}" trainer.total_training_steps=2 > "$OUT/train.log" 2>&1 \
